@@ -1,0 +1,104 @@
+"""Recipe sections ``[inference]`` (servers) and ``[weights]`` (publication)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from msgspec import Struct
+
+from nexrl_async.config.types import NonNegFloat, NonNegInt, PathStr, Port, PosFloat, PosInt
+
+
+class _InferenceCommon(
+    Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="backend"
+):
+    api_key: str | None = None
+    """Bearer API key the servers require (and the client sends)."""
+    max_concurrency_per_server: PosInt = 64
+    """Requests in flight per server; the router never exceeds it."""
+    request_timeout_s: PosFloat = 300.0
+    """Deadline of one generate request."""
+    connect_timeout_s: PosFloat = 10.0
+    """TCP connect deadline."""
+    retries: NonNegInt = 3
+    """Retries of transport errors and 502/503/504 (jittered exponential backoff)."""
+    health_timeout_s: PosFloat = 300.0
+    """Deadline for a server to become healthy after launch or restart."""
+    health_interval_s: PosFloat = 2.0
+    """Seconds between health checks of a running server."""
+
+
+class _Launched(_InferenceCommon, frozen=True, kw_only=True):
+    servers: PosInt = 1
+    """Servers to launch."""
+    host: str = "127.0.0.1"
+    """Interface the servers bind."""
+    base_port: Port = 0
+    """First port (server i gets base_port + i); 0 picks free ports."""
+    max_restarts: NonNegInt = 3
+    """Restarts of a crashed server before the run fails."""
+    restart_backoff_s: NonNegFloat = 1.0
+    """Wait before a restart (doubles each time)."""
+    stop_grace_s: PosFloat = 10.0
+    """SIGTERM → SIGKILL grace period on shutdown."""
+    extra_args: list[str] = []
+    """Extra command-line arguments for every server."""
+
+
+class LocalInference(_Launched, frozen=True, kw_only=True, tag="local"):
+    """Our SGLang-compatible server (``nexrl-async serve``) on transformers."""
+
+    max_batch: PosInt = 64
+    """Requests decoded together in one batch."""
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+    """Device of the local server."""
+
+
+class SGLangInference(_Launched, frozen=True, kw_only=True, tag="sglang"):
+    """SGLang servers launched with ``python -m sglang.launch_server`` (their own env)."""
+
+    python: str = "python"
+    """Interpreter of the environment where SGLang is installed."""
+    model_path: PathStr | None = None
+    """Model served; defaults to the run's exported initial weights."""
+    tp_size: PosInt = 1
+    """Tensor parallel size per server."""
+    mem_fraction_static: PosFloat = 0.8
+    """SGLang ``--mem-fraction-static``."""
+    gpus_per_server: PosInt = 1
+    """GPUs each server takes (CUDA_VISIBLE_DEVICES is set per server)."""
+    gpu_offset: NonNegInt = 0
+    """First GPU id used for servers."""
+    command: list[str] | None = None
+    """Full command template; placeholders {python} {model} {host} {port} {tp} {api_key}."""
+
+
+class AttachInference(_InferenceCommon, frozen=True, kw_only=True, tag="attach"):
+    """Servers someone else runs; the engine only talks to them."""
+
+    urls: list[str]
+    """Base URLs, e.g. ``http://10.0.0.5:30000``."""
+
+
+InferenceConfig = LocalInference | SGLangInference | AttachInference
+
+
+class WeightsConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Publication of new weights to the fleet (ARCHITECTURE.md §4)."""
+
+    transport: Literal["disk", "distributed"] = "disk"
+    """``disk``: safetensors + /update_weights_from_disk; ``distributed``: NCCL/gloo broadcast."""
+    inflight: Literal["drain", "interrupt"] = "drain"
+    """Running requests during a publication: let them finish, or abort and resume them."""
+    step_timeout_s: PosFloat = 300.0
+    """Deadline of every publication step (pause, transfer, verify, flush, continue)."""
+    retries: NonNegInt = 2
+    """Retries of a failed step per server before it is restarted or the run fails."""
+    dir: PathStr | None = None
+    """Where disk publications are written; defaults to ``<run>/weights``."""
+    keep_versions: PosInt = 2
+    """Disk publications kept (older ones are deleted)."""
+    bucket_mb: PosInt = 256
+    """Bucket size of the distributed broadcast."""
+    master_port: Port = 0
+    """Port of the weight-update process group; 0 picks a free one."""

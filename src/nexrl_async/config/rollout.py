@@ -1,0 +1,87 @@
+"""Recipe sections ``[rollout]``, ``[pool]`` and ``[staleness]``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from msgspec import Meta, Struct
+
+from nexrl_async.config.types import NonNegFloat, NonNegInt, PosFloat, PosInt, Probability, RefStr
+
+
+TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
+
+
+class SamplingConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Sampling parameters sent with every generate request (SGLang names)."""
+
+    temperature: NonNegFloat = 1.0
+    """Softmax temperature; 0 is greedy."""
+    top_p: TopP = 1.0
+    """Nucleus sampling mass, in (0, 1]."""
+    top_k: int = -1
+    """Keep the k most likely tokens; -1 disables."""
+    min_p: Probability = 0.0
+    """Drop tokens below ``min_p`` times the most likely token's probability."""
+    stop: list[str] = []
+    """Stop strings."""
+    stop_token_ids: list[int] = []
+    """Stop token ids (in addition to EOS)."""
+    ignore_eos: bool = False
+    """Keep generating past EOS."""
+
+
+class RolloutConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Rollout workers: concurrency, agent loop limits, user code."""
+
+    evaluator: RefStr
+    """``file.py:Name`` of the evaluator (a class with ``evaluate(item, trajectory)``)."""
+    workers: PosInt = 8
+    """Concurrent rollout worker tasks (each runs one group at a time)."""
+    group_size: PosInt = 4
+    """Samples per data item (the GRPO group)."""
+    max_turns: PosInt = 1
+    """Assistant turns per sample; 1 is single-turn."""
+    max_new_tokens: PosInt = 256
+    """Generated tokens per turn."""
+    max_total_tokens: PosInt | None = None
+    """Cap on prompt + all turns; defaults to the model's context length."""
+    worker: RefStr | None = None
+    """``file.py:Name`` of a custom worker class (hooks ``format_query``, ``loss_mask``)."""
+    tools: list[RefStr] = []
+    """``file.py:function`` async tools offered to the model."""
+    apply_chat_template: bool = True
+    """Render messages with the tokenizer's chat template (else concatenate contents)."""
+    system_prompt: str | None = None
+    """System message prepended to every query."""
+    prompt_field: str = "prompt"
+    """Item field holding the prompt (a string or a list of chat messages)."""
+    sample_timeout_s: PosFloat = 600.0
+    """Wall-clock budget of one sample; past it the sample fails as ``timeout``."""
+    sampling: SamplingConfig = SamplingConfig()
+    """Sampling parameters."""
+
+
+class PoolConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The bounded trajectory pool between rollouts and the trainer."""
+
+    batch_groups: PosInt = 8
+    """Groups per training step."""
+    capacity_groups: PosInt | None = None
+    """Groups the pool holds before rollouts block; defaults to 2 × batch_groups."""
+    filter_zero_variance: bool = False
+    """Drop groups whose rewards are all equal (no learning signal), counted."""
+
+
+class StalenessConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Batch-async staleness control by version tokens (ARCHITECTURE.md §3)."""
+
+    mode: Literal["sync", "batch-async", "fully-async"] = "batch-async"
+    """``sync`` is on-policy (k = 0); ``batch-async`` bounds staleness by ``max_staleness``."""
+    max_staleness: NonNegInt = 1
+    """k: a group consumed by step s has head version ≥ s − k. Must be 0 in sync mode."""
+    max_inflight_groups: PosInt | None = None
+    """Cap on leased, unconsumed groups; defaults to (k + 1) × batch_groups."""
+    on_overdue: Literal["wait", "drop", "requeue"] = "wait"
+    """A straggler about to exceed k: the step waits, the group is dropped, or it resumes."""
+

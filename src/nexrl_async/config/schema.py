@@ -1,0 +1,122 @@
+"""The recipe root: every section of a recipe TOML, with ``[run]``, ``[validation]``, ``[logging]``.
+
+A small recipe stays small: every section but ``[model]``, ``[data]`` and ``[rollout]`` has
+defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from msgspec import Struct
+
+from nexrl_async.config.data import DataConfig
+from nexrl_async.config.inference import InferenceConfig, LocalInference, WeightsConfig
+from nexrl_async.config.model import ModelConfig, TokenizerConfig
+from nexrl_async.config.rollout import PoolConfig, RolloutConfig, StalenessConfig
+from nexrl_async.config.training import (
+    AlgorithmConfig,
+    CheckpointConfig,
+    OptimConfig,
+    TrainerConfig,
+)
+from nexrl_async.config.types import NonNegFloat, NonNegInt, PosInt
+
+
+class RunConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Identity and length of the run."""
+
+    name: str = "run"
+    """Run name (used for the default output folder and loggers)."""
+    seed: int = 0
+    """Seed of model init, sampling and shuffling."""
+    total_steps: PosInt | None = None
+    """Training steps; unset runs until the data is exhausted."""
+    output_dir: str = "runs/{name}"
+    """Run folder, relative to the working directory; ``{name}`` is replaced."""
+    max_wall_s: NonNegFloat | None = None
+    """Stop cleanly (checkpoint, flush) after this many seconds."""
+
+
+class ValidationConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Validation on its own data; metrics under ``val/``."""
+
+    data: DataConfig | None = None
+    """Validation items; validation is off when unset."""
+    every_steps: NonNegInt = 0
+    """Validate every N steps (0: only before training and at the end)."""
+    before_training: bool = True
+    """Validate the initial weights."""
+    at_end: bool = True
+    """Validate the final weights."""
+    group_size: PosInt = 1
+    """Samples per validation item."""
+    temperature: NonNegFloat = 0.0
+    """Sampling temperature for validation (0 is greedy)."""
+    max_items: PosInt | None = None
+    """Validate on at most this many items."""
+
+
+class WandbConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Weights & Biases sink (needs the ``wandb`` extra)."""
+
+    enabled: bool = False
+    """Log metrics to W&B."""
+    project: str = "nexrl_async"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity."""
+    mode: Literal["offline", "online"] = "offline"
+    """``offline`` writes under the run folder; sync later with ``wandb sync``."""
+
+
+class LoggingConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Logs, metrics sinks, samples and the progress line."""
+
+    level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"] = "INFO"
+    """Log level on rank 0 (other ranks log warnings and up)."""
+    tensorboard: bool = False
+    """Write TensorBoard event files under ``<run>/tensorboard``."""
+    wandb: WandbConfig = WandbConfig()
+    """W&B sink."""
+    samples_every_steps: NonNegInt = 10
+    """Dump a few decoded samples to ``<run>/samples`` every N steps (0: never)."""
+    progress: bool = True
+    """Live progress line on the terminal."""
+
+
+class RecipeConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A whole recipe."""
+
+    model: ModelConfig
+    """The policy model."""
+    data: DataConfig
+    """Training items."""
+    rollout: RolloutConfig
+    """Rollout workers and user code."""
+    extends: str | None = None
+    """Base recipe this one extends (resolved at load time; kept for the record)."""
+    run: RunConfig = RunConfig()
+    """Identity and length of the run."""
+    tokenizer: TokenizerConfig | None = None
+    """Tokenizer; defaults to the one in the model folder."""
+    pool: PoolConfig = PoolConfig()
+    """Trajectory pool."""
+    staleness: StalenessConfig = StalenessConfig()
+    """Staleness control."""
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    """Learning rule."""
+    optim: OptimConfig = OptimConfig()
+    """Optimizer."""
+    trainer: TrainerConfig = TrainerConfig()
+    """Training ranks."""
+    inference: InferenceConfig = LocalInference()
+    """Inference servers."""
+    weights: WeightsConfig = WeightsConfig()
+    """Weight publication."""
+    validation: ValidationConfig = ValidationConfig()
+    """Validation."""
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    """Checkpoints."""
+    logging: LoggingConfig = LoggingConfig()
+    """Logging and metrics."""
