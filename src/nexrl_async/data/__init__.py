@@ -5,3 +5,20 @@ shuffling, epochs, replay, and the cursor state that checkpoints save.
 Must not import: torch, ``inference``, ``pipeline``, ``rollout``, ``train``, ``weights``,
 ``engine``.
 """
+
+from __future__ import annotations
+
+from nexrl_async.data.fields import map_fields, missing_fields
+from nexrl_async.data.readers import read_rows, resolve_path
+from nexrl_async.data.source import RowSource, iterate_once, load_rows, open_source
+
+__all__ = [
+    "RowSource",
+    "iterate_once",
+    "load_rows",
+    "map_fields",
+    "missing_fields",
+    "open_source",
+    "read_rows",
+    "resolve_path",
+]
