@@ -7,7 +7,7 @@ from typing import Literal
 import msgspec
 from msgspec import Struct
 
-from nexrl_async.config.types import PathStr, PosInt, PosFloat
+from nexrl_async.config.types import PathStr, PosFloat, PosInt
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -39,8 +39,8 @@ class BuiltModel(_ModelCommon, frozen=True, kw_only=True, tag="build"):
     """Decoder layers."""
     num_attention_heads: PosInt = 4
     """Query heads; must divide ``hidden_size``."""
-    num_key_value_heads: PosInt = 4
-    """Key/value heads; must divide ``num_attention_heads``."""
+    num_key_value_heads: PosInt | None = None
+    """Key/value heads; must divide ``num_attention_heads`` (defaults to it: no GQA)."""
     max_position_embeddings: PosInt = 512
     """Context length of the model (and of the local server)."""
     rope_theta: PosFloat = 10000.0

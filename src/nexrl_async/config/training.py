@@ -10,7 +10,9 @@ from msgspec import Meta, Struct
 from nexrl_async.config.types import NonNegFloat, NonNegInt, PosFloat, PosInt, Probability, RefStr
 
 Estimator = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"]
-LossAgg = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+LossAgg = Literal[
+    "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"
+]
 
 
 class KLConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -211,6 +211,6 @@ def to_msgpack(record: Struct) -> bytes:
     return _ENCODER.encode(record)
 
 
-def from_msgpack(data: bytes, type: type[T]) -> T:  # noqa: A002 - mirrors msgspec's API
+def from_msgpack(data: bytes, type: type[T]) -> T:
     """Decode msgpack bytes into ``type``, validating as it goes."""
     return msgspec.msgpack.decode(data, type=type)

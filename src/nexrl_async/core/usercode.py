@@ -69,5 +69,7 @@ def _import_file(file: Path, ref: str) -> Any:
         spec.loader.exec_module(module)
     except Exception as err:
         del sys.modules[module_name]
-        raise UserCodeError(f"{ref!r}: importing {file} raised {type(err).__name__}: {err}") from err
+        raise UserCodeError(
+            f"{ref!r}: importing {file} raised {type(err).__name__}: {err}"
+        ) from err
     return module

@@ -1,0 +1,96 @@
+"""The ``nexrl-async`` command line (also ``python -m nexrl_async`` and ``torchrun -m ...``).
+
+Exit codes: 0 ok, 2 config or usage error, 1 runtime failure. Errors print one line per cause,
+never a traceback (set ``NEXRL_TRACEBACK=1`` to see one).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from nexrl_async.__about__ import __version__
+from nexrl_async.core.errors import ConfigError, NexRLError
+
+app = typer.Typer(
+    name="nexrl-async",
+    help="Async RL post-training engine: recipes, runs, and the local inference server.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a recipe value: KEY.PATH=TOML_VALUE (repeatable)."),
+]
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe TOML file.", show_default=False)]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"nexrl-async {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """nexrl_async: RL post-training for LLM agents, from a laptop CPU to GPU clusters."""
+
+
+@app.command()
+def check(recipe: RecipeArg, set_: SetOption = None) -> None:
+    """Validate a recipe: schema, cross-field rules, data paths and user code imports."""
+    from nexrl_async.config.loader import load_recipe
+    from nexrl_async.config.preflight import preflight, summary
+
+    loaded = load_recipe(recipe, set_ or [])
+    preflight(loaded)
+    typer.echo(summary(loaded))
+    typer.echo("ok")
+
+
+def _fail(code: int, lines: list[str]) -> NoReturn:
+    for line in lines:
+        typer.echo(f"error: {line}", err=True)
+    raise SystemExit(code)
+
+
+def _causes(err: BaseException) -> list[BaseException]:
+    if isinstance(err, BaseExceptionGroup):
+        return [c for sub in err.exceptions for c in _causes(sub)]
+    return [err]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the typer app and map errors to exit codes and one-line messages."""
+    try:
+        app(args=argv, standalone_mode=True)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        _fail(130, ["interrupted"])
+    except BaseException as err:
+        if os.environ.get("NEXRL_TRACEBACK"):
+            raise
+        causes = _causes(err)
+        code = 2 if all(isinstance(c, ConfigError) for c in causes) else 1
+        _fail(code, [_describe(c) for c in causes])
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, NexRLError):
+        return str(err)
+    return f"{type(err).__name__}: {err}"
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,123 @@
+"""Cross-field checks of a converted recipe: rules no single field's type can express.
+
+Each check yields ``(dotted_path, message)``; the loader turns the first into a ConfigError
+naming the file that set that path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from nexrl_async.config.inference import AttachInference, SGLangInference
+from nexrl_async.config.model import BuiltModel, PretrainedModel
+from nexrl_async.config.schema import RecipeConfig
+
+Problem = tuple[str, str]
+
+
+def cross_check(cfg: RecipeConfig) -> Iterator[Problem]:
+    """Every cross-field problem of ``cfg``, in a stable order."""
+    yield from _check_model(cfg)
+    yield from _check_staleness(cfg)
+    yield from _check_pool(cfg)
+    yield from _check_algorithm(cfg)
+    yield from _check_inference(cfg)
+    yield from _check_validation(cfg)
+
+
+def _check_model(cfg: RecipeConfig) -> Iterator[Problem]:
+    model = cfg.model
+    if isinstance(model, BuiltModel):
+        if cfg.tokenizer is None:
+            yield (
+                "tokenizer",
+                'a built model needs a [tokenizer] section (kind = "chars" or a path)',
+            )
+        if model.hidden_size % model.num_attention_heads:
+            yield (
+                "model.num_attention_heads",
+                f"model.num_attention_heads = {model.num_attention_heads}: "
+                f"must divide model.hidden_size = {model.hidden_size}",
+            )
+        kv_heads = model.num_key_value_heads or model.num_attention_heads
+        if model.num_attention_heads % kv_heads:
+            yield (
+                "model.num_key_value_heads",
+                f"model.num_key_value_heads = {kv_heads}: "
+                f"must divide model.num_attention_heads = {model.num_attention_heads}",
+            )
+
+
+def _check_staleness(cfg: RecipeConfig) -> Iterator[Problem]:
+    st = cfg.staleness
+    if st.mode == "sync" and st.max_staleness not in (None, 0):
+        yield (
+            "staleness.max_staleness",
+            f"staleness.max_staleness = {st.max_staleness}: must be 0 when staleness.mode = "
+            '"sync" (sync is on-policy)',
+        )
+    if st.mode == "batch-async" and st.max_staleness == 0:
+        yield (
+            "staleness.max_staleness",
+            'staleness.max_staleness = 0: batch-async needs k >= 1 (use mode = "sync" for k = 0)',
+        )
+    if st.max_inflight_groups is not None and st.max_inflight_groups < cfg.pool.batch_groups:
+        yield (
+            "staleness.max_inflight_groups",
+            f"staleness.max_inflight_groups = {st.max_inflight_groups}: must be >= "
+            f"pool.batch_groups = {cfg.pool.batch_groups}, or no batch could ever fill",
+        )
+
+
+def _check_pool(cfg: RecipeConfig) -> Iterator[Problem]:
+    cap = cfg.pool.capacity_groups
+    if cap is not None and cap < cfg.pool.batch_groups:
+        yield (
+            "pool.capacity_groups",
+            f"pool.capacity_groups = {cap}: must be >= pool.batch_groups = {cfg.pool.batch_groups}",
+        )
+
+
+def _check_algorithm(cfg: RecipeConfig) -> Iterator[Problem]:
+    algo = cfg.algorithm
+    if algo.mode == "rl" and algo.estimator in ("grpo", "dr_grpo", "rloo"):
+        if cfg.rollout.group_size < 2:
+            yield (
+                "rollout.group_size",
+                f"rollout.group_size = {cfg.rollout.group_size}: algorithm.estimator = "
+                f'"{algo.estimator}" needs groups of at least 2 samples',
+            )
+    if algo.minibatches > cfg.pool.batch_groups * cfg.rollout.group_size:
+        yield (
+            "algorithm.minibatches",
+            f"algorithm.minibatches = {algo.minibatches}: more than the "
+            f"{cfg.pool.batch_groups * cfg.rollout.group_size} samples of a batch",
+        )
+    if algo.overlong.enabled and algo.overlong.buffer_len >= cfg.rollout.max_new_tokens:
+        yield (
+            "algorithm.overlong.buffer_len",
+            f"algorithm.overlong.buffer_len = {algo.overlong.buffer_len}: must be < "
+            f"rollout.max_new_tokens = {cfg.rollout.max_new_tokens}",
+        )
+
+
+def _check_inference(cfg: RecipeConfig) -> Iterator[Problem]:
+    inf = cfg.inference
+    if isinstance(inf, AttachInference) and not inf.urls:
+        yield "inference.urls", "inference.urls = []: attach needs at least one server URL"
+    if isinstance(inf, SGLangInference) and inf.model_path is None:
+        if not isinstance(cfg.model, PretrainedModel):
+            yield (
+                "inference.model_path",
+                "inference.model_path is unset: SGLang serves a local HF folder; set it or use "
+                'model.kind = "pretrained"',
+            )
+
+
+def _check_validation(cfg: RecipeConfig) -> Iterator[Problem]:
+    val = cfg.validation
+    if val.data is None and val.every_steps > 0:
+        yield (
+            "validation.every_steps",
+            f"validation.every_steps = {val.every_steps}: needs [validation.data]",
+        )

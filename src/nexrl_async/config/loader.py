@@ -1,0 +1,256 @@
+"""Load a recipe: TOML → ``extends`` chain → ``--set`` overrides → validated :class:`RecipeConfig`.
+
+Every failure is a :class:`~nexrl_async.core.errors.ConfigError` with one line naming the file,
+the dotted path, the bad value and what was expected. Which file set a value is tracked through
+the ``extends`` chain and overrides, so an error points at the file to edit.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import msgspec.inspect as mi
+import tomli_w
+
+from nexrl_async.config.checks import cross_check
+from nexrl_async.config.schema import RecipeConfig
+from nexrl_async.config.tree import (
+    check_override_path,
+    field_map,
+    resolve_paths,
+    struct_variants,
+)
+from nexrl_async.core.errors import ConfigError
+
+
+def _root_type() -> mi.StructType:
+    info = mi.type_info(RecipeConfig)
+    assert isinstance(info, mi.StructType)
+    return info
+
+
+_ROOT = _root_type()
+
+Provenance = dict[str, str]
+"""Dotted path → the file (or ``--set``) that last set it."""
+
+
+class LoadedRecipe(msgspec.Struct, frozen=True, kw_only=True):
+    """A validated recipe with where it came from."""
+
+    config: RecipeConfig
+    path: Path
+    """The recipe file given on the command line."""
+    files: list[Path]
+    """Every file of the ``extends`` chain, base first."""
+    overrides: list[str] = []
+    """The ``--set`` overrides applied, in order."""
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedRecipe:
+    """Read, merge, override, validate and cross-check a recipe file."""
+    recipe = Path(path).expanduser().resolve()
+    provenance: Provenance = {}
+    files: list[Path] = []
+    merged = _load_chain(recipe, provenance, files, stack=())
+    for item in overrides:
+        _apply_override(merged, item, provenance)
+    config = _convert(merged, provenance, recipe)
+    for dotted, message in cross_check(config):
+        raise ConfigError(message, file=_source(provenance, dotted, recipe), path=dotted)
+    return LoadedRecipe(config=config, path=recipe, files=files, overrides=list(overrides))
+
+
+def dump_recipe(config: RecipeConfig) -> str:
+    """The resolved recipe as TOML (``None`` fields omitted); loads back to the same config."""
+    return tomli_w.dumps(_drop_none(msgspec.to_builtins(config)))
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def _read_toml(path: Path, referrer: Path | None) -> dict[str, Any]:
+    where = f" (extended by {referrer.name})" if referrer else ""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"recipe file not found{where}", file=str(path)) from None
+    except OSError as err:
+        raise ConfigError(f"cannot read recipe{where}: {err.strerror}", file=str(path)) from err
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"not valid TOML: {err}", file=str(path)) from None
+
+
+def _load_chain(
+    path: Path, provenance: Provenance, files: list[Path], stack: tuple[Path, ...]
+) -> dict[str, Any]:
+    if path in stack:
+        cycle = " -> ".join(p.name for p in (*stack, path))
+        raise ConfigError(f"extends: cyclic chain {cycle}", file=str(stack[-1]), path="extends")
+    raw = _read_toml(path, stack[-1] if stack else None)
+    resolve_paths(raw, _ROOT, path.parent)
+    base: dict[str, Any] = {}
+    parent = raw.get("extends")
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise ConfigError(f"extends = {parent!r}: expected a file name", file=str(path))
+        base = _load_chain((path.parent / parent).resolve(), provenance, files, (*stack, path))
+    files.append(path)
+    _merge(base, raw, provenance, str(path), prefix="")
+    return base
+
+
+def _merge(
+    base: dict[str, Any], top: dict[str, Any], provenance: Provenance, source: str, prefix: str
+) -> None:
+    """Deep-merge ``top`` into ``base`` (tables merge, everything else replaces)."""
+    for key, value in top.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            if _tag_changed(base[key], value):
+                base[key] = {}
+            _merge(base[key], value, provenance, source, prefix=f"{dotted}.")
+        else:
+            base[key] = value
+            provenance[dotted] = source
+            _mark_children(value, dotted, provenance, source)
+
+
+def _tag_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """A section switching variant (``kind``/``backend``) starts from scratch, not a mix."""
+    return any(tag in new and tag in old and new[tag] != old[tag] for tag in ("kind", "backend"))
+
+
+def _mark_children(value: Any, dotted: str, provenance: Provenance, source: str) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            provenance[f"{dotted}.{k}"] = source
+            _mark_children(v, f"{dotted}.{k}", provenance, source)
+
+
+def _apply_override(merged: dict[str, Any], item: str, provenance: Provenance) -> None:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"expected KEY.PATH=VALUE, got {item!r}", file="--set")
+    problem = check_override_path(_ROOT, merged, key)
+    if problem is not None:
+        raise ConfigError(problem, file=f"--set {key}", path=key)
+    value = _parse_literal(text)
+    node = merged
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+        _merge(node[parts[-1]], value, provenance, f"--set {key}", prefix=f"{key}.")
+    else:
+        node[parts[-1]] = value
+        provenance[key] = f"--set {key}"
+        _mark_children(value, key, provenance, f"--set {key}")
+
+
+def _parse_literal(text: str) -> Any:
+    """A TOML literal (``3``, ``true``, ``"x"``, ``[1, 2]``, ``{a = 1}``); else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text.strip()
+
+
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<at>[^`]*)`)?$", re.S)
+_UNKNOWN = re.compile(r"Object contains unknown field `(?P<name>[^`]+)`")
+_MISSING = re.compile(r"Object missing required field `(?P<name>[^`]+)`")
+
+
+def _convert(merged: dict[str, Any], provenance: Provenance, recipe: Path) -> RecipeConfig:
+    try:
+        return msgspec.convert(merged, RecipeConfig)
+    except msgspec.ValidationError as err:
+        raise _config_error(str(err), merged, provenance, recipe) from None
+
+
+def _config_error(
+    text: str, merged: dict[str, Any], provenance: Provenance, recipe: Path
+) -> ConfigError:
+    m = _AT.match(text)
+    assert m is not None
+    msg, at = m["msg"], _dotted(m["at"] or "")
+    if unknown := _UNKNOWN.match(msg):
+        dotted = f"{at}.{unknown['name']}" if at else unknown["name"]
+        what = f"unknown section [{dotted}]" if not at else f"unknown key {dotted}"
+        hint = _suggest(unknown["name"], at)
+        return ConfigError(f"{what}{hint}", file=_source(provenance, dotted, recipe), path=dotted)
+    if missing := _MISSING.match(msg):
+        dotted = f"{at}.{missing['name']}" if at else missing["name"]
+        file = _source(provenance, at, recipe) if at else str(recipe)
+        return ConfigError(f"{dotted} is required but missing", file=file, path=dotted)
+    value = _lookup(merged, at)
+    msg = msg.replace("`", "")
+    expected = msg[0].lower() + msg[1:] if msg else "a valid value"
+    shown = _show(value)
+    return ConfigError(f"{at} = {shown}: {expected}", file=_source(provenance, at, recipe), path=at)
+
+
+def _dotted(at: str) -> str:
+    return re.sub(r"\[(\d+)\]", r".\1", at).lstrip(".")
+
+
+def _lookup(merged: dict[str, Any], dotted: str) -> Any:
+    node: Any = merged
+    for part in dotted.split(".") if dotted else []:
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+def _show(value: Any) -> str:
+    try:
+        return tomli_w.dumps({"v": value}).strip()[4:]
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _suggest(name: str, at: str) -> str:
+    st: Any = _ROOT
+    for part in at.split(".") if at else []:
+        fields = field_map(st)
+        sub = fields.get(part)
+        variants = [] if sub is None else struct_variants(sub.type)
+        if not variants:
+            return ""
+        st = variants[0]
+    close = difflib.get_close_matches(name, list(field_map(st)), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _source(provenance: Provenance, dotted: str, recipe: Path) -> str:
+    """The file that set ``dotted`` (or its nearest set ancestor), else the top recipe."""
+    parts = dotted.split(".") if dotted else []
+    for n in range(len(parts), 0, -1):
+        found = provenance.get(".".join(parts[:n]))
+        if found is not None:
+            return found
+    return str(recipe)

@@ -1,0 +1,91 @@
+"""Preflight of a loaded recipe: every referenced file exists and every ``file.py:Name`` imports.
+
+Used by ``nexrl-async check`` and at the start of ``run`` so mistakes surface before any compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from nexrl_async.config.data import DataConfig, PythonData
+from nexrl_async.config.loader import LoadedRecipe
+from nexrl_async.config.model import BuiltModel, PretrainedModel, PretrainedTokenizer
+from nexrl_async.config.schema import RecipeConfig
+from nexrl_async.config.tree import tag_of
+from nexrl_async.core.errors import ConfigError, UserCodeError
+from nexrl_async.core.usercode import load_object
+
+
+def user_refs(cfg: RecipeConfig) -> Iterator[tuple[str, str]]:
+    """``(dotted path, ref)`` for every user-code reference of the recipe."""
+    yield "rollout.evaluator", cfg.rollout.evaluator
+    if cfg.rollout.worker:
+        yield "rollout.worker", cfg.rollout.worker
+    for i, tool in enumerate(cfg.rollout.tools):
+        yield f"rollout.tools.{i}", tool
+    if cfg.algorithm.prepare_batch:
+        yield "algorithm.prepare_batch", cfg.algorithm.prepare_batch
+    if isinstance(cfg.data, PythonData):
+        yield "data.factory", cfg.data.factory
+    if isinstance(cfg.validation.data, PythonData):
+        yield "validation.data.factory", cfg.validation.data.factory
+
+
+def data_paths(cfg: RecipeConfig) -> Iterator[tuple[str, str]]:
+    """``(dotted path, path)`` for every file or folder the recipe reads."""
+    if isinstance(cfg.model, PretrainedModel):
+        yield "model.path", cfg.model.path
+    if isinstance(cfg.tokenizer, PretrainedTokenizer):
+        yield "tokenizer.path", cfg.tokenizer.path
+    yield from _source_path("data", cfg.data)
+    if cfg.validation.data is not None:
+        yield from _source_path("validation.data", cfg.validation.data)
+
+
+def _source_path(prefix: str, data: DataConfig) -> Iterator[tuple[str, str]]:
+    path = getattr(data, "path", None)
+    if isinstance(path, str):
+        yield f"{prefix}.path", path
+
+
+def preflight(loaded: LoadedRecipe) -> None:
+    """Raise ConfigError for the first missing path or unloadable user-code reference."""
+    cfg = loaded.config
+    for dotted, path in data_paths(cfg):
+        if not Path(path).exists():
+            raise ConfigError(f"{dotted} = {path!r}: no such file or folder", file=str(loaded.path))
+    for dotted, ref in user_refs(cfg):
+        try:
+            load_object(ref, loaded.base_dir)
+        except UserCodeError as err:
+            raise ConfigError(f"{dotted}: {err}", file=str(loaded.path), path=dotted) from err
+
+
+def summary(loaded: LoadedRecipe) -> str:
+    """A short human-readable description of what the recipe will do."""
+    cfg = loaded.config
+    model = cfg.model
+    if isinstance(model, BuiltModel):
+        what = f"built {model.architecture} ({model.num_hidden_layers}×{model.hidden_size})"
+    else:
+        what = model.path
+    k = cfg.staleness.k
+    source = getattr(cfg.data, "path", None) or getattr(cfg.data, "factory", "")
+    algo = cfg.algorithm
+    lines = [
+        f"recipe     {loaded.path}"
+        + (f" (extends {len(loaded.files) - 1})" if len(loaded.files) > 1 else ""),
+        f"model      {what}, {model.dtype}",
+        f"data       {tag_of(cfg.data)}: {source}",
+        f"rollout    {cfg.rollout.workers} workers × group {cfg.rollout.group_size}, "
+        f"max_turns {cfg.rollout.max_turns}, max_new_tokens {cfg.rollout.max_new_tokens}",
+        f"evaluator  {cfg.rollout.evaluator}",
+        f"pipeline   {cfg.staleness.mode} (k = {'∞' if k is None else k}), "
+        f"batch {cfg.pool.batch_groups} groups, on_overdue {cfg.staleness.on_overdue}",
+        f"algorithm  {algo.mode} / {algo.estimator}, loss {algo.loss_agg}, lr {cfg.optim.lr:g}",
+        f"inference  {tag_of(cfg.inference)}, weights by {cfg.weights.transport} "
+        f"({cfg.weights.inflight})",
+        f"steps      {cfg.run.total_steps or 'until data is exhausted'}",
+    ]
+    return "\n".join(lines)
