@@ -81,10 +81,13 @@ def group_advantages(
       leave-one-out baseline, equal to ``n_g / (n_g - 1) · (r_b - mean_g)``;
     - ``reinforce_pp`` (Hu 2025, REINFORCE++): the baseline-free global normalisation
       ``A_b = (r_b - mean_B) / (std_B + eps)`` over the whole batch (unbiased std); groups are
-      ignored. The paper's token-level KL term is applied separately (``kl.placement``).
+      ignored (but validated). This is the outcome-reward form of the paper's
+      ``A = (R - mean_batch R) / std_batch R``; its token-level KL term is applied separately
+      (``kl.placement``).
 
-    A group of one gets ``A_b = 0`` for ``grpo``, ``dr_grpo`` and ``rloo``; a batch of one gets
-    0 for ``reinforce_pp``. A zero-variance group gets 0 from every group estimator.
+    A group of one gets ``A_b = 0`` for ``grpo``, ``dr_grpo`` and ``rloo`` (no baseline
+    information). A group whose rewards are all equal gets exactly 0 from every estimator, as
+    does a ``reinforce_pp`` batch whose rewards are all equal (a batch of one included).
 
     Args:
         rewards: ``[B]`` scalar reward per sample (finite).
@@ -104,20 +107,28 @@ def group_advantages(
     index, num_groups = _group_index(group_ids, r.numel(), r.device)
 
     if estimator == "reinforce_pp":
-        if r.numel() < 2:
-            return torch.zeros_like(r).to(out_dtype)
-        advantages = (r - r.mean()) / (r.std() + eps)
-        return advantages.to(out_dtype)
-
+        # One flat "group": the batch. Exactly 0 when all rewards are equal (or B < 2).
+        index, num_groups = torch.zeros_like(index), 1
     count, mean, variance = _group_moments(r, index, num_groups)
     centred = r - mean
-    if estimator == "grpo":
+    if estimator in ("grpo", "reinforce_pp"):
         advantages = centred / (variance.sqrt() + eps)
     elif estimator == "dr_grpo":
         advantages = centred
     else:  # rloo
-        advantages = torch.where(count > 1, centred * count / (count - 1).clamp(min=1), 0.0)
+        advantages = centred * count / (count - 1).clamp(min=1)
+    # Groups of one and zero-variance groups carry no signal: exactly 0 (also when eps = 0,
+    # and whatever rounding the mean had).
+    advantages = torch.where(_flat(r, index, num_groups), 0.0, advantages)
     return advantages.to(out_dtype)
+
+
+def _flat(r: Tensor, index: Tensor, num_groups: int) -> Tensor:
+    """``[B]`` bool: the sample's group has ``max == min`` (a group of one included)."""
+    high = torch.full((num_groups,), -torch.inf, dtype=r.dtype, device=r.device)
+    high = high.scatter_reduce(0, index, r, "amax")
+    low = torch.full_like(high, torch.inf).scatter_reduce(0, index, r, "amin")
+    return (high == low)[index]
 
 
 def zero_variance_groups(rewards: Tensor, group_ids: GroupIds) -> Tensor:
@@ -136,7 +147,4 @@ def zero_variance_groups(rewards: Tensor, group_ids: GroupIds) -> Tensor:
     """
     r = _rewards64(rewards)
     index, num_groups = _group_index(group_ids, r.numel(), r.device)
-    high = torch.full((num_groups,), -torch.inf, dtype=r.dtype, device=r.device)
-    high = high.scatter_reduce(0, index, r, "amax")
-    low = torch.full_like(high, torch.inf).scatter_reduce(0, index, r, "amin")
-    return (high == low)[index]
+    return _flat(r, index, num_groups)
