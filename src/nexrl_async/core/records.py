@@ -144,6 +144,14 @@ class Trajectory(Struct, frozen=True, kw_only=True):
         return sum(len(turn.token_ids) for turn in self.turns)
 
     @property
+    def response_text(self) -> str:
+        """Decoded text of the last assistant turn ("" if there is none)."""
+        for turn in reversed(self.turns):
+            if turn.role == "assistant":
+                return turn.text or ""
+        return ""
+
+    @property
     def num_generated(self) -> int:
         return sum(sum(turn.loss_mask) for turn in self.turns)
 

@@ -1,0 +1,42 @@
+"""The reverse-digits task: data factory and evaluator.
+
+Each item is a string of digits; the model must answer with the digits reversed, then EOS.
+Reward = fraction of positions right (a missing or extra digit counts as wrong).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+from nexrl_async.core.records import DataItem, EvalResult, Trajectory
+
+
+def make_items(count: int = 4096, digits: int = 2, seed: int = 0) -> Iterator[dict[str, str]]:
+    """``count`` random digit strings of length ``digits`` with their reversal."""
+    rng = random.Random(seed)
+    for _ in range(count):
+        text = "".join(rng.choice("0123456789") for _ in range(digits))
+        yield {"prompt": f"<bos>{text}<sep>", "digits": text, "answer": text[::-1]}
+
+
+def positional_accuracy(answer: str, response: str) -> float:
+    """Fraction of positions of ``answer`` that ``response`` gets right (length-penalised)."""
+    if not answer:
+        return 0.0
+    right = sum(a == b for a, b in zip(answer, response, strict=False))
+    return right / max(len(answer), len(response))
+
+
+class ReverseEvaluator:
+    """Scores one sample: positional accuracy of the reversal, and exact match as a metric."""
+
+    def evaluate(self, item: DataItem, trajectory: Trajectory) -> EvalResult:
+        answer = str(item.fields["answer"])
+        response = trajectory.response_text.strip()
+        reward = positional_accuracy(answer, response)
+        return EvalResult(
+            reward=reward,
+            metrics={"exact": float(response == answer)},
+            ground_truth=answer,
+        )
