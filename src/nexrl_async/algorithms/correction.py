@@ -44,7 +44,9 @@ def tis_weights(
     - ``mode="truncate"`` (TIS): ``w = min(w, cap)``;
     - ``mode="mask"`` (MIS):     ``w = w if w <= cap else 0``.
 
-    Masked positions get 0. Multiply the per-token loss by the weights before aggregating.
+    Masked positions get 0. The weights multiply the per-token policy loss before aggregation;
+    since ``w >= 0``, ``w · l(A) = l(w · A)`` for the PPO token loss ``l`` (dual-clip included),
+    so pass ``policy_loss(..., advantages=A[:, None] * w)`` to apply them.
 
     Args:
         trainer_old_logprobs: ``[B, T]`` log-probs of the sampled tokens under the trainer's

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from nexrl_async.algorithms import tis_weights
+from nexrl_async.algorithms import aggregate, policy_loss, tis_weights
 
 
 def test_token_level_truncate_and_mask() -> None:
@@ -60,3 +60,34 @@ def test_invalid_arguments() -> None:
         tis_weights(x, x, x, cap=2.0, mode="clip")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="share"):
         tis_weights(x, x[:, :2], x, cap=2.0)
+
+
+def _reference_ppo_tokens(
+    logprobs: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, c: float
+) -> torch.Tensor:
+    ratio = torch.exp(logprobs - old)
+    a = adv.unsqueeze(-1)
+    loss = torch.maximum(-a * ratio, -a * ratio.clamp(0.8, 1.28))
+    return torch.where(a < 0, torch.minimum(loss, -a * c), loss)
+
+
+def test_weights_apply_through_per_token_advantages() -> None:
+    # For w >= 0, w · ppo_token_loss(A) == ppo_token_loss(w · A) (max/min are positively
+    # homogeneous and w keeps the sign of A), so the trainer applies TIS weights by passing
+    # A[:, None] * w as [B, T] advantages.
+    generator = torch.Generator().manual_seed(5)
+    old = -torch.rand(4, 6, generator=generator) * 3
+    logprobs = old + torch.randn(4, 6, generator=generator) * 0.8
+    rollout = old + torch.randn(4, 6, generator=generator) * 0.5
+    adv = torch.tensor([1.0, -2.0, 0.5, -0.3])
+    mask = torch.rand(4, 6, generator=generator) > 0.3
+    weights = tis_weights(old, rollout, mask, cap=1.5, mode="mask")
+    assert (weights[mask] == 0).any()
+    assert (weights[mask] > 1).any()
+    expected = aggregate(
+        _reference_ppo_tokens(logprobs, old, adv, 3.0) * weights, mask, "token-mean"
+    )
+    got, _ = policy_loss(
+        logprobs, old, adv.unsqueeze(-1) * weights, mask, clip_high=0.28, dual_clip_c=3.0
+    )
+    torch.testing.assert_close(got, expected)
