@@ -93,6 +93,11 @@ def _check_algorithm(cfg: RecipeConfig) -> Iterator[Problem]:
             f"algorithm.minibatches = {algo.minibatches}: more than the "
             f"{cfg.pool.batch_groups * cfg.rollout.group_size} samples of a batch",
         )
+    if algo.kl.controller == "adaptive" and algo.kl.coef == 0:
+        yield (
+            "algorithm.kl.coef",
+            "algorithm.kl.coef = 0.0: the adaptive controller needs a positive initial coefficient",
+        )
     if algo.overlong.enabled and algo.overlong.buffer_len >= cfg.rollout.max_new_tokens:
         yield (
             "algorithm.overlong.buffer_len",
