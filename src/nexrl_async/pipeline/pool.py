@@ -1,0 +1,431 @@
+"""Trajectory pool: the bounded set of finished groups between rollouts and the trainer.
+
+Pure synchronous logic like the gate it works with; the engine adds the awaiting (a worker
+waits until :meth:`TrajectoryPool.can_put` holds, the trainer until :meth:`take_batch` returns
+a batch) and logs the :data:`PoolEvent` s every call returns to the ledger. The pool never logs.
+
+A group arrives complete from a worker and goes through, in order:
+
+1. FAILED (any trajectory failed): not kept; its lease is released and the item replayed.
+2. Zero reward variance, when ``filter_zero_variance``: not kept; lease released, no replay.
+3. Staleness (:meth:`StalenessGate.fate` for the next step): overdue groups are dropped (lease
+   released, item replayed) or, with ``requeue``, re-leased at the current version and kept.
+4. Kept, keyed by lease id. Only this step is subject to capacity.
+
+``take_batch(step)`` offers the ``batch_groups`` oldest groups (lease version, then head
+version, then lease id: earliest deadline first). With ``on_overdue = "wait"`` the batch is
+handed out only if the gate's feasibility check passes (see ``staleness``); otherwise the step
+waits for the stragglers it names, and the pool admits those even when full so the wait cannot
+deadlock against backpressure. After a step, groups left in the pool that just became overdue
+are dropped or requeued at once, and leases still in flight that just became overdue are
+reported (:class:`LeaseOverdue`) so the engine can abort or requeue them early.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
+
+import msgspec
+
+from nexrl_async.config.rollout import PoolConfig
+from nexrl_async.core.errors import CheckpointError, ConfigError
+from nexrl_async.core.records import Group, TrainBatch, VersionToken
+from nexrl_async.pipeline.staleness import Fate, StalenessGate
+
+
+class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
+    replay: ClassVar[bool] = False
+    """Whether the engine should hand the group's item out again."""
+
+
+class GroupPooled(_Event, frozen=True, kw_only=True, tag="pooled"):
+    """A group is kept, waiting for a step."""
+
+    group_id: str
+    item_key: str
+    token: VersionToken
+    head_version: int
+    pool_size: int
+
+
+class GroupFailed(_Event, frozen=True, kw_only=True, tag="failed"):
+    """A group with a FAILED trajectory: not trained, lease released."""
+
+    replay: ClassVar[bool] = True
+    group_id: str
+    item_key: str
+    token: VersionToken
+    reasons: list[str]
+
+
+class GroupFiltered(_Event, frozen=True, kw_only=True, tag="filtered"):
+    """All rewards equal (no learning signal): not trained, lease released."""
+
+    group_id: str
+    item_key: str
+    token: VersionToken
+    reward: float
+
+
+class GroupDropped(_Event, frozen=True, kw_only=True, tag="dropped"):
+    """Overdue at ``step``: not trained, lease released."""
+
+    replay: ClassVar[bool] = True
+    group_id: str
+    item_key: str
+    token: VersionToken
+    head_version: int
+    step: int
+
+
+class GroupRequeued(_Event, frozen=True, kw_only=True, tag="requeued"):
+    """Overdue at ``step``: re-leased at a newer version and kept (its head version stays)."""
+
+    group_id: str
+    item_key: str
+    old_token: VersionToken
+    token: VersionToken
+    head_version: int
+    step: int
+
+
+class LeaseOverdue(_Event, frozen=True, kw_only=True, tag="lease_overdue"):
+    """A lease still in flight can no longer be trained by ``step`` under its current token."""
+
+    token: VersionToken
+    step: int
+    action: Literal["drop", "requeue"]
+
+
+class StepWaiting(_Event, frozen=True, kw_only=True, tag="step_waiting"):
+    """Step ``step`` waits for these in-flight leases (reported once per step)."""
+
+    step: int
+    waiting_for: list[VersionToken]
+
+
+PoolEvent = (
+    GroupPooled
+    | GroupFailed
+    | GroupFiltered
+    | GroupDropped
+    | GroupRequeued
+    | LeaseOverdue
+    | StepWaiting
+)
+"""Every outcome the pool reports; ``msgspec`` encodes it with a ``kind`` tag."""
+
+
+class Handout(msgspec.Struct, frozen=True, kw_only=True):
+    """What :meth:`TrajectoryPool.take_batch` returns."""
+
+    batch: TrainBatch | None
+    """The step's batch, or ``None`` while not ready."""
+    events: list[PoolEvent] = []
+    """Outcomes to log (drops and requeues it caused, a first wait)."""
+    waiting_for: list[VersionToken] = []
+    """In-flight leases the step waits for (``wait`` only)."""
+
+
+class PoolCounters(msgspec.Struct, kw_only=True):
+    """Cumulative group counts (checkpointed)."""
+
+    pooled: int = 0
+    handed_out: int = 0
+    dropped_overdue: int = 0
+    requeued: int = 0
+    filtered_zero_variance: int = 0
+    failed_groups: int = 0
+    waits: int = 0
+    """Steps that had to wait for stragglers."""
+    over_capacity: int = 0
+    """Groups admitted to a full pool because the next step waits for them."""
+
+
+class _PoolState(msgspec.Struct, kw_only=True):
+    groups: list[Group]
+    counters: PoolCounters
+    waited_step: int | None
+
+
+_Kind = Literal["failed", "filtered"] | Fate
+
+
+class TrajectoryPool:
+    """Bounded pool of finished groups; see the module docstring."""
+
+    def __init__(self, cfg: PoolConfig, *, gate: StalenessGate) -> None:
+        capacity = cfg.capacity_groups or 2 * cfg.batch_groups
+        if gate.batch_groups != cfg.batch_groups:
+            raise ConfigError(
+                f"gate built for {gate.batch_groups} groups per step, pool for {cfg.batch_groups}",
+                path="pool.batch_groups",
+            )
+        if capacity < cfg.batch_groups:
+            raise ConfigError(
+                f"pool.capacity_groups = {capacity} cannot hold one batch of "
+                f"{cfg.batch_groups} groups",
+                path="pool.capacity_groups",
+            )
+        self._gate = gate
+        self._batch = cfg.batch_groups
+        self._capacity = capacity
+        self._filter = cfg.filter_zero_variance
+        self._groups: dict[int, Group] = {}
+        self._heads: dict[int, int] = {}
+        self._waited_step: int | None = None
+        self.counters = PoolCounters()
+
+    @property
+    def size(self) -> int:
+        return len(self._groups)
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def next_step(self) -> int:
+        """The step the next batch is for (kept by the gate)."""
+        return self._gate.next_step
+
+    def lease_ids(self) -> list[int]:
+        return sorted(self._groups)
+
+    # -- put -------------------------------------------------------------------------------
+
+    def can_put(self, group: Group | None = None) -> bool:
+        """Whether :meth:`put` would accept ``group`` now (or any kept group, if ``None``).
+
+        Groups that are not kept (failed, filtered, dropped) are always accepted. A full pool
+        still accepts a group the next step waits for.
+        """
+        if len(self._groups) < self._capacity:
+            return True
+        if group is None:
+            return False
+        token = self._current_token(group)
+        if self._classify(group, token) not in (Fate.TRAIN, Fate.REQUEUE):
+            return True
+        horizon = self._blocking_deadline()
+        return horizon is not None and token.max_step is not None and token.max_step <= horizon
+
+    def put(self, group: Group) -> list[PoolEvent]:
+        """Offer a finished group. Raises ``OverflowError`` if full: check :meth:`can_put`."""
+        token = self._current_token(group)
+        if token.lease_id in self._groups:
+            raise ValueError(f"lease {token.lease_id} already has a group in the pool")
+        kind = self._classify(group, token)
+        if kind == "failed":
+            return [self._fail(group, token)]
+        if kind == "filtered":
+            return [self._filter_out(group, token)]
+        step = self.next_step
+        if kind is Fate.DROP:
+            return [self._drop(group, token, step)]
+        if not self.can_put(group):
+            raise OverflowError(f"pool is full ({self.size}/{self._capacity} groups)")
+        if len(self._groups) >= self._capacity:
+            self.counters.over_capacity += 1
+        events: list[PoolEvent] = []
+        if kind is Fate.REQUEUE:
+            events.append(self._requeue(group, token, step))
+            token = self._gate.current(token.lease_id) or token
+        self._keep(msgspec.structs.replace(group, token=token))
+        events.append(
+            GroupPooled(
+                group_id=group.group_id,
+                item_key=group.item_key,
+                token=token,
+                head_version=self._heads[token.lease_id],
+                pool_size=self.size,
+            )
+        )
+        return events
+
+    # -- take ------------------------------------------------------------------------------
+
+    def take_batch(self, step: int) -> Handout:
+        """The batch for ``step`` (which must be :attr:`next_step`) once it is ready."""
+        if step != self.next_step:
+            raise ValueError(f"take_batch({step}) but the next step is {self.next_step}")
+        events = self._sweep(step)
+        chosen = self._earliest()
+        if len(chosen) < self._batch:
+            return Handout(batch=None, events=events)
+        horizon = self._blocking_deadline(step, chosen)
+        if horizon is not None:
+            stragglers = self._in_flight(up_to=horizon)
+            if self._waited_step != step:
+                self._waited_step = step
+                self.counters.waits += 1
+                events.append(StepWaiting(step=step, waiting_for=stragglers))
+            return Handout(batch=None, events=events, waiting_for=stragglers)
+        groups = [self._groups.pop(lease_id) for lease_id in chosen]
+        for group in groups:
+            del self._heads[group.token.lease_id]
+            self._gate.redeem(group.token, step)
+        self.counters.handed_out += len(groups)
+        events.extend(self._sweep(step + 1))
+        events.extend(self._newly_overdue(step))
+        return Handout(batch=TrainBatch(step=step, groups=groups), events=events)
+
+    def reclaim_orphans(self) -> list[VersionToken]:
+        """After a resume: release the gate's leases that have no group here (lost in flight)."""
+        return self._gate.reclaim(keep=set(self._groups))
+
+    # -- metrics and checkpoints -----------------------------------------------------------
+
+    def metrics(self) -> dict[str, float]:
+        c = self.counters
+        return {
+            "pool/size": float(self.size),
+            "pool/dropped_overdue": float(c.dropped_overdue),
+            "pool/requeued": float(c.requeued),
+            "pool/filtered_zero_variance": float(c.filtered_zero_variance),
+            "pool/failed_groups": float(c.failed_groups),
+            "pool/waits": float(c.waits),
+            "pool/over_capacity": float(c.over_capacity),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Contents and counters, JSON- and msgpack-able. Save the gate with it."""
+        groups = [self._groups[i] for i in sorted(self._groups)]
+        state = _PoolState(groups=groups, counters=self.counters, waited_step=self._waited_step)
+        result: dict[str, Any] = msgspec.to_builtins(state)
+        return result
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore contents; load the gate's state first (every group's lease must be in it)."""
+        try:
+            loaded = msgspec.convert(dict(state), _PoolState)
+        except msgspec.ValidationError as err:
+            raise CheckpointError(f"trajectory pool state is malformed: {err}") from err
+        self._groups.clear()
+        self._heads.clear()
+        for group in loaded.groups:
+            if self._gate.current(group.token.lease_id) != group.token:
+                raise CheckpointError(
+                    f"pooled group {group.group_id} holds lease {group.token.lease_id}, "
+                    "which the staleness gate does not have outstanding"
+                )
+            self._keep(group)
+        self.counters = loaded.counters
+        self._waited_step = loaded.waited_step
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _current_token(self, group: Group) -> VersionToken:
+        token = self._gate.current(group.token.lease_id)
+        if token is None:
+            raise ValueError(
+                f"group {group.group_id}: lease {group.token.lease_id} is not outstanding "
+                "(already trained, released, or never issued)"
+            )
+        return token
+
+    def _classify(self, group: Group, token: VersionToken) -> _Kind:
+        if not group.ok:
+            return "failed"
+        rewards = group.rewards
+        if self._filter and rewards and max(rewards) == min(rewards):
+            return "filtered"
+        return self._gate.fate(self.next_step, token, head_version=group.head_version)
+
+    def _keep(self, group: Group) -> None:
+        self._groups[group.token.lease_id] = group
+        self._heads[group.token.lease_id] = group.head_version
+
+    def _earliest(self) -> list[int]:
+        """Lease ids of the ``batch_groups`` oldest kept groups (earliest deadline first)."""
+
+        def key(lease_id: int) -> tuple[int, int, int]:
+            return (self._groups[lease_id].token.version, self._heads[lease_id], lease_id)
+
+        return sorted(self._groups, key=key)[: self._batch]
+
+    def _blocking_deadline(
+        self, step: int | None = None, chosen: list[int] | None = None
+    ) -> int | None:
+        if not self._gate.waits_for_stragglers:
+            return None
+        step = self.next_step if step is None else step
+        chosen = self._earliest() if chosen is None else chosen
+        return self._gate.blocking_deadline(step, [self._groups[i].token for i in chosen])
+
+    def _in_flight(self, *, up_to: int) -> list[VersionToken]:
+        return [
+            tok
+            for tok in self._gate.outstanding_tokens()
+            if tok.lease_id not in self._groups
+            and tok.max_step is not None
+            and tok.max_step <= up_to
+        ]
+
+    def _sweep(self, step: int) -> list[PoolEvent]:
+        """Drop or requeue kept groups that are overdue at ``step``."""
+        events: list[PoolEvent] = []
+        for lease_id in sorted(self._groups):
+            group = self._groups[lease_id]
+            fate = self._gate.fate(step, group.token, head_version=self._heads[lease_id])
+            if fate is Fate.TRAIN:
+                continue
+            if fate is Fate.DROP:
+                del self._groups[lease_id], self._heads[lease_id]
+                events.append(self._drop(group, group.token, step))
+            else:
+                events.append(self._requeue(group, group.token, step))
+                new = self._gate.current(lease_id) or group.token
+                self._groups[lease_id] = msgspec.structs.replace(group, token=new)
+        return events
+
+    def _newly_overdue(self, step: int) -> list[PoolEvent]:
+        """In-flight leases whose last step was ``step`` (drop and requeue modes only)."""
+        action = self._gate.on_overdue
+        if action == "wait":
+            return []
+        return [
+            LeaseOverdue(token=tok, step=step + 1, action=action)
+            for tok in self._gate.overdue_outstanding(step + 1, exclude=self._groups)
+            if tok.max_step == step
+        ]
+
+    def _fail(self, group: Group, token: VersionToken) -> GroupFailed:
+        self._gate.release(token)
+        self.counters.failed_groups += 1
+        reasons = sorted({str(t.failure) for t in group.trajectories if not t.ok})
+        return GroupFailed(
+            group_id=group.group_id, item_key=group.item_key, token=token, reasons=reasons
+        )
+
+    def _filter_out(self, group: Group, token: VersionToken) -> GroupFiltered:
+        self._gate.release(token)
+        self.counters.filtered_zero_variance += 1
+        reward = group.rewards[0]
+        return GroupFiltered(
+            group_id=group.group_id, item_key=group.item_key, token=token, reward=reward
+        )
+
+    def _drop(self, group: Group, token: VersionToken, step: int) -> GroupDropped:
+        self._gate.drop(token)
+        self.counters.dropped_overdue += 1
+        return GroupDropped(
+            group_id=group.group_id,
+            item_key=group.item_key,
+            token=token,
+            head_version=group.head_version,
+            step=step,
+        )
+
+    def _requeue(self, group: Group, token: VersionToken, step: int) -> GroupRequeued:
+        new = self._gate.requeue(token)
+        self.counters.requeued += 1
+        return GroupRequeued(
+            group_id=group.group_id,
+            item_key=group.item_key,
+            old_token=token,
+            token=new,
+            head_version=group.head_version,
+            step=step,
+        )
