@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -192,6 +193,11 @@ class ServerProcess:
     @classmethod
     async def spawn(cls, spec: ServerSpec, *, attempt: int) -> ServerProcess:
         """Start the server; the spawn itself is shielded so no started process goes untracked."""
+        if shutil.which(spec.argv[0]) is None:
+            raise ConfigError(
+                f"inference server {spec.index}: command not found: {spec.argv[0]!r} "
+                "(check inference.python or inference.command)"
+            )
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         argv = list(spec.argv)
         if sys.platform == "linux":

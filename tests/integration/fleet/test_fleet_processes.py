@@ -6,6 +6,7 @@ tests exercise the real process, signal and HTTP paths in about 20 s on a laptop
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import signal
@@ -20,7 +21,7 @@ import httpx
 import pytest
 
 from nexrl_async.config.inference import AttachInference, SGLangInference
-from nexrl_async.core.errors import EngineUnavailable
+from nexrl_async.core.errors import ConfigError, EngineUnavailable
 from nexrl_async.inference.fleet import open_fleet
 from nexrl_async.inference.launch import free_ports
 from nexrl_async.inference.router import ServerHandle
@@ -254,3 +255,28 @@ async def test_sigkilled_parent_leaves_no_server(tmp_path: Path) -> None:
         for pid in pids:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+async def test_missing_command_is_a_config_error(tmp_path: Path, http: httpx.AsyncClient) -> None:
+    cfg = stub_cfg(python=str(tmp_path / "no-such-python"))
+    with anyio.fail_after(5), pytest.RaisesGroup(pytest.RaisesExc(ConfigError, match="not found")):
+        async with open_fleet(cfg, model_dir=tmp_path, log_dir=tmp_path, http=http):
+            pytest.fail("nothing can be launched")
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("nexrl_async.inference.simulated") is None,
+    reason="the simulated SGLang server is not in the tree yet",
+)
+async def test_simulated_sglang_server_through_the_command_template(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    command = ["{python}", "-m", "nexrl_async.inference.simulated", "--host", "{host}"]
+    cfg = stub_cfg(command=[*command, "--port", "{port}"], health_timeout_s=30.0)
+    async with open_fleet(cfg, model_dir=tmp_path, log_dir=tmp_path, http=http) as fleet:
+        (server,) = fleet.servers
+        pid = server.pid
+        assert pid is not None
+        async with fleet.lease("g:0") as leased:
+            assert (await http.get(f"{leased.url}/health", timeout=5)).status_code == 200
+    assert not alive(pid)
