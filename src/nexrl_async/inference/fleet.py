@@ -224,7 +224,10 @@ class _Supervisor:
 
     async def _life(self, spec: ServerSpec, attempt: int, *, grace_s: float) -> str:
         """Launch, serve until the server fails; the reason. The process is stopped on return."""
-        process = await ServerProcess.spawn(spec, attempt=attempt)
+        try:
+            process = await ServerProcess.spawn(spec, attempt=attempt)
+        except OSError as err:  # e.g. out of file descriptors: a failed attempt like a crash
+            return f"could not start: {err}"
         self.fleet.processes.add(process)
         self.server.pid = process.pid
         self.server.weight_version = None  # a fresh process holds the launch weights
