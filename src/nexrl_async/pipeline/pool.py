@@ -13,12 +13,28 @@ A group arrives complete from a worker and goes through, in order:
 4. Kept, keyed by lease id. Only this step is subject to capacity.
 
 ``take_batch(step)`` offers the ``batch_groups`` oldest groups (lease version, then head
-version, then lease id: earliest deadline first). With ``on_overdue = "wait"`` the batch is
-handed out only if the gate's feasibility check passes (see ``staleness``); otherwise the step
-waits for the stragglers it names, and the pool admits those even when full so the wait cannot
-deadlock against backpressure. After a step, groups left in the pool that just became overdue
-are dropped or requeued at once, and leases still in flight that just became overdue are
-reported (:class:`LeaseOverdue`) so the engine can abort or requeue them early.
+version, then lease id: earliest deadline first). What each ``on_overdue`` means for a step:
+
+* ``wait``: step ``s`` is handed its batch only when it has ``B`` groups *and* taking the ``B``
+  oldest leaves every other outstanding lease a step before its deadline (the gate's
+  :meth:`~StalenessGate.blocking_deadline`). So it waits for every lease with ``max_step == s``
+  still in flight, and also for an older lease with a later ``max_step`` when taking younger
+  groups now would leave more groups due by some step ``t`` than steps ``s+1..t`` can take. It
+  never waits longer than that (the proof is in ``staleness``). The leases it waits for are
+  in :attr:`Handout.waiting_for`; a full pool still admits them, so the wait cannot deadlock
+  against backpressure. Nothing is dropped (except a group whose head version is older than
+  its lease, which only a misbehaving fleet produces).
+* ``drop``: a step never waits for stragglers. Groups that would be overdue are dropped (at
+  put, or right after the step that left them behind), their items replayed.
+* ``requeue``: as ``drop``, but the group is re-leased at the current version and kept; its head
+  version stays, so its staleness may exceed ``k`` (counted as ``pool/requeued``).
+
+After a step, leases still in flight that just became overdue (``drop``/``requeue`` only) are
+reported as :class:`LeaseOverdue` so the engine can abort (and replay) or requeue them early.
+
+When to ask again: ``take_batch`` may change its answer after a put, a released or dropped
+lease, or a requeue; ``can_put`` after a step, a put, or a released lease; the gate's
+``can_lease`` after a redeem (in-flight cap), a release or drop, or a publication.
 """
 
 from __future__ import annotations
@@ -159,7 +175,8 @@ class TrajectoryPool:
         capacity = cfg.capacity_groups or 2 * cfg.batch_groups
         if gate.batch_groups != cfg.batch_groups:
             raise ConfigError(
-                f"gate built for {gate.batch_groups} groups per step, pool for {cfg.batch_groups}",
+                f"pool.batch_groups = {cfg.batch_groups}, but the staleness gate was built "
+                f"for {gate.batch_groups} groups per step",
                 path="pool.batch_groups",
             )
         if capacity < cfg.batch_groups:

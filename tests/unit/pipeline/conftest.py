@@ -33,8 +33,10 @@ def build_group(
             role="assistant",
             token_ids=[1, 2],
             loss_mask=[1, 1],
-            versions=[VersionSpan(start=0, end=1, version=head + i % 2),
-                      VersionSpan(start=1, end=2, version=head)],
+            versions=[
+                VersionSpan(start=0, end=1, version=head + i % 2),
+                VersionSpan(start=1, end=2, version=head),
+            ],
         )
         bad = failed and i == 0
         trajectories.append(

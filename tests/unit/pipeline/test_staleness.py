@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import msgspec
 import pytest
 
@@ -68,7 +70,8 @@ def test_default_k_is_one_in_batch_async() -> None:
 def test_fully_async_is_limited_by_the_inflight_cap_only() -> None:
     gate = gate_for("fully-async", batch=2, max_inflight_groups=3)
     tokens = lease_all(gate)
-    assert len(tokens) == 3 and all(t.max_step is None for t in tokens)
+    assert len(tokens) == 3
+    assert all(t.max_step is None for t in tokens)
     consume(gate, tokens[:2], step=0)
     assert len(lease_all(gate)) == 2  # no publication needed
     assert not gate.is_overdue(100, tokens[2], head_version=0)
@@ -90,7 +93,8 @@ def test_release_returns_the_slot_redeem_does_not() -> None:
     a, b = lease_all(gate)
     gate.release(a)
     c = gate.try_lease()
-    assert c is not None and c.lease_id == 2
+    assert c is not None
+    assert c.lease_id == 2
     gate.drop(b)
     d = gate.try_lease()
     assert d is not None
@@ -140,7 +144,8 @@ def test_advance_is_monotonic_and_only_to_produced_versions() -> None:
 def test_is_overdue_by_deadline_and_by_head_version() -> None:
     gate = gate_for("batch-async", batch=1, max_staleness=1)
     tok = gate.try_lease()
-    assert tok is not None and tok.max_step == 1
+    assert tok is not None
+    assert tok.max_step == 1
     assert not gate.is_overdue(1, tok)
     assert gate.is_overdue(2, tok)
     # A head version older than the lease (a fleet anomaly) tightens the bound.
@@ -169,8 +174,10 @@ def test_requeue_reissues_the_lease_at_the_current_version() -> None:
     gate.advance(1)
     new = gate.requeue(b)
     assert (new.lease_id, new.version, new.max_step) == (b.lease_id, 1, 2)
-    assert gate.current(b.lease_id) == new and gate.was_requeued(b.lease_id)
-    assert gate.leases_charged == 2 and gate.counters.requeued == 1
+    assert gate.current(b.lease_id) == new
+    assert gate.was_requeued(b.lease_id)
+    assert gate.leases_charged == 2
+    assert gate.counters.requeued == 1
     # Its head version stays 0: staleness 2 > k is allowed for a requeued lease ...
     assert not gate.is_overdue(2, b, head_version=0)
     # ... but the new lease's deadline holds.
@@ -189,7 +196,8 @@ def test_blocking_deadline_refuses_a_young_batch_that_strands_old_leases() -> No
     gate.redeem(old[2], 0)
     gate.advance(1)
     young = gate.try_lease()
-    assert young is not None and young.max_step == 3
+    assert young is not None
+    assert young.max_step == 3
     assert gate.blocking_deadline(1, [young]) == 2  # would leave two due by step 2, one slot
     assert gate.blocking_deadline(1, [old[0]]) is None
     with pytest.raises(ValueError, match="overdue"):
@@ -242,7 +250,7 @@ def test_metrics_are_slash_namespaced_floats() -> None:
     assert all(k.startswith("pipeline/") and isinstance(v, float) for k, v in m.items())
 
 
-def test_staleness_metrics(make_group) -> None:  # type: ignore[no-untyped-def]
+def test_staleness_metrics(make_group: Callable[..., Group]) -> None:
     groups: list[Group] = [
         make_group(VersionToken(lease_id=0, version=1), head=1),
         make_group(VersionToken(lease_id=1, version=3), head=3),
