@@ -1,0 +1,37 @@
+"""The reductions a training step needs across ranks; identities at world size 1.
+
+Loss denominators (token or sequence counts) and metric sums are all-reduced here, so the same
+step code gives the same update at any world size once ranks exist (each rank holding its own
+rows of the batch).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def world_size() -> int:
+    """Ranks in the default process group (1 when torch.distributed is not initialised)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def all_reduce_sum(value: Tensor) -> Tensor:
+    """``value`` summed over all ranks (a new tensor; the input is not modified)."""
+    total = value.detach().clone()
+    if world_size() > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def sum_floats(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Each float summed over all ranks (one collective for the whole dict)."""
+    if world_size() == 1 or not values:
+        return dict(values)
+    keys = sorted(values)
+    packed = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, packed.tolist(), strict=True))

@@ -1,0 +1,75 @@
+"""Per-token log-probs (and entropies) of a micro-batch, aligned to its tokens.
+
+The model's logits at position ``t - 1`` predict token ``t``; the result is shifted back so that
+column ``t`` holds ``log p(x_t | x_<t)`` (column 0, which nothing predicts, and padding hold 0).
+Logits are divided by the sampling temperature, as the inference server does before its
+log-softmax (SGLANG_API.md §2.5), so trainer and server log-probs compare one to one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from nexrl_async.algorithms import entropy_from_logits, logprobs_from_logits
+from nexrl_async.train.microbatch import MicroBatch, micro_batches
+from nexrl_async.train.tensors import SequenceBatch
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter."""
+    return next(model.parameters()).device
+
+
+def forward_logprobs(
+    model: PreTrainedModel, mb: MicroBatch, *, temperature: float, with_entropy: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probs ``[b, W]`` of the micro-batch's tokens and, if asked, entropies ``[b, W]``.
+
+    ``entropy[:, t]`` is the entropy of the (temperature-scaled) distribution that token ``t``
+    was drawn from. Both are differentiable when grad mode is on; float32 for half-precision
+    models.
+    """
+    out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
+    logits = out.logits[:, :-1, :]
+    logprobs = logprobs_from_logits(logits, mb.input_ids[:, 1:], temperature=temperature)
+    real = mb.attention_mask != 0
+    logprobs = torch.where(real, F.pad(logprobs, (1, 0)), 0.0)
+    if not with_entropy:
+        return logprobs, None
+    scaled = logits if temperature == 1.0 else logits / temperature
+    entropy = torch.where(real, F.pad(entropy_from_logits(scaled), (1, 0)), 0.0)
+    return logprobs, entropy
+
+
+@torch.no_grad()
+def batch_logprobs(
+    model: PreTrainedModel,
+    seq: SequenceBatch,
+    *,
+    token_budget: int,
+    temperature: float,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probs ``[B, T]`` (and entropies) of every row, in eval mode, without gradients.
+
+    Runs micro-batch by micro-batch on the model's device; the results are float32 on CPU.
+    """
+    device = model_device(model)
+    logprobs = torch.zeros(seq.input_ids.shape, dtype=torch.float32)
+    entropy = torch.zeros_like(logprobs) if with_entropy else None
+    was_training = model.training
+    model.eval()
+    try:
+        for mb in micro_batches(seq, range(seq.size), token_budget=token_budget, device=device):
+            lp, ent = forward_logprobs(
+                model, mb, temperature=temperature, with_entropy=with_entropy
+            )
+            logprobs[mb.rows, : mb.width] = lp.float().cpu()
+            if entropy is not None and ent is not None:
+                entropy[mb.rows, : mb.width] = ent.float().cpu()
+    finally:
+        model.train(was_training)
+    return logprobs, entropy

@@ -1,0 +1,148 @@
+"""The loss of one micro-batch, normalised by its minibatch's global denominator.
+
+Every term is ``aggregate(per_token, mask, loss_agg, denominator=D)`` with the same ``D`` (the
+token or sequence count of the whole minibatch, summed over micro-batches and ranks), so summing
+micro-batch losses — as gradient accumulation does — gives exactly the full-minibatch loss.
+
+RL (per token, ``l_pg`` from :func:`policy_loss`, ``kl`` the estimator against the reference,
+``H`` the entropy)::
+
+    loss = agg(l_pg) + beta · agg(kl)  [kl.placement = "loss"]  - entropy_coef · agg(H)
+
+SFT: ``loss = agg(-log p)`` over the loss-masked tokens.
+
+``seq-mean-token-sum-norm`` divides by a constant (Dr. GRPO), the trainer's ``norm_constant``
+(``rollout.max_new_tokens``), never by a micro-batch's padded width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from nexrl_async.algorithms import aggregate, kl_estimate, policy_loss, sft_loss
+from nexrl_async.config.training import AlgorithmConfig, LossAgg
+from nexrl_async.train.logprobs import forward_logprobs
+from nexrl_async.train.microbatch import MicroBatch
+from nexrl_async.train.targets import UpdateTargets
+
+NORM_MODE = "seq-mean-token-sum-norm"
+
+
+@dataclass
+class MicroResult:
+    """One micro-batch's differentiable loss and its detached statistics."""
+
+    loss: Tensor
+    """0-dim loss, already divided by the minibatch's global denominator."""
+    sums: dict[str, float] = field(default_factory=dict)
+    """Loss parts that add up over the micro-batches of a minibatch."""
+    means: dict[str, float] = field(default_factory=dict)
+    """Token means over this micro-batch's loss tokens (weighted by ``tokens`` when merged)."""
+    tokens: float = 0.0
+    """Loss tokens in this micro-batch."""
+
+
+class MicroLoss(Protocol):
+    """A loss over micro-batches: its mask (for the denominator) and the loss of one of them."""
+
+    @property
+    def loss_mask(self) -> Tensor:
+        """``[B, T]`` 0/1 mask of the loss tokens."""
+        ...
+
+    @property
+    def agg(self) -> LossAgg:
+        """Aggregation mode (decides whether ``D`` counts tokens or sequences)."""
+        ...
+
+    def __call__(self, model: PreTrainedModel, mb: MicroBatch, denominator: Tensor) -> MicroResult:
+        """The micro-batch's loss with ``D = denominator``."""
+        ...
+
+
+@dataclass
+class RLLoss:
+    """PPO-clip policy loss plus optional KL-to-reference and entropy terms."""
+
+    algo: AlgorithmConfig
+    targets: UpdateTargets
+    temperature: float
+    kl_coef: float
+    norm_constant: float
+
+    @property
+    def loss_mask(self) -> Tensor:
+        return self.targets.loss_mask
+
+    @property
+    def agg(self) -> LossAgg:
+        return self.algo.loss_agg
+
+    def __call__(self, model: PreTrainedModel, mb: MicroBatch, denominator: Tensor) -> MicroResult:
+        algo = self.algo
+        logprobs, entropy = forward_logprobs(
+            model, mb, temperature=self.temperature, with_entropy=algo.entropy_coef > 0
+        )
+        mask = mb.take(self.targets.loss_mask)
+        pg, stats = policy_loss(
+            logprobs,
+            mb.take(self.targets.old_logprobs),
+            mb.take(self.targets.advantages),
+            mask,
+            clip_low=algo.clip_low,
+            clip_high=algo.clip_high,
+            dual_clip_c=algo.dual_clip_c,
+            agg=algo.loss_agg,
+            denominator=denominator,
+            norm_constant=self.norm_constant,
+        )
+        result = MicroResult(loss=pg, tokens=float((mask != 0).sum()))
+        result.sums["pg_loss"] = float(pg.detach())
+        result.means = {k: float(v) for k, v in stats.items()}
+        if algo.kl.placement == "loss" and self.targets.ref_logprobs is not None:
+            kl = kl_estimate(logprobs, mb.take(self.targets.ref_logprobs), algo.kl.kind)
+            kl_term = self._agg(kl, mask, denominator)
+            result.loss = result.loss + self.kl_coef * kl_term
+            result.sums["kl_loss"] = float(kl_term.detach())
+        if entropy is not None:
+            entropy_term = self._agg(entropy, mask, denominator)
+            result.loss = result.loss - algo.entropy_coef * entropy_term
+            result.sums["entropy_bonus"] = float(entropy_term.detach())
+        return result
+
+    def _agg(self, values: Tensor, mask: Tensor, denominator: Tensor) -> Tensor:
+        return aggregate(
+            values,
+            mask,
+            self.algo.loss_agg,
+            denominator=denominator,
+            norm_constant=self.norm_constant,
+        )
+
+
+@dataclass
+class SFTLoss:
+    """Negative log-likelihood of the loss-masked tokens (temperature 1)."""
+
+    loss_mask: Tensor
+    agg: LossAgg
+    norm_constant: float
+
+    def __call__(self, model: PreTrainedModel, mb: MicroBatch, denominator: Tensor) -> MicroResult:
+        logprobs, _ = forward_logprobs(model, mb, temperature=1.0, with_entropy=False)
+        mask = mb.take(self.loss_mask)
+        if self.agg == NORM_MODE:
+            # sft_loss has no norm_constant: the same formula with the constant normaliser.
+            loss = aggregate(
+                -logprobs, mask, self.agg, denominator=denominator, norm_constant=self.norm_constant
+            )
+        else:
+            loss = sft_loss(logprobs, mask, agg=self.agg, denominator=denominator)
+        keep = mask != 0
+        tokens = float(keep.sum())
+        nll = float(-(logprobs.detach() * keep).sum()) / tokens if tokens else 0.0
+        return MicroResult(loss=loss, means={"nll": nll}, tokens=tokens)

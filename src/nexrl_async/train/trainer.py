@@ -1,0 +1,327 @@
+"""The trainer: one synchronous ``step(batch) -> metrics`` per training step, at world size 1.
+
+```
+trainer = Trainer.from_config(cfg.model, cfg.tokenizer, algorithm=cfg.algorithm,
+                              optim=cfg.optim, trainer=cfg.trainer, seed=cfg.run.seed,
+                              max_new_tokens=cfg.rollout.max_new_tokens,
+                              total_steps=cfg.run.total_steps,
+                              temperature=cfg.rollout.sampling.temperature, base_dir=recipe_dir)
+metrics = await run_step(trainer, batch, limiter=torch_limiter)   # torch off the loop thread
+trainer.save_hf(run_dir / "weights" / f"v{batch.step + 1}")       # publication / export
+trainer.save_checkpoint(run_dir / "checkpoints" / f"step_{batch.step}")
+```
+
+An RL step (``algorithm.mode = "rl"``):
+
+1. the batch becomes ``[B, T]`` tensors (:mod:`~nexrl_async.train.tensors`);
+2. one no-grad pass with the pre-step weights gives the trainer's log-probs (old log-probs for
+   ``recompute``, the ``train/logprob_mismatch`` against the server's, TIS) and entropies, and
+   the reference model's log-probs when KL is on;
+3. rewards, advantages, KL in the reward, the ``prepare_batch`` hook and TIS weights give the
+   per-token targets (:mod:`~nexrl_async.train.targets`);
+4. ``minibatches × epochs`` AdamW steps with gradient accumulation over micro-batches and
+   global loss denominators (:mod:`~nexrl_async.train.step`, :mod:`~nexrl_async.train.loss`);
+5. the LR schedule and the adaptive KL controller advance once.
+
+An SFT step (``mode = "sft"``) trains the loss-masked tokens' NLL with steps 1, 4 and 5.
+
+Everything here is blocking torch code; the engine calls it through :func:`run_step` (a worker
+thread), never on the event loop. The reference model is a frozen copy of the weights the
+trainer was constructed with; a checkpoint therefore does not store it (a resumed run builds
+the trainer from the same initial weights, then loads the checkpoint).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio.to_thread
+import torch
+from anyio import CapacityLimiter
+from loguru import logger
+from torch import Tensor
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from nexrl_async.algorithms import AdaptiveKLController, FixedKLController
+from nexrl_async.config.model import ModelConfig, TokenizerConfig
+from nexrl_async.config.training import AlgorithmConfig, KLConfig, OptimConfig, TrainerConfig
+from nexrl_async.core.errors import CheckpointError, ConfigError, TrainError
+from nexrl_async.core.records import TrainBatch
+from nexrl_async.train.export import (
+    load_state_file,
+    parameters_for_sync,
+    save_hf_folder,
+    save_state_file,
+)
+from nexrl_async.train.hook import PrepareBatchHook
+from nexrl_async.train.logprobs import batch_logprobs, model_device
+from nexrl_async.train.loss import RLLoss, SFTLoss
+from nexrl_async.train.model import frozen_copy, load_policy, resolve_device, set_torch_threads
+from nexrl_async.train.schedule import build_optimizer, build_scheduler
+from nexrl_async.train.step import UpdateSettings, run_updates
+from nexrl_async.train.targets import PrePass, build_targets
+from nexrl_async.train.tensors import SequenceBatch, sequences_from_batch
+
+StepMetrics = dict[str, float]
+"""Slash-namespaced metrics of one step (``train/loss``, ``train/grad_norm``, ...)."""
+
+STATE_FORMAT = 1
+GREEDY_TEMPERATURE = 1e-6
+"""Below this the server samples greedily and reports plain log-softmax log-probs."""
+
+KLController = FixedKLController | AdaptiveKLController
+
+
+class Trainer:
+    """Policy, optimizer, schedule, reference model and KL controller of one run.
+
+    Args:
+        model: the policy (on its training device; see :func:`load_policy`).
+        tokenizer: its tokenizer (saved with every HF export).
+        algorithm: ``[algorithm]``.
+        optim: ``[optim]``.
+        trainer: ``[trainer]``.
+        max_new_tokens: ``rollout.max_new_tokens``: the overlong penalty's limit and the
+            constant normaliser of ``loss_agg = "seq-mean-token-sum-norm"``.
+        total_steps: ``run.total_steps``; needed by the linear and cosine schedules.
+        temperature: ``rollout.sampling.temperature``; log-probs use ``logits / temperature``
+            like the server's (greedy, below 1e-6, means 1).
+        base_dir: folder that ``algorithm.prepare_batch`` is relative to (the recipe's).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        algorithm: AlgorithmConfig,
+        optim: OptimConfig,
+        trainer: TrainerConfig,
+        max_new_tokens: int,
+        total_steps: int | None = None,
+        temperature: float = 1.0,
+        base_dir: Path | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.algorithm = algorithm
+        self.config = trainer
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature if temperature >= GREEDY_TEMPERATURE else 1.0
+        self.pad_token_id = _pad_token_id(tokenizer)
+        self.steps_done = 0
+        if trainer.activation_checkpointing:
+            model.gradient_checkpointing_enable()
+        if trainer.packing:
+            logger.debug("trainer.packing: padding-free packing is not built yet; padding")
+        uses_kl = algorithm.mode == "rl" and algorithm.kl.placement != "none"
+        self.reference = frozen_copy(model, on_cpu=algorithm.reference_on_cpu) if uses_kl else None
+        self.kl_controller = _kl_controller(algorithm.kl) if uses_kl else None
+        self.optimizer = build_optimizer(model.parameters(), optim)
+        self.scheduler = build_scheduler(self.optimizer, optim, total_steps)
+        self._hook = None
+        if algorithm.mode == "rl" and algorithm.prepare_batch is not None:
+            self._hook = PrepareBatchHook.load(algorithm.prepare_batch, base_dir or Path.cwd())
+        self._settings = UpdateSettings(
+            epochs=algorithm.epochs,
+            minibatches=algorithm.minibatches,
+            token_budget=trainer.micro_batch_tokens,
+            max_grad_norm=optim.max_grad_norm,
+        )
+
+    @classmethod
+    def from_config(
+        cls,
+        model_cfg: ModelConfig,
+        tokenizer_cfg: TokenizerConfig | None,
+        *,
+        algorithm: AlgorithmConfig,
+        optim: OptimConfig,
+        trainer: TrainerConfig,
+        seed: int,
+        max_new_tokens: int,
+        total_steps: int | None = None,
+        temperature: float = 1.0,
+        base_dir: Path | None = None,
+    ) -> Trainer:
+        """Set torch's threads, load the policy onto ``trainer.device`` and build the trainer."""
+        set_torch_threads(trainer.threads)
+        model, tokenizer = load_policy(
+            model_cfg, tokenizer_cfg, seed=seed, device=resolve_device(trainer.device)
+        )
+        return cls(
+            model,
+            tokenizer,
+            algorithm=algorithm,
+            optim=optim,
+            trainer=trainer,
+            max_new_tokens=max_new_tokens,
+            total_steps=total_steps,
+            temperature=temperature,
+            base_dir=base_dir,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        """The policy's device."""
+        return model_device(self.model)
+
+    def step(self, batch: TrainBatch) -> StepMetrics:
+        """Train on ``batch`` (blocking); returns its metrics.
+
+        Raises:
+            TrainError: a FAILED or empty trajectory, a missing server log-prob the config
+                needs, a bad ``prepare_batch`` result, or a torch failure (the weights may then
+                be partly updated: treat it as fatal or restore a checkpoint).
+            UserCodeError: ``prepare_batch`` raised.
+        """
+        started = time.perf_counter()
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        try:
+            seq = sequences_from_batch(batch, pad_token_id=self.pad_token_id)
+            if self.algorithm.mode == "sft":
+                metrics = self._sft_step(seq)
+            else:
+                metrics = self._rl_step(seq, batch.step)
+        except (RuntimeError, ValueError) as err:
+            raise TrainError(f"step {batch.step}: {type(err).__name__}: {err}") from err
+        self.scheduler.step()
+        self.steps_done += 1
+        metrics["train/lr"] = lr
+        metrics["train/step_s"] = time.perf_counter() - started
+        return metrics
+
+    def _rl_step(self, seq: SequenceBatch, step: int) -> StepMetrics:
+        prepass = self._pre_pass(seq)
+        coef = self.kl_controller.coef if self.kl_controller is not None else 0.0
+        targets, metrics = build_targets(
+            seq,
+            prepass,
+            self.algorithm,
+            step=step,
+            kl_coef=coef,
+            max_new_tokens=self.max_new_tokens,
+            hook=self._hook,
+        )
+        loss = RLLoss(
+            algo=self.algorithm,
+            targets=targets,
+            temperature=self.temperature,
+            kl_coef=coef,
+            norm_constant=float(self.max_new_tokens),
+        )
+        metrics.update(run_updates(self.model, self.optimizer, seq, loss, self._settings))
+        if self.kl_controller is not None:
+            metrics["train/kl_coef"] = coef
+            horizon = getattr(self.kl_controller, "horizon", math.inf)
+            self.kl_controller.update(metrics["train/kl"], int(min(seq.size, horizon)))
+        return metrics
+
+    def _sft_step(self, seq: SequenceBatch) -> StepMetrics:
+        loss = SFTLoss(
+            loss_mask=seq.loss_mask,
+            agg=self.algorithm.loss_agg,
+            norm_constant=float(self.max_new_tokens),
+        )
+        metrics = run_updates(self.model, self.optimizer, seq, loss, self._settings)
+        metrics["train/tokens"] = float(seq.lengths.sum())
+        metrics["train/loss_tokens"] = float((seq.loss_mask != 0).sum())
+        return metrics
+
+    def _pre_pass(self, seq: SequenceBatch) -> PrePass:
+        budget = self.config.micro_batch_tokens
+        logprobs, entropy = batch_logprobs(
+            self.model, seq, token_budget=budget, temperature=self.temperature, with_entropy=True
+        )
+        ref = None
+        if self.reference is not None:
+            ref, _ = batch_logprobs(
+                self.reference, seq, token_budget=budget, temperature=self.temperature
+            )
+        return PrePass(trainer_logprobs=logprobs, entropy=entropy, ref_logprobs=ref)
+
+    # ---- export and state -------------------------------------------------------------------
+
+    def save_hf(self, path: str | Path) -> Path:
+        """Write the policy and tokenizer as an HF safetensors folder, atomically."""
+        return save_hf_folder(self.model, self.tokenizer, path)
+
+    def named_parameters_for_sync(self) -> Iterator[tuple[str, Tensor]]:
+        """``(HF name, detached tensor)`` per parameter, streamed (for weight transports)."""
+        return parameters_for_sync(self.model)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model, optimizer, scheduler and KL controller state, and ``steps_done``."""
+        return {
+            "format": STATE_FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "kl_controller": self.kl_controller.state_dict() if self.kl_controller else None,
+            "steps_done": self.steps_done,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (from a trainer built with the same config).
+
+        Raises:
+            CheckpointError: the state does not fit this trainer.
+        """
+        if state.get("format") != STATE_FORMAT:
+            raise CheckpointError(f"unknown trainer state format {state.get('format')!r}")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.kl_controller is not None and state["kl_controller"] is not None:
+                self.kl_controller.load_state_dict(state["kl_controller"])
+            self.steps_done = int(state["steps_done"])
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise CheckpointError(f"trainer state does not fit this trainer: {err}") from err
+
+    def save_checkpoint(self, directory: str | Path) -> Path:
+        """Write :meth:`state_dict` into ``directory`` (``trainer.pt``, atomically)."""
+        return save_state_file(self.state_dict(), directory)
+
+    def load_checkpoint(self, directory: str | Path) -> None:
+        """Restore the state :meth:`save_checkpoint` wrote into ``directory``."""
+        self.load_state_dict(load_state_file(directory))
+
+
+def _pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if isinstance(candidate, int):
+            return candidate
+    return 0
+
+
+def _kl_controller(cfg: KLConfig) -> KLController:
+    try:
+        if cfg.controller == "adaptive":
+            return AdaptiveKLController(cfg.coef, cfg.target, cfg.horizon)
+        return FixedKLController(cfg.coef)
+    except ValueError as err:
+        raise ConfigError(f"algorithm.kl: {err}", path="algorithm.kl") from err
+
+
+class SupportsStep(Protocol):
+    """Anything with a blocking ``step(batch) -> metrics`` (the trainer; fakes in tests)."""
+
+    def step(self, batch: TrainBatch) -> StepMetrics: ...
+
+
+async def run_step(
+    trainer: SupportsStep, batch: TrainBatch, *, limiter: CapacityLimiter | None = None
+) -> StepMetrics:
+    """Run ``trainer.step(batch)`` in a worker thread so the event loop keeps serving rollouts.
+
+    Cancelling the caller does not interrupt the step (torch cannot be stopped half-way
+    safely): the cancellation takes effect once the step returns. ``limiter`` bounds how many
+    torch calls run at once (one per process is the rule: share a ``CapacityLimiter(1)``).
+    """
+    return await anyio.to_thread.run_sync(trainer.step, batch, limiter=limiter)
