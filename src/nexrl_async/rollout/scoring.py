@@ -1,0 +1,92 @@
+"""Evaluator glue: call the user's scorer however it is written and vet what it returns.
+
+An evaluator is anything with ``evaluate(item, trajectory)``, or a bare function of the same
+two arguments; ``async def`` ones are awaited, plain ones run in a worker thread (reward code is
+often CPU-bound: regexes, sympy, a sandbox). It returns an :class:`EvalResult`; a bare number
+(``bool``, ``int``, ``float``) is accepted as the reward with no metrics.
+
+Failures: a reward or metric that is not a finite number raises :class:`SampleFailed`
+(``invalid_reward``); what the evaluator raises passes through to the worker's fault boundary,
+which counts it as ``evaluator_error``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Awaitable, Callable
+from numbers import Real
+from typing import Any
+
+import anyio.to_thread
+
+from nexrl_async.core.errors import UserCodeError
+from nexrl_async.core.records import DataItem, EvalResult, FailureReason, Trajectory
+from nexrl_async.rollout.faults import SampleFailed
+
+EvaluateFn = Callable[[DataItem, Trajectory], Awaitable[Any]]
+"""An evaluator normalised to one awaitable call."""
+
+
+def as_evaluate_fn(evaluator: Any) -> EvaluateFn:
+    """``evaluator.evaluate`` (or ``evaluator`` itself when it is a function), as an async call.
+
+    Raises :class:`UserCodeError` when there is nothing callable to use.
+    """
+    fn = getattr(evaluator, "evaluate", None)
+    if fn is None and inspect.isroutine(evaluator):
+        fn = evaluator
+    if not callable(fn):
+        raise UserCodeError(
+            f"{evaluator!r} is not an evaluator: it needs a method evaluate(item, trajectory)"
+        )
+    if inspect.iscoroutinefunction(fn):
+        return fn  # type: ignore[no-any-return]
+    sync_fn: Callable[[DataItem, Trajectory], Any] = fn
+
+    async def in_thread(item: DataItem, trajectory: Trajectory) -> Any:
+        # abandon_on_cancel: a sample timeout must not wait for a stuck scorer thread
+        return await anyio.to_thread.run_sync(
+            functools.partial(sync_fn, item, trajectory), abandon_on_cancel=True
+        )
+
+    return in_thread
+
+
+async def score(evaluate: EvaluateFn, item: DataItem, trajectory: Trajectory) -> EvalResult:
+    """Run the evaluator and vet its result (an invalid one raises :class:`SampleFailed`).
+
+    What the evaluator raises passes through; the worker's fault boundary counts it as
+    ``evaluator_error``.
+    """
+    return vet_result(await evaluate(item, trajectory))
+
+
+def vet_result(result: Any) -> EvalResult:
+    """``result`` as an :class:`EvalResult` with a finite float reward and float metrics."""
+    if isinstance(result, Real) and not isinstance(result, EvalResult):
+        result = EvalResult(reward=float(result))
+    if not isinstance(result, EvalResult):
+        raise SampleFailed(
+            FailureReason.INVALID_REWARD,
+            f"evaluate returned {type(result).__name__}, expected EvalResult or a number",
+        )
+    reward = _finite(result.reward, "reward")
+    if not isinstance(result.metrics, dict):
+        raise SampleFailed(FailureReason.INVALID_REWARD, "metrics must be a dict of floats")
+    metrics = {str(k): _finite(v, f"metric {k!r}") for k, v in result.metrics.items()}
+    return EvalResult(
+        reward=reward, metrics=metrics, ground_truth=result.ground_truth, extra=result.extra
+    )
+
+
+def _finite(value: Any, what: str) -> float:
+    if not isinstance(value, Real):
+        raise SampleFailed(
+            FailureReason.INVALID_REWARD, f"{what} is {type(value).__name__}, not a number"
+        )
+    number = float(value)
+    if not math.isfinite(number):
+        raise SampleFailed(FailureReason.INVALID_REWARD, f"{what} is {number}")
+    return number

@@ -1,0 +1,408 @@
+"""The rollout worker: one leased data item in, one scored :class:`Group` out.
+
+:meth:`RolloutWorker.run_group` runs the group's ``rollout.group_size`` samples concurrently
+in a task group and returns when all are scored or failed. One worker object serves any number
+of concurrent ``run_group`` calls (it keeps no per-group state), so the engine builds one and
+runs ``rollout.workers`` tasks that call it.
+
+Agent loop of one sample (ARCHITECTURE.md §2)::
+
+    messages = format_query(item)               (+ rollout.system_prompt)
+    context  = render(messages)                 prompt ids, loss mask 0, rendered once
+    repeat up to rollout.max_turns:
+        turn = generate(context)                resumed across aborts, per-token versions
+        context += turn ids                     exactly as generated, loss mask 1
+        follow = on_turn(...)                   hook; None → the tool calls in the turn's text
+        stop if nothing follows, the turn hit its length, or the token budget is spent
+        context += render_followup(follow)      only the new tokens, loss mask 0
+    turns = loss_mask(turns)                    hook
+    reward = evaluator.evaluate(item, trajectory)
+
+Fault boundary: :meth:`RolloutWorker.run_sample` catches what one sample raises, marks it
+FAILED with a :class:`FailureReason` (see ``faults.py``) and goes on; a sample past
+``rollout.sample_timeout_s`` fails as ``timeout``. Cancellation always propagates.
+
+Hooks a recipe's worker subclass may override: :meth:`~RolloutWorker.format_query`,
+:meth:`~RolloutWorker.render`, :meth:`~RolloutWorker.render_followup`,
+:meth:`~RolloutWorker.loss_mask`, :meth:`~RolloutWorker.on_turn`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, get_args
+
+import anyio
+from loguru import logger
+
+from nexrl_async.config.rollout import RolloutConfig
+from nexrl_async.core.errors import DataError, RolloutError, UserCodeError
+from nexrl_async.core.records import (
+    DataItem,
+    EvalResult,
+    FailureReason,
+    Group,
+    Role,
+    Status,
+    Trajectory,
+    Turn,
+    VersionToken,
+)
+from nexrl_async.data.fields import missing_fields
+from nexrl_async.rollout.events import NoEvents, RolloutEvents
+from nexrl_async.rollout.faults import SampleFailed, Stage, classify
+from nexrl_async.rollout.generation import TurnGenerator, generate_turn
+from nexrl_async.rollout.rendering import ChatRenderer, Tokenizer
+from nexrl_async.rollout.scoring import as_evaluate_fn, score
+from nexrl_async.rollout.tools import Message, Tool, parse_tool_calls, run_tool_calls
+
+_ROLES: frozenset[str] = frozenset(get_args(Role))
+
+
+@dataclass
+class Episode:
+    """The mutable state of one sample while its agent loop runs (kept when it fails)."""
+
+    messages: list[Message] = field(default_factory=list)
+    turns: list[Turn] = field(default_factory=list)
+    context: list[int] = field(default_factory=list)
+    stage: Stage = "item"
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def append(self, turn: Turn) -> None:
+        self.turns.append(turn)
+        self.context.extend(turn.token_ids)
+
+    def clock(self, key: str, seconds: float) -> None:
+        self.timings[key] = self.timings.get(key, 0.0) + seconds
+
+
+class RolloutWorker:
+    """Runs agent loops and scores them; see the module docstring.
+
+    ``evaluator``: an object with ``evaluate(item, trajectory)`` or such a function (sync or
+    async). ``required``: item fields every item must have (missing → ``bad_item``).
+    ``context_length``: the model's context, the token budget when ``rollout.max_total_tokens``
+    is unset (neither set: only ``max_turns × max_new_tokens`` bounds a sample).
+    ``max_resumes``: re-submissions of one turn after aborts before it fails.
+    """
+
+    def __init__(
+        self,
+        cfg: RolloutConfig,
+        *,
+        tokenizer: Tokenizer,
+        generator: TurnGenerator,
+        evaluator: Any,
+        tools: Sequence[Tool] = (),
+        required: Sequence[str] = (),
+        events: RolloutEvents | None = None,
+        context_length: int | None = None,
+        max_resumes: int = 8,
+    ) -> None:
+        self.cfg = cfg
+        self.generator = generator
+        self.evaluate_fn = as_evaluate_fn(evaluator)
+        self.tools = {tool.name: tool for tool in tools}
+        if len(self.tools) != len(tools):
+            raise UserCodeError(f"two tools share a name: {[t.name for t in tools]}")
+        self.renderer = ChatRenderer(
+            tokenizer,
+            apply_chat_template=cfg.apply_chat_template,
+            tools=[tool.schema for tool in tools],
+        )
+        self.required = tuple(required)
+        self.events: RolloutEvents = events or NoEvents()
+        self.max_total_tokens = cfg.max_total_tokens or context_length
+        self.max_resumes = max_resumes
+
+    # ---- hooks -------------------------------------------------------------------------------
+
+    def format_query(self, item: DataItem) -> list[Message] | str:
+        """The query for ``item``: chat messages, or a string taken as one user message.
+
+        Default: the item's ``rollout.prompt_field`` (a string or a list of messages). The
+        ``rollout.system_prompt`` is prepended afterwards unless the query starts with a system
+        message. Raise ``DataError`` for a malformed item (``bad_item``); anything else raised
+        here is ``format_error``.
+        """
+        name = self.cfg.prompt_field
+        value = item.fields.get(name)
+        if value is None:
+            raise DataError(f"item {item.key} has no field {name!r}")
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value):
+            return value
+        raise DataError(
+            f"item {item.key}: field {name!r} must be a string or a list of chat messages, "
+            f"got {type(value).__name__}"
+        )
+
+    def render(self, messages: list[Message]) -> list[int]:
+        """Prompt ids, ending with the generation prompt. Runs in a worker thread."""
+        return self.renderer.prompt(messages)
+
+    def render_followup(self, messages: list[Message], generated_ids: list[int]) -> list[int]:
+        """Ids that ``messages`` (tool results, feedback) add after the assistant turn that
+        generated ``generated_ids``, ending with the next generation prompt. Runs in a worker
+        thread. Default: see ``rendering.py``."""
+        return self.renderer.followup(messages, generated_ids)
+
+    def loss_mask(self, turns: list[Turn]) -> list[Turn]:
+        """Final loss masks; must keep every turn's token ids. Default: model tokens (assistant
+        turns) 1, everything else 0."""
+        return [
+            t if t.loss_mask == [int(t.role == "assistant")] * len(t.token_ids) else _remask(t)
+            for t in turns
+        ]
+
+    def on_turn(self, item: DataItem, messages: list[Message], turn: Turn) -> Any:
+        """Called after every assistant turn (``messages`` already ends with it); may be async.
+
+        Return ``None`` to let the loop decide (run the turn's tool calls if tools are
+        configured, else stop), or a list of messages to append next (e.g. environment
+        feedback as a user message; ``[]`` stops the episode).
+        """
+        return None
+
+    # ---- groups and samples ------------------------------------------------------------------
+
+    async def run_group(self, item: DataItem, token: VersionToken, *, group_id: str) -> Group:
+        """Run and score ``rollout.group_size`` samples of ``item`` concurrently."""
+        n = self.cfg.group_size
+        missing = missing_fields(item, self.required)
+        results: list[Trajectory | None] = [None] * n
+
+        async def one(index: int) -> None:
+            results[index] = await self.run_sample(
+                item, token, group_id=group_id, sample_index=index, missing=missing
+            )
+
+        async with anyio.create_task_group() as tg:
+            for index in range(n):
+                tg.start_soon(one, index, name=f"rollout {group_id}:{index}")
+        trajectories = [t for t in results if t is not None]
+        assert len(trajectories) == n, "every sample task stores its trajectory"
+        return Group(group_id=group_id, item_key=item.key, token=token, trajectories=trajectories)
+
+    async def run_sample(
+        self,
+        item: DataItem,
+        token: VersionToken,
+        *,
+        group_id: str,
+        sample_index: int,
+        missing: Sequence[str] = (),
+    ) -> Trajectory:
+        """One sample, scored or FAILED; raises only cancellation (the fault boundary)."""
+        episode = Episode()
+        start = anyio.current_time()
+        result: EvalResult | None = None
+        failure: tuple[FailureReason, str] | None = None
+        try:
+            with anyio.move_on_after(self.cfg.sample_timeout_s) as deadline:
+                if missing:
+                    raise DataError(f"item {item.key} lacks required fields {list(missing)}")
+                result = await self._play_and_score(item, token, episode, group_id, sample_index)
+            if deadline.cancelled_caught:
+                failure = (
+                    FailureReason.TIMEOUT,
+                    f"sample exceeded sample_timeout_s = {self.cfg.sample_timeout_s} "
+                    f"(while in {episode.stage})",
+                )
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as err:  # noqa: BLE001 - the per-sample fault boundary
+            failure = classify(err, episode.stage)
+            if failure[0] is FailureReason.INTERNAL:
+                logger.opt(exception=err).warning("sample {}:{} failed", group_id, sample_index)
+        episode.clock("total_s", anyio.current_time() - start)
+        trajectory = _finish(item, token, group_id, sample_index, episode, result, failure)
+        self.events.scored(
+            group_id=group_id,
+            sample_index=sample_index,
+            reward=trajectory.reward,
+            status=trajectory.status,
+            failure=trajectory.failure,
+        )
+        return trajectory
+
+    async def _play_and_score(
+        self, item: DataItem, token: VersionToken, ep: Episode, group_id: str, index: int
+    ) -> EvalResult:
+        await self._play(item, ep, group_id, index)
+        ep.stage = "hooks"
+        ep.turns = self._checked_masks(ep.turns)
+        draft = Trajectory(
+            group_id=group_id, item_key=item.key, sample_index=index, token=token, turns=ep.turns
+        )
+        ep.stage = "evaluate"
+        start = anyio.current_time()
+        result = await score(self.evaluate_fn, item, draft)
+        ep.clock("evaluate_s", anyio.current_time() - start)
+        return result
+
+    # ---- the agent loop ----------------------------------------------------------------------
+
+    async def _play(self, item: DataItem, ep: Episode, group_id: str, index: int) -> None:
+        ep.stage = "format"
+        ep.messages = self._messages(self.format_query(item))
+        ep.stage = "render"
+        prompt = await self.renderer.run(self.render, list(ep.messages))
+        limit = self.max_total_tokens
+        if limit is not None and len(prompt) >= limit:
+            raise SampleFailed(
+                FailureReason.PROMPT_REJECTED, f"prompt has {len(prompt)} tokens, limit {limit}"
+            )
+        ep.append(Turn(role="user", token_ids=prompt, loss_mask=[0] * len(prompt)))
+        for turn_index in range(self.cfg.max_turns):
+            budget = self.cfg.max_new_tokens
+            if limit is not None:
+                budget = min(budget, limit - len(ep.context))
+            if budget <= 0:
+                return
+            turn, calls = await self._assistant_turn(ep, budget, group_id, index, turn_index)
+            ep.stage = "hooks"
+            follow = self.on_turn(item, ep.messages, turn)
+            if inspect.isawaitable(follow):
+                follow = await follow
+            last = turn_index == self.cfg.max_turns - 1
+            if follow is None:
+                if last or not calls or turn.finish_reason != "stop":
+                    return
+                ep.stage = "tools"
+                start = anyio.current_time()
+                follow = await run_tool_calls(self.tools, calls)
+                ep.clock("tools_s", anyio.current_time() - start)
+            if not follow or last:
+                return
+            await self._followup(ep, self._messages(follow), turn)
+
+    async def _assistant_turn(
+        self, ep: Episode, budget: int, group_id: str, index: int, turn_index: int
+    ) -> tuple[Turn, list[Any]]:
+        ep.stage = "generate"
+        start = anyio.current_time()
+        gen = await generate_turn(
+            self.generator,
+            list(ep.context),
+            max_new_tokens=budget,
+            sampling=self.cfg.sampling,
+            sticky_key=f"{group_id}:{index}",
+            max_resumes=self.max_resumes,
+        )
+        ep.clock("generate_s", anyio.current_time() - start)
+        raw, text = await self.renderer.run(_decode_both, self.renderer, gen.output_ids)
+        turn = Turn(
+            role="assistant",
+            token_ids=gen.output_ids,
+            loss_mask=[1] * len(gen.output_ids),
+            logprobs=gen.logprobs,
+            versions=gen.versions,
+            text=text,
+            finish_reason=gen.finish_reason,
+        )
+        ep.append(turn)
+        self.events.turn_generated(
+            group_id=group_id,
+            sample_index=index,
+            turn_index=turn_index,
+            n_tokens=len(gen.output_ids),
+            weight_version=gen.weight_version,
+            server=gen.server,
+        )
+        calls = parse_tool_calls(raw) if self.tools else []
+        message: Message = {"role": "assistant", "content": text}
+        if calls:
+            message["tool_calls"] = [
+                {"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in calls
+            ]
+        ep.messages.append(message)
+        return turn, calls
+
+    async def _followup(self, ep: Episode, messages: list[Message], after: Turn) -> None:
+        ep.stage = "render"
+        ids = await self.renderer.run(self.render_followup, messages, list(after.token_ids))
+        role = messages[0].get("role")
+        names = [str(m["name"]) for m in messages if m.get("role") == "tool" and m.get("name")]
+        ep.append(
+            Turn(
+                role=role if role in _ROLES else "user",
+                token_ids=ids,
+                loss_mask=[0] * len(ids),
+                tool_name=",".join(names) or None,
+                text="\n".join(str(m.get("content") or "") for m in messages),
+            )
+        )
+        ep.messages.extend(messages)
+
+    def _messages(self, query: Any) -> list[Message]:
+        """``query`` as a list of messages, with the system prompt in front."""
+        if isinstance(query, str):
+            messages: list[Message] = [{"role": "user", "content": query}]
+        elif isinstance(query, list) and all(isinstance(m, dict) and "role" in m for m in query):
+            messages = [dict(m) for m in query]
+        else:
+            raise SampleFailed(
+                FailureReason.FORMAT_ERROR,
+                f"expected a string or a list of message dicts, got {type(query).__name__}",
+            )
+        system = self.cfg.system_prompt
+        if system is not None and (not messages or messages[0]["role"] != "system"):
+            messages.insert(0, {"role": "system", "content": system})
+        return messages
+
+    def _checked_masks(self, turns: list[Turn]) -> list[Turn]:
+        masked = self.loss_mask(list(turns))
+        if [t.token_ids for t in masked] != [t.token_ids for t in turns]:
+            raise RolloutError("the loss_mask hook changed turns or token ids")
+        for t in masked:
+            if len(t.loss_mask) != len(t.token_ids) or any(m not in (0, 1) for m in t.loss_mask):
+                raise RolloutError(f"the loss_mask hook returned a bad mask for a {t.role} turn")
+        return masked
+
+
+def _remask(turn: Turn) -> Turn:
+    mask = [int(turn.role == "assistant")] * len(turn.token_ids)
+    return Turn(
+        role=turn.role,
+        token_ids=turn.token_ids,
+        loss_mask=mask,
+        logprobs=turn.logprobs,
+        versions=turn.versions,
+        tool_name=turn.tool_name,
+        text=turn.text,
+        finish_reason=turn.finish_reason,
+    )
+
+
+def _decode_both(renderer: ChatRenderer, ids: list[int]) -> tuple[str, str]:
+    """The raw text (special tokens kept, for tool-call parsing) and the clean text."""
+    return renderer.decode(ids, skip_special_tokens=False), renderer.decode(ids)
+
+
+def _finish(
+    item: DataItem,
+    token: VersionToken,
+    group_id: str,
+    index: int,
+    ep: Episode,
+    result: EvalResult | None,
+    failure: tuple[FailureReason, str] | None,
+) -> Trajectory:
+    common: dict[str, Any] = {
+        "group_id": group_id,
+        "item_key": item.key,
+        "sample_index": index,
+        "token": token,
+        "turns": ep.turns,
+        "timings": ep.timings,
+    }
+    if failure is None and result is not None:
+        return Trajectory(**common, reward=result.reward, metrics=result.metrics)
+    reason, detail = failure if failure is not None else (FailureReason.INTERNAL, "no result")
+    return Trajectory(**common, status=Status.FAILED, failure=reason, failure_detail=detail)
