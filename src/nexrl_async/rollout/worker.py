@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, get_args
 
 import anyio
@@ -45,38 +44,20 @@ from nexrl_async.core.records import (
     FailureReason,
     Group,
     Role,
-    Status,
     Trajectory,
     Turn,
     VersionToken,
 )
 from nexrl_async.data.fields import missing_fields
+from nexrl_async.rollout.episode import Episode, default_mask
 from nexrl_async.rollout.events import NoEvents, RolloutEvents
-from nexrl_async.rollout.faults import SampleFailed, Stage, classify
-from nexrl_async.rollout.generation import TurnGenerator, generate_turn
+from nexrl_async.rollout.faults import SampleFailed, classify
+from nexrl_async.rollout.generation import AssembledTurn, TurnGenerator, generate_turn
 from nexrl_async.rollout.rendering import ChatRenderer, Tokenizer
 from nexrl_async.rollout.scoring import as_evaluate_fn, score
-from nexrl_async.rollout.tools import Message, Tool, parse_tool_calls, run_tool_calls
+from nexrl_async.rollout.tools import Message, Tool, ToolCall, parse_tool_calls, run_tool_calls
 
 _ROLES: frozenset[str] = frozenset(get_args(Role))
-
-
-@dataclass
-class Episode:
-    """The mutable state of one sample while its agent loop runs (kept when it fails)."""
-
-    messages: list[Message] = field(default_factory=list)
-    turns: list[Turn] = field(default_factory=list)
-    context: list[int] = field(default_factory=list)
-    stage: Stage = "item"
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def append(self, turn: Turn) -> None:
-        self.turns.append(turn)
-        self.context.extend(turn.token_ids)
-
-    def clock(self, key: str, seconds: float) -> None:
-        self.timings[key] = self.timings.get(key, 0.0) + seconds
 
 
 class RolloutWorker:
@@ -154,10 +135,7 @@ class RolloutWorker:
     def loss_mask(self, turns: list[Turn]) -> list[Turn]:
         """Final loss masks; must keep every turn's token ids. Default: model tokens (assistant
         turns) 1, everything else 0."""
-        return [
-            t if t.loss_mask == [int(t.role == "assistant")] * len(t.token_ids) else _remask(t)
-            for t in turns
-        ]
+        return [default_mask(turn) for turn in turns]
 
     def on_turn(self, item: DataItem, messages: list[Message], turn: Turn) -> Any:
         """Called after every assistant turn (``messages`` already ends with it); may be async.
@@ -198,7 +176,7 @@ class RolloutWorker:
         missing: Sequence[str] = (),
     ) -> Trajectory:
         """One sample, scored or FAILED; raises only cancellation (the fault boundary)."""
-        episode = Episode()
+        ep = Episode(group_id=group_id, item_key=item.key, sample_index=sample_index, token=token)
         start = anyio.current_time()
         result: EvalResult | None = None
         failure: tuple[FailureReason, str] | None = None
@@ -206,21 +184,18 @@ class RolloutWorker:
             with anyio.move_on_after(self.cfg.sample_timeout_s) as deadline:
                 if missing:
                     raise DataError(f"item {item.key} lacks required fields {list(missing)}")
-                result = await self._play_and_score(item, token, episode, group_id, sample_index)
+                result = await self._play_and_score(item, ep)
             if deadline.cancelled_caught:
-                failure = (
-                    FailureReason.TIMEOUT,
-                    f"sample exceeded sample_timeout_s = {self.cfg.sample_timeout_s} "
-                    f"(while in {episode.stage})",
-                )
+                limit = self.cfg.sample_timeout_s
+                failure = (FailureReason.TIMEOUT, f"over sample_timeout_s = {limit} in {ep.stage}")
         except anyio.get_cancelled_exc_class():
             raise
         except Exception as err:  # noqa: BLE001 - the per-sample fault boundary
-            failure = classify(err, episode.stage)
+            failure = classify(err, ep.stage)
             if failure[0] is FailureReason.INTERNAL:
-                logger.opt(exception=err).warning("sample {}:{} failed", group_id, sample_index)
-        episode.clock("total_s", anyio.current_time() - start)
-        trajectory = _finish(item, token, group_id, sample_index, episode, result, failure)
+                logger.opt(exception=err).warning("sample {} failed", ep.sticky_key)
+        ep.clock("total_s", anyio.current_time() - start)
+        trajectory = ep.trajectory(result, failure)
         self.events.scored(
             group_id=group_id,
             sample_index=sample_index,
@@ -230,24 +205,19 @@ class RolloutWorker:
         )
         return trajectory
 
-    async def _play_and_score(
-        self, item: DataItem, token: VersionToken, ep: Episode, group_id: str, index: int
-    ) -> EvalResult:
-        await self._play(item, ep, group_id, index)
+    async def _play_and_score(self, item: DataItem, ep: Episode) -> EvalResult:
+        await self._play(item, ep)
         ep.stage = "hooks"
         ep.turns = self._checked_masks(ep.turns)
-        draft = Trajectory(
-            group_id=group_id, item_key=item.key, sample_index=index, token=token, turns=ep.turns
-        )
         ep.stage = "evaluate"
         start = anyio.current_time()
-        result = await score(self.evaluate_fn, item, draft)
+        result = await score(self.evaluate_fn, item, ep.trajectory())
         ep.clock("evaluate_s", anyio.current_time() - start)
         return result
 
     # ---- the agent loop ----------------------------------------------------------------------
 
-    async def _play(self, item: DataItem, ep: Episode, group_id: str, index: int) -> None:
+    async def _play(self, item: DataItem, ep: Episode) -> None:
         ep.stage = "format"
         ep.messages = self._messages(self.format_query(item))
         ep.stage = "render"
@@ -264,7 +234,7 @@ class RolloutWorker:
                 budget = min(budget, limit - len(ep.context))
             if budget <= 0:
                 return
-            turn, calls = await self._assistant_turn(ep, budget, group_id, index, turn_index)
+            turn, calls = await self._assistant_turn(ep, budget, turn_index)
             ep.stage = "hooks"
             follow = self.on_turn(item, ep.messages, turn)
             if inspect.isawaitable(follow):
@@ -273,17 +243,14 @@ class RolloutWorker:
             if follow is None:
                 if last or not calls or turn.finish_reason != "stop":
                     return
-                ep.stage = "tools"
-                start = anyio.current_time()
-                follow = await run_tool_calls(self.tools, calls)
-                ep.clock("tools_s", anyio.current_time() - start)
+                follow = await self._run_tools(ep, calls)
             if not follow or last:
                 return
             await self._followup(ep, self._messages(follow), turn)
 
     async def _assistant_turn(
-        self, ep: Episode, budget: int, group_id: str, index: int, turn_index: int
-    ) -> tuple[Turn, list[Any]]:
+        self, ep: Episode, budget: int, turn_index: int
+    ) -> tuple[Turn, list[ToolCall]]:
         ep.stage = "generate"
         start = anyio.current_time()
         gen = await generate_turn(
@@ -291,24 +258,16 @@ class RolloutWorker:
             list(ep.context),
             max_new_tokens=budget,
             sampling=self.cfg.sampling,
-            sticky_key=f"{group_id}:{index}",
+            sticky_key=ep.sticky_key,
             max_resumes=self.max_resumes,
         )
         ep.clock("generate_s", anyio.current_time() - start)
         raw, text = await self.renderer.run(_decode_both, self.renderer, gen.output_ids)
-        turn = Turn(
-            role="assistant",
-            token_ids=gen.output_ids,
-            loss_mask=[1] * len(gen.output_ids),
-            logprobs=gen.logprobs,
-            versions=gen.versions,
-            text=text,
-            finish_reason=gen.finish_reason,
-        )
+        turn = _assistant(gen, text)
         ep.append(turn)
         self.events.turn_generated(
-            group_id=group_id,
-            sample_index=index,
+            group_id=ep.group_id,
+            sample_index=ep.sample_index,
             turn_index=turn_index,
             n_tokens=len(gen.output_ids),
             weight_version=gen.weight_version,
@@ -323,6 +282,13 @@ class RolloutWorker:
             ]
         ep.messages.append(message)
         return turn, calls
+
+    async def _run_tools(self, ep: Episode, calls: list[ToolCall]) -> list[Message]:
+        ep.stage = "tools"
+        start = anyio.current_time()
+        messages = await run_tool_calls(self.tools, calls)
+        ep.clock("tools_s", anyio.current_time() - start)
+        return messages
 
     async def _followup(self, ep: Episode, messages: list[Message], after: Turn) -> None:
         ep.stage = "render"
@@ -366,43 +332,18 @@ class RolloutWorker:
         return masked
 
 
-def _remask(turn: Turn) -> Turn:
-    mask = [int(turn.role == "assistant")] * len(turn.token_ids)
+def _assistant(gen: AssembledTurn, text: str) -> Turn:
     return Turn(
-        role=turn.role,
-        token_ids=turn.token_ids,
-        loss_mask=mask,
-        logprobs=turn.logprobs,
-        versions=turn.versions,
-        tool_name=turn.tool_name,
-        text=turn.text,
-        finish_reason=turn.finish_reason,
+        role="assistant",
+        token_ids=gen.output_ids,
+        loss_mask=[1] * len(gen.output_ids),
+        logprobs=gen.logprobs,
+        versions=gen.versions,
+        text=text,
+        finish_reason=gen.finish_reason,
     )
 
 
 def _decode_both(renderer: ChatRenderer, ids: list[int]) -> tuple[str, str]:
     """The raw text (special tokens kept, for tool-call parsing) and the clean text."""
     return renderer.decode(ids, skip_special_tokens=False), renderer.decode(ids)
-
-
-def _finish(
-    item: DataItem,
-    token: VersionToken,
-    group_id: str,
-    index: int,
-    ep: Episode,
-    result: EvalResult | None,
-    failure: tuple[FailureReason, str] | None,
-) -> Trajectory:
-    common: dict[str, Any] = {
-        "group_id": group_id,
-        "item_key": item.key,
-        "sample_index": index,
-        "token": token,
-        "turns": ep.turns,
-        "timings": ep.timings,
-    }
-    if failure is None and result is not None:
-        return Trajectory(**common, reward=result.reward, metrics=result.metrics)
-    reason, detail = failure if failure is not None else (FailureReason.INTERNAL, "no result")
-    return Trajectory(**common, status=Status.FAILED, failure=reason, failure_detail=detail)

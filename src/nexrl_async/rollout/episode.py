@@ -1,0 +1,80 @@
+"""The mutable state of one sample while its agent loop runs, and the record it becomes.
+
+An :class:`Episode` collects turns (token ids exactly as they enter the context), the chat
+messages they correspond to, the stage the loop is in (for failure classification) and timings.
+It is created before the loop starts so that a failed sample keeps the turns it got through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from nexrl_async.core.records import (
+    EvalResult,
+    FailureReason,
+    Status,
+    Trajectory,
+    Turn,
+    VersionToken,
+)
+from nexrl_async.rollout.faults import Stage
+from nexrl_async.rollout.tools import Message
+
+
+@dataclass
+class Episode:
+    """One sample of group ``group_id`` in progress."""
+
+    group_id: str
+    item_key: str
+    sample_index: int
+    token: VersionToken
+    messages: list[Message] = field(default_factory=list)
+    turns: list[Turn] = field(default_factory=list)
+    context: list[int] = field(default_factory=list)
+    """Every turn's token ids, concatenated: the next generation's ``input_ids``."""
+    stage: Stage = "item"
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def sticky_key(self) -> str:
+        """Routes every turn of this sample to the same server: ``"<group_id>:<index>"``."""
+        return f"{self.group_id}:{self.sample_index}"
+
+    def append(self, turn: Turn) -> None:
+        self.turns.append(turn)
+        self.context.extend(turn.token_ids)
+
+    def clock(self, key: str, seconds: float) -> None:
+        """Add ``seconds`` to ``timings[key]``."""
+        self.timings[key] = self.timings.get(key, 0.0) + seconds
+
+    def trajectory(
+        self,
+        result: EvalResult | None = None,
+        failure: tuple[FailureReason, str] | None = None,
+    ) -> Trajectory:
+        """The record: scored with ``result``, else FAILED with ``failure``."""
+        common: dict[str, Any] = {
+            "group_id": self.group_id,
+            "item_key": self.item_key,
+            "sample_index": self.sample_index,
+            "token": self.token,
+            "turns": list(self.turns),
+            "timings": dict(self.timings),
+        }
+        if failure is None and result is not None:
+            return Trajectory(**common, reward=result.reward, metrics=result.metrics)
+        if failure is None:
+            return Trajectory(**common)
+        reason, detail = failure
+        return Trajectory(**common, status=Status.FAILED, failure=reason, failure_detail=detail)
+
+
+def default_mask(turn: Turn) -> Turn:
+    """``turn`` with loss mask 1 on model tokens (assistant turns), 0 elsewhere."""
+    mask = [int(turn.role == "assistant")] * len(turn.token_ids)
+    return turn if turn.loss_mask == mask else msgspec.structs.replace(turn, loss_mask=mask)
