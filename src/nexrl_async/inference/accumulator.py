@@ -67,6 +67,7 @@ class StreamAccumulator:
         self._lp_ids: list[int] = []
         self._logprobs: list[float] = []
         self._text: str | None = None
+        self._text_mode: StreamMode = mode
         self.result: GenerateResult | None = None
         self.server_done = False
         """The server ended the request: it sent the final event or an error event."""
@@ -141,10 +142,19 @@ class StreamAccumulator:
         return values
 
     def _new_text(self, text: str | None, *, cumulative_ids: bool) -> str | None:
+        """Text follows the ids' mode, except that older builds streamed delta ids with
+        cumulative text: with delta ids, the first event after some text decides (for the rest
+        of the stream) by whether it repeats all the text so far. Best effort by design."""
         if text is None:
             return None
         previous = self._text or ""
-        if self._mode == "cumulative" or (self._mode == "auto" and cumulative_ids):
+        if self._text_mode == "auto" and previous:
+            if cumulative_ids or self._mode == "cumulative":
+                self._text_mode = "cumulative"
+            else:
+                repeats = self._mode == "auto" and text.startswith(previous)
+                self._text_mode = "cumulative" if repeats else "incremental"
+        if self._text_mode == "cumulative" or (not previous and self._text_mode == "auto"):
             self._text = text
             return text[len(previous) :] if text.startswith(previous) else text
         self._text = previous + text

@@ -94,7 +94,7 @@ def error_message(body: bytes, fallback: str) -> str:
                 return str(value)
     if isinstance(obj, str) and obj:
         return obj
-    return text or fallback
+    return fallback if obj is None else text or fallback
 
 
 def raise_error_event(error: WireError | str) -> NoReturn:
