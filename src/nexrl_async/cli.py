@@ -58,6 +58,25 @@ def check(recipe: RecipeArg, set_: SetOption = None) -> None:
     typer.echo("ok")
 
 
+@app.command()
+def run(
+    recipe: RecipeArg,
+    set_: SetOption = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Run folder (default: run.output_dir)."),
+    ] = None,
+) -> None:
+    """Train: launch the inference fleet, stream rollouts, train, publish weights."""
+    from nexrl_async.config.loader import load_recipe
+    from nexrl_async.engine.run import run_recipe
+
+    loaded = load_recipe(recipe, set_ or [])
+    reason = run_recipe(loaded, output=output)
+    if reason.startswith("interrupted"):
+        raise SystemExit(130)
+
+
 def _fail(code: int, lines: list[str]) -> NoReturn:
     for line in lines:
         typer.echo(f"error: {line}", err=True)

@@ -1,0 +1,73 @@
+"""Everything one run holds that is not a task: the run folder, ledger, metrics, recipe.
+
+Built once by :func:`open_run` before the event loop starts (blocking file work is fine here),
+closed once at the end whatever happened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import msgspec
+
+from nexrl_async.config.loader import LoadedRecipe, dump_recipe
+from nexrl_async.config.schema import RecipeConfig
+from nexrl_async.obs import (
+    MetricsHub,
+    RunDir,
+    RunLedger,
+    RunStarted,
+    Terminal,
+    build_sinks,
+    setup_logging,
+)
+
+
+class RunContext(msgspec.Struct, kw_only=True, dict=True):
+    """The run's records and its recipe."""
+
+    recipe: LoadedRecipe
+    run_dir: RunDir
+    ledger: RunLedger
+    metrics: MetricsHub
+    terminal: Terminal
+
+    @property
+    def cfg(self) -> RecipeConfig:
+        return self.recipe.config
+
+    @property
+    def base_dir(self) -> Path:
+        return self.recipe.base_dir
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.ledger.close()
+
+
+def output_dir(recipe: LoadedRecipe, output: Path | None) -> Path:
+    """``--output`` if given, else ``run.output_dir`` with ``{name}`` filled in."""
+    if output is not None:
+        return output
+    run = recipe.config.run
+    return Path(run.output_dir.replace("{name}", run.name))
+
+
+def open_run(recipe: LoadedRecipe, output: Path | None, *, resume: bool) -> RunContext:
+    """Create the run folder, write the resolved recipe, start logs, metrics and the ledger."""
+    cfg = recipe.config
+    run_dir = RunDir.create(output_dir(recipe, output), resume=resume)
+    text = dump_recipe(cfg)
+    run_dir.config_path.write_text(text, encoding="utf-8")
+    terminal = setup_logging(level=cfg.logging.level, rank=0, run_dir=run_dir.root)
+    sinks = build_sinks(cfg.logging, run_dir, msgspec.to_builtins(cfg))
+    ledger = RunLedger(run_dir.events_path)
+    ledger.emit(RunStarted(config_hash=hashlib.sha256(text.encode()).hexdigest()[:16]))
+    return RunContext(
+        recipe=recipe,
+        run_dir=run_dir,
+        ledger=ledger,
+        metrics=MetricsHub(sinks),
+        terminal=terminal,
+    )

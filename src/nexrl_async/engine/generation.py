@@ -1,0 +1,93 @@
+"""The fleet and SGLang clients, seen by rollout workers as one :class:`TurnGenerator`.
+
+Each call leases a server for the sample's sticky key (KV reuse across turns), sends one
+``/generate`` with ``input_ids`` and ``return_logprob``, and converts the answer. A server that
+goes away mid-request (``EngineUnavailable``) is retried on a fresh lease, bounded by
+``inference.retries``; 4xx and broken streams pass straight through to the worker's fault
+boundary.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping
+
+import anyio
+
+from nexrl_async.config.rollout import SamplingConfig
+from nexrl_async.core.errors import EngineUnavailable, GenerationError
+from nexrl_async.inference.client import GenerateResult, SamplingParams, SGLangClient
+from nexrl_async.inference.fleet import Fleet
+from nexrl_async.rollout.generation import GeneratedTurn
+
+
+def sampling_params(cfg: SamplingConfig, max_new_tokens: int) -> SamplingParams:
+    """SGLang ``sampling_params`` for one request (stop tokens kept: ``no_stop_trim``)."""
+    return SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        min_p=cfg.min_p,
+        stop=list(cfg.stop) or None,
+        stop_token_ids=list(cfg.stop_token_ids) or None,
+        ignore_eos=cfg.ignore_eos,
+        no_stop_trim=True,
+        skip_special_tokens=False,
+    )
+
+
+class FleetGenerator:
+    """Implements ``rollout.generation.TurnGenerator`` on top of the fleet."""
+
+    def __init__(
+        self,
+        fleet: Fleet,
+        clients: Mapping[str, SGLangClient],
+        *,
+        current_version: Callable[[], int],
+        retries: int,
+        seed: int = 0,
+    ) -> None:
+        self.fleet = fleet
+        self.clients = clients
+        self.current_version = current_version
+        self.retries = retries
+        self._rng = random.Random(seed)
+        self.generated_tokens = 0
+
+    async def generate(
+        self,
+        input_ids: list[int],
+        *,
+        max_new_tokens: int,
+        sampling: SamplingConfig,
+        sticky_key: str,
+    ) -> GeneratedTurn:
+        params = sampling_params(sampling, max_new_tokens)
+        for attempt in range(self.retries + 1):
+            try:
+                async with self.fleet.lease(sticky_key) as server:
+                    result = await self.clients[server.url].generate(input_ids, params)
+                    return self._convert(result, server.url)
+            except EngineUnavailable:
+                if attempt == self.retries:
+                    raise
+                await anyio.sleep(self._rng.uniform(0.1, 0.5) * 2**attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _convert(self, result: GenerateResult, url: str) -> GeneratedTurn:
+        if result.output_logprobs is None:
+            raise GenerationError(f"{url} returned no logprobs")
+        fallback = self.current_version()
+        version = result.weight_version_int
+        spans = result.version_spans(fallback)
+        self.generated_tokens += len(result.output_ids)
+        return GeneratedTurn(
+            output_ids=result.output_ids,
+            logprobs=result.output_logprobs,
+            finish_reason=result.finish_reason.type,
+            weight_version=fallback if version is None else version,
+            versions=spans if len(spans) > 1 else [],
+            server=url,
+        )

@@ -1,0 +1,168 @@
+"""The run's long-lived parts, built in dependency order and torn down in reverse.
+
+:func:`open_parts` yields a :class:`Parts`: trainer, data, staleness gate, pool, inference fleet
+and clients, weight publisher, rollout workers, validation items. Blocking set-up (loading the
+model, reading data) runs in worker threads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+
+from nexrl_async.config.model import PretrainedModel
+from nexrl_async.config.schema import RecipeConfig
+from nexrl_async.core.records import DataItem, TrainBatch
+from nexrl_async.data import iterate_once, open_source
+from nexrl_async.engine.context import RunContext
+from nexrl_async.engine.flow import Flow
+from nexrl_async.engine.generation import FleetGenerator
+from nexrl_async.engine.samples import write_samples
+from nexrl_async.engine.stats import CountingEvents, StepClock
+from nexrl_async.engine.validator import validation_rollout
+from nexrl_async.inference.client import SGLangClient
+from nexrl_async.inference.fleet import Fleet, open_fleet
+from nexrl_async.inference.router import ServerHandle
+from nexrl_async.obs.progress import ProgressLine
+from nexrl_async.pipeline.pool import TrajectoryPool
+from nexrl_async.pipeline.staleness import StalenessGate
+from nexrl_async.rollout.loading import load_worker
+from nexrl_async.rollout.worker import RolloutWorker
+from nexrl_async.train.trainer import Trainer
+from nexrl_async.weights.publisher import WeightPublisher
+
+
+@dataclass(kw_only=True)
+class Parts:
+    """Handles of everything the main loop drives."""
+
+    cfg: RecipeConfig
+    ctx: RunContext
+    trainer: Trainer
+    flow: Flow
+    fleet: Fleet
+    publisher: WeightPublisher
+    generator: FleetGenerator
+    events: CountingEvents
+    worker: RolloutWorker
+    val_worker: RolloutWorker
+    val_items: list[DataItem]
+    progress_line: ProgressLine
+    torch_limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(1))
+
+    async def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """One trainer step in a worker thread (the loop keeps serving rollouts)."""
+        result = await anyio.to_thread.run_sync(
+            self.trainer.step, batch, limiter=self.torch_limiter
+        )
+        return dict(result)
+
+    def pipeline_metrics(self, clock: StepClock) -> dict[str, float]:
+        flow = self.flow
+        out = {**flow.pool.metrics(), **flow.gate.metrics()}
+        out["pipeline/gate_wait_s"] = clock.delta("gate_wait", flow.gate_wait_s)
+        out["rollout/generated_tokens"] = clock.delta("tokens", self.generator.generated_tokens)
+        failed = sum(self.events.failed.values())
+        out["rollout/failed"] = clock.delta("failed", failed)
+        for reason, count in self.events.failed.items():
+            out[f"rollout/failed/{reason}"] = float(count)
+        return out
+
+    def progress(self, step: int, metrics: dict[str, float]) -> None:
+        self.progress_line.update(
+            step,
+            reward=metrics.get("rollout/reward_mean"),
+            staleness=metrics.get("pipeline/staleness_mean"),
+            tokens_per_s=metrics.get("throughput/tokens_per_s"),
+        )
+
+    async def dump_samples(self, batch: TrainBatch) -> None:
+        every = self.cfg.logging.samples_every_steps
+        if every and batch.step % every == 0:
+            path = self.ctx.run_dir.samples_dir / f"step_{batch.step:06d}.jsonl"
+            await anyio.to_thread.run_sync(write_samples, path, batch, self.trainer.tokenizer)
+
+
+@asynccontextmanager
+async def open_parts(ctx: RunContext) -> AsyncIterator[Parts]:
+    cfg, base_dir = ctx.cfg, ctx.base_dir
+    trainer = await anyio.to_thread.run_sync(_build_trainer, cfg, base_dir)
+    model_dir = await anyio.to_thread.run_sync(_serving_dir, cfg, trainer, ctx.run_dir.root)
+    data = await anyio.to_thread.run_sync(lambda: open_source(cfg.data, base_dir=base_dir))
+    val_items: list[DataItem] = []
+    if cfg.validation.data is not None:
+        val_data, limit = cfg.validation.data, cfg.validation.max_items
+        val_items = await anyio.to_thread.run_sync(lambda: iterate_once(val_data, base_dir, limit))
+    gate = StalenessGate(cfg.staleness, batch_groups=cfg.pool.batch_groups)
+    flow = Flow(gate=gate, pool=TrajectoryPool(cfg.pool, gate=gate), data=data, ledger=ctx.ledger)
+    holder: dict[str, WeightPublisher] = {}
+
+    async def on_restart(server: ServerHandle) -> None:
+        if "publisher" in holder:
+            await holder["publisher"].on_restart(server)
+
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+    async with (
+        httpx.AsyncClient(limits=limits, timeout=None) as http,
+        open_fleet(
+            cfg.inference, model_dir=model_dir, log_dir=ctx.run_dir.logs_dir, http=http,
+            on_restart=on_restart,
+        ) as fleet,
+    ):  # fmt: skip
+        clients = {
+            url: SGLangClient.from_config(url, cfg.inference, http=http) for url in fleet.urls
+        }
+        publisher = WeightPublisher(
+            cfg.weights, fleet=fleet, clients=clients, weights_dir=ctx.run_dir.weights_dir,
+            export=trainer.save_hf, initial_path=model_dir,
+        )  # fmt: skip
+        holder["publisher"] = publisher
+        generator = FleetGenerator(
+            fleet, clients, current_version=lambda: gate.version,
+            retries=cfg.inference.retries, seed=cfg.run.seed,
+        )  # fmt: skip
+        events = CountingEvents(ctx.ledger)
+        common: dict[str, Any] = {
+            "tokenizer": trainer.tokenizer, "generator": generator, "base_dir": base_dir,
+            "required": list(cfg.data.required), "events": events,
+            "context_length": _context_length(trainer),
+        }  # fmt: skip
+        yield Parts(
+            cfg=cfg, ctx=ctx, trainer=trainer, flow=flow, fleet=fleet, publisher=publisher,
+            generator=generator, events=events, val_items=val_items,
+            worker=load_worker(cfg.rollout, **common),
+            val_worker=load_worker(validation_rollout(cfg).rollout, **common),
+            progress_line=ProgressLine(
+                cfg.run.total_steps, terminal=ctx.terminal, enabled=cfg.logging.progress
+            ),
+        )  # fmt: skip
+
+
+def _build_trainer(cfg: RecipeConfig, base_dir: Path) -> Trainer:
+    return Trainer.from_config(
+        cfg.model, cfg.tokenizer, algorithm=cfg.algorithm, optim=cfg.optim,
+        trainer=cfg.trainer, seed=cfg.run.seed, max_new_tokens=cfg.rollout.max_new_tokens,
+        total_steps=cfg.run.total_steps, temperature=cfg.rollout.sampling.temperature,
+        base_dir=base_dir,
+    )  # fmt: skip
+
+
+def _serving_dir(cfg: RecipeConfig, trainer: Trainer, root: Path) -> Path:
+    """The HF folder the servers start from: the recipe's model, or the built one saved."""
+    if isinstance(cfg.model, PretrainedModel):
+        return Path(cfg.model.path)
+    path = root / "model"
+    if not (path / "config.json").exists():
+        trainer.save_hf(path)
+    return path
+
+
+def _context_length(trainer: Trainer) -> int | None:
+    value = getattr(trainer.model.config, "max_position_embeddings", None)
+    return int(value) if value else None

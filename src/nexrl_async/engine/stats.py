@@ -1,0 +1,73 @@
+"""Per-step bookkeeping: rollout counters between steps and the metrics of one step."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from nexrl_async.core.records import FailureReason, Status, TrainBatch
+from nexrl_async.obs.ledger import RunLedger
+from nexrl_async.pipeline.staleness import staleness_metrics
+from nexrl_async.rollout.events import LedgerEvents
+
+
+class CountingEvents(LedgerEvents):
+    """Writes rollout events to the ledger and counts them for the step metrics."""
+
+    def __init__(self, ledger: RunLedger) -> None:
+        super().__init__(ledger)
+        self.failed: Counter[str] = Counter()
+        self.scored_count = 0
+
+    def scored(
+        self,
+        *,
+        group_id: str,
+        sample_index: int,
+        reward: float,
+        status: Status,
+        failure: FailureReason | None,
+    ) -> None:
+        super().scored(
+            group_id=group_id,
+            sample_index=sample_index,
+            reward=reward,
+            status=status,
+            failure=failure,
+        )
+        self.scored_count += 1
+        if status is Status.FAILED:
+            self.failed[str(failure)] += 1
+
+
+class StepClock:
+    """Deltas of monotone counters between consecutive steps."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+        self._time = time.perf_counter()
+
+    def delta(self, name: str, value: float) -> float:
+        previous = self._last.get(name, 0.0)
+        self._last[name] = value
+        return value - previous
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self._time = now - self._time, now
+        return elapsed
+
+
+def batch_metrics(batch: TrainBatch) -> dict[str, float]:
+    """Rollout metrics of the trained batch: rewards, lengths, staleness."""
+    trajs = batch.trajectories
+    rewards = [t.reward for t in trajs]
+    lengths = [t.num_generated for t in trajs]
+    out = {
+        "rollout/reward_mean": sum(rewards) / len(rewards),
+        "rollout/reward_max": max(rewards),
+        "rollout/response_len_mean": sum(lengths) / len(lengths),
+        "rollout/samples": float(len(trajs)),
+    }
+    out.update(staleness_metrics(batch))
+    return out

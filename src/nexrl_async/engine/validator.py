@@ -1,0 +1,76 @@
+"""Validation: the current policy on the recipe's validation items, metrics under ``val/``.
+
+Validation runs the same rollout worker (same user code, same fault boundary) with the
+validation sampling settings, outside the staleness gate: its groups are scored, never trained.
+It runs while training rollouts keep streaming; the fleet serves both.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import anyio
+import msgspec
+
+from nexrl_async.config.schema import RecipeConfig, ValidationConfig
+from nexrl_async.core.records import DataItem, Group, VersionToken
+from nexrl_async.rollout.worker import RolloutWorker
+
+
+def validation_rollout(cfg: RecipeConfig) -> RecipeConfig:
+    """The recipe with ``[rollout]`` adjusted for validation (group size, temperature)."""
+    val = cfg.validation
+    sampling = msgspec.structs.replace(cfg.rollout.sampling, temperature=val.temperature)
+    rollout = msgspec.structs.replace(cfg.rollout, group_size=val.group_size, sampling=sampling)
+    return msgspec.structs.replace(cfg, rollout=rollout)
+
+
+async def validate(
+    worker: RolloutWorker,
+    items: list[DataItem],
+    *,
+    version: int,
+    concurrency: int,
+) -> dict[str, float]:
+    """Run every item once and average rewards and evaluator metrics."""
+    groups: list[Group] = []
+    limiter = anyio.CapacityLimiter(concurrency)
+    token = VersionToken(lease_id=0, version=version)
+
+    async def one(index: int, item: DataItem) -> None:
+        async with limiter:
+            groups.append(await worker.run_group(item, token, group_id=f"val{version}-{index}"))
+
+    async with anyio.create_task_group() as tg:
+        for index, item in enumerate(items):
+            tg.start_soon(one, index, item)
+    return summarize(groups)
+
+
+def summarize(groups: list[Group]) -> dict[str, float]:
+    trajs = [t for g in groups for t in g.trajectories]
+    ok = [t for t in trajs if t.ok]
+    out: dict[str, float] = {
+        "val/samples": float(len(trajs)),
+        "val/failed": float(len(trajs) - len(ok)),
+        "val/reward_mean": sum(t.reward for t in ok) / len(ok) if ok else math.nan,
+    }
+    sums: dict[str, list[float]] = defaultdict(list)
+    for t in ok:
+        for key, value in t.metrics.items():
+            sums[key].append(value)
+    for key, values in sums.items():
+        out[f"val/{key}_mean"] = sum(values) / len(values)
+    return out
+
+
+def due(cfg: ValidationConfig, step: int, *, final: bool) -> bool:
+    """Whether validation runs before ``step`` (``final``: the run's last weights)."""
+    if cfg.data is None:
+        return False
+    if final:
+        return cfg.at_end
+    if step == 0:
+        return cfg.before_training
+    return cfg.every_steps > 0 and step % cfg.every_steps == 0
