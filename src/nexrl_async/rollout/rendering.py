@@ -87,7 +87,7 @@ class ChatRenderer:
             add_generation_prompt=True,
             tokenize=True,
         )
-        return _as_ids(out)
+        return as_token_ids(out)
 
     def followup(self, messages: Sequence[Message], generated_ids: Sequence[int]) -> list[int]:
         """The ids that ``messages`` add after an assistant turn that generated
@@ -122,7 +122,7 @@ class ChatRenderer:
         return best
 
     def encode(self, text: str) -> list[int]:
-        return _as_ids(self.tokenizer.encode(text, add_special_tokens=False))
+        return as_token_ids(self.tokenizer.encode(text, add_special_tokens=False))
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         text = self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -135,8 +135,9 @@ def _joined(messages: Sequence[Message]) -> str:
     return "\n".join(str(m.get("content") or "") for m in messages)
 
 
-def _as_ids(out: Any) -> list[int]:
-    """Token ids from whatever ``encode``/``apply_chat_template`` returned (list or mapping)."""
+def as_token_ids(out: Any) -> list[int]:
+    """Token ids from whatever ``encode``/``apply_chat_template`` (or a render hook) returned:
+    a list, a tensor or array, or a mapping with ``input_ids``; else :class:`RolloutError`."""
     if isinstance(out, Mapping):
         out = out["input_ids"]
     if hasattr(out, "tolist"):

@@ -53,7 +53,7 @@ from nexrl_async.rollout.episode import Episode, default_mask
 from nexrl_async.rollout.events import NoEvents, RolloutEvents
 from nexrl_async.rollout.faults import SampleFailed, classify
 from nexrl_async.rollout.generation import AssembledTurn, TurnGenerator, generate_turn
-from nexrl_async.rollout.rendering import ChatRenderer, Tokenizer
+from nexrl_async.rollout.rendering import ChatRenderer, Tokenizer, as_token_ids
 from nexrl_async.rollout.scoring import as_evaluate_fn, score
 from nexrl_async.rollout.tools import Message, Tool, ToolCall, parse_tool_calls, run_tool_calls
 
@@ -221,7 +221,7 @@ class RolloutWorker:
         ep.stage = "format"
         ep.messages = self._messages(self.format_query(item))
         ep.stage = "render"
-        prompt = await self.renderer.run(self.render, list(ep.messages))
+        prompt = as_token_ids(await self.renderer.run(self.render, list(ep.messages)))
         limit = self.max_total_tokens
         if limit is not None and len(prompt) >= limit:
             raise SampleFailed(
@@ -293,6 +293,7 @@ class RolloutWorker:
     async def _followup(self, ep: Episode, messages: list[Message], after: Turn) -> None:
         ep.stage = "render"
         ids = await self.renderer.run(self.render_followup, messages, list(after.token_ids))
+        ids = as_token_ids(ids)
         role = messages[0].get("role")
         names = [str(m["name"]) for m in messages if m.get("role") == "tool" and m.get("name")]
         ep.append(

@@ -82,6 +82,17 @@ async def test_chat_template_error_is_format_error(
     assert "template exploded" in traj.failure_detail
 
 
+async def test_render_hook_returning_no_token_ids_is_format_error(
+    worker: Any, scripted: Any, item: Any, token: Any, failed: Any
+) -> None:
+    class TextRender(RolloutWorker):
+        def render(self, messages: list[Message]) -> Any:
+            return "not ids"
+
+    traj = await one(worker(scripted(lambda call: None), cls=TextRender), item(), token)
+    failed(traj, R.FORMAT_ERROR)
+
+
 @pytest.mark.parametrize(
     ("error", "reason"),
     [

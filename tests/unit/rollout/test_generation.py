@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nexrl_async.config.rollout import SamplingConfig
 from nexrl_async.core.errors import GenerationError
@@ -138,3 +140,36 @@ async def test_contract_violations_are_generation_errors(
 ) -> None:
     with pytest.raises(GenerationError, match=match):
         await run(scripted(lambda call: bad))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(min_value=0, max_value=30),
+    cuts=st.lists(st.integers(min_value=0, max_value=30), max_size=4),
+)
+async def test_any_abort_split_reassembles_the_same_turn(n: int, cuts: list[int]) -> None:
+    """However a turn of n tokens is cut by aborts, the result is the whole turn with spans
+    tiling it and one version per segment."""
+    whole = list(range(100, 100 + n))
+    bounds = sorted({min(c, n) for c in cuts})
+    pieces = [whole[a:b] for a, b in zip([0, *bounds], [*bounds, n], strict=True)]
+
+    class Pieces:
+        calls = 0
+
+        async def generate(self, input_ids: list[int], **kw: Any) -> GeneratedTurn:
+            i = self.calls
+            self.calls += 1
+            done = sum(len(p) for p in pieces[:i])
+            assert input_ids == [1, 2, 3, *whole[:done]]
+            last = i == len(pieces) - 1
+            return seg(pieces[i], "stop" if last else "abort", i)
+
+    turn = await run(Pieces(), max_new_tokens=40, max_resumes=len(pieces))
+    assert turn.output_ids == whole
+    assert turn.logprobs == [-float(t) for t in whole]
+    assert [s.start for s in turn.versions[1:]] == [s.end for s in turn.versions[:-1]]
+    if n:
+        assert (turn.versions[0].start, turn.versions[-1].end) == (0, n)
+        assert [s.version for s in turn.versions] == [i for i, p in enumerate(pieces) if p]
+    assert turn.resumes == len(pieces) - 1
