@@ -219,7 +219,7 @@ class RolloutWorker:
 
     async def _play(self, item: DataItem, ep: Episode) -> None:
         ep.stage = "format"
-        ep.messages = self._messages(self.format_query(item))
+        ep.messages = self._with_system_prompt(_as_messages(self.format_query(item)))
         ep.stage = "render"
         prompt = as_token_ids(await self.renderer.run(self.render, list(ep.messages)))
         limit = self.max_total_tokens
@@ -246,7 +246,7 @@ class RolloutWorker:
                 follow = await self._run_tools(ep, calls)
             if not follow or last:
                 return
-            await self._followup(ep, self._messages(follow), turn)
+            await self._followup(ep, _as_messages(follow), turn)
 
     async def _assistant_turn(
         self, ep: Episode, budget: int, turn_index: int
@@ -307,17 +307,7 @@ class RolloutWorker:
         )
         ep.messages.extend(messages)
 
-    def _messages(self, query: Any) -> list[Message]:
-        """``query`` as a list of messages, with the system prompt in front."""
-        if isinstance(query, str):
-            messages: list[Message] = [{"role": "user", "content": query}]
-        elif isinstance(query, list) and all(isinstance(m, dict) and "role" in m for m in query):
-            messages = [dict(m) for m in query]
-        else:
-            raise SampleFailed(
-                FailureReason.FORMAT_ERROR,
-                f"expected a string or a list of message dicts, got {type(query).__name__}",
-            )
+    def _with_system_prompt(self, messages: list[Message]) -> list[Message]:
         system = self.cfg.system_prompt
         if system is not None and (not messages or messages[0]["role"] != "system"):
             messages.insert(0, {"role": "system", "content": system})
@@ -331,6 +321,18 @@ class RolloutWorker:
             if len(t.loss_mask) != len(t.token_ids) or any(m not in (0, 1) for m in t.loss_mask):
                 raise RolloutError(f"the loss_mask hook returned a bad mask for a {t.role} turn")
         return masked
+
+
+def _as_messages(query: Any) -> list[Message]:
+    """A query or follow-up as a fresh list of messages (a string is one user message)."""
+    if isinstance(query, str):
+        return [{"role": "user", "content": query}]
+    if isinstance(query, list) and all(isinstance(m, dict) and "role" in m for m in query):
+        return [dict(m) for m in query]
+    raise SampleFailed(
+        FailureReason.FORMAT_ERROR,
+        f"expected a string or a list of message dicts, got {type(query).__name__}",
+    )
 
 
 def _assistant(gen: AssembledTurn, text: str) -> Turn:

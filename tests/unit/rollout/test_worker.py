@@ -95,7 +95,7 @@ async def test_tool_call_episode_is_token_exact(
 ) -> None:
     added.clear()
     gen = scripted(conversation_reply(says))
-    w = worker(gen, group_size=1, max_turns=4, tools=[Tool(add)])
+    w = worker(gen, group_size=1, max_turns=4, tools=[Tool(add)], system_prompt="Use tools.")
     (traj,) = (await w.run_group(item("1+1?"), token, group_id="g")).trajectories
     assert traj.status is Status.OK, traj.failure_detail
     assert added == [(1, 1)]
@@ -117,6 +117,7 @@ async def test_tool_call_episode_is_token_exact(
     assert (tool_turn.tool_name, tool_turn.text, tool_turn.logprobs) == ("add", "2", None)
     # the whole context equals rendering the whole conversation with the template
     conversation = [
+        {"role": "system", "content": "Use tools."},
         {"role": "user", "content": "1+1?"},
         {"role": "assistant", "content": CALL_ADD},
         {"role": "tool", "content": "2"},
