@@ -7,7 +7,6 @@ rows of the batch).
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -25,13 +24,3 @@ def all_reduce_sum(value: Tensor) -> Tensor:
     if world_size() > 1:
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total
-
-
-def sum_floats(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Each float summed over all ranks (one collective for the whole dict)."""
-    if world_size() == 1 or not values:
-        return dict(values)
-    keys = sorted(values)
-    packed = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-    return dict(zip(keys, packed.tolist(), strict=True))

@@ -94,8 +94,8 @@ def load_policy(
     """
     target = resolve_device(device) if isinstance(device, str) else device
     param_dtype = dtype or DTYPES[model_cfg.dtype]
-    tokenizer = load_tokenizer(tokenizer_cfg, model_cfg)
     if isinstance(model_cfg, BuiltModel):
+        tokenizer = load_tokenizer(tokenizer_cfg, model_cfg)
         model = build_model(
             model_cfg,
             vocab_size=len(tokenizer),
@@ -106,6 +106,7 @@ def load_policy(
         )
     else:
         model = _load_pretrained(Path(model_cfg.path), model_cfg.attn_implementation, param_dtype)
+        tokenizer = load_tokenizer(tokenizer_cfg, model_cfg)
     _move(model, target, param_dtype)
     model.eval()
     logger.debug(
@@ -126,7 +127,9 @@ def _token_id(tokenizer: PreTrainedTokenizerBase, which: str) -> int:
 
 def _load_pretrained(path: Path, attn: str, dtype: torch.dtype) -> PreTrainedModel:
     if not (path / "config.json").is_file():
-        raise ConfigError(f"{path} is not a Hugging Face model folder (no config.json)")
+        raise ConfigError(
+            f"{path} is not a Hugging Face model folder (no config.json)", path="model.path"
+        )
     try:
         return AutoModelForCausalLM.from_pretrained(
             path, local_files_only=True, dtype=dtype, attn_implementation=attn

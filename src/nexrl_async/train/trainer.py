@@ -321,7 +321,8 @@ async def run_step(
     """Run ``trainer.step(batch)`` in a worker thread so the event loop keeps serving rollouts.
 
     Cancelling the caller does not interrupt the step (torch cannot be stopped half-way
-    safely): the cancellation takes effect once the step returns. ``limiter`` bounds how many
-    torch calls run at once (one per process is the rule: share a ``CapacityLimiter(1)``).
+    safely): the step runs to the end, its metrics are returned, and the pending cancellation
+    is delivered at the caller's next checkpoint. ``limiter`` bounds how many torch calls run
+    at once (one per process is the rule: share a ``CapacityLimiter(1)``).
     """
     return await anyio.to_thread.run_sync(trainer.step, batch, limiter=limiter)

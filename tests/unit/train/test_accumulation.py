@@ -69,7 +69,8 @@ def _assert_same(
     a: tuple[float, dict[str, torch.Tensor], Tally], b: tuple[float, dict[str, torch.Tensor], Tally]
 ) -> None:
     assert a[0] == pytest.approx(b[0], abs=1e-6)
-    assert a[1].keys() == b[1].keys() and a[1]
+    assert a[1].keys() == b[1].keys()
+    assert a[1]
     for name in a[1]:
         torch.testing.assert_close(a[1][name], b[1][name], atol=1e-6, rtol=0, msg=name)
 
@@ -82,7 +83,8 @@ def test_rl_micro_batches_accumulate_to_the_full_batch(
     rows = list(range(seq.size))
     full = _grads(tiny_model, seq, loss_fn, rows, budget=10_000)
     split = _grads(tiny_model, seq, loss_fn, rows, budget=1)  # one row per micro-batch
-    assert len(split[2].sums) and full[2].tokens == split[2].tokens == 18
+    assert len(split[2].sums)
+    assert full[2].tokens == split[2].tokens == 18
     _assert_same(full, split)
     assert full[2].weighted["clip_frac_high"] + full[2].weighted["clip_frac_low"] > 0
 

@@ -21,9 +21,11 @@ def _run(returned: object) -> object:
 
 def test_none_changes_nothing_and_tensors_are_validated() -> None:
     result = _run(None)
-    assert result.advantages is None and result.metrics == {}
+    assert result.advantages is None
+    assert result.metrics == {}
     ok = _run({"advantages": torch.ones(B, T, dtype=torch.float64), "old_logprobs": None})
-    assert ok.advantages.dtype == torch.float32 and ok.old_logprobs is None
+    assert ok.advantages.dtype == torch.float32
+    assert ok.old_logprobs is None
 
 
 @pytest.mark.parametrize(

@@ -48,7 +48,8 @@ def test_logprob_of_token_t_comes_from_the_logits_at_t_minus_1(
         expected = torch.tensor([0.0, *_direct(tiny_model, ids, temperature)], dtype=torch.float64)
         torch.testing.assert_close(logprobs[row, :n].double(), expected, atol=1e-5, rtol=0)
         assert logprobs[row, n:].abs().sum() == 0  # padding holds 0
-        assert entropy[row, 0] == 0 and bool((entropy[row, 1:n] > 0).all())
+        assert entropy[row, 0] == 0
+        assert bool((entropy[row, 1:n] > 0).all())
 
 
 def test_entropy_is_that_of_the_scaled_distribution_that_drew_the_token(

@@ -21,7 +21,9 @@ from nexrl_async.train.tensors import sequences_from_batch
     lengths=st.lists(st.integers(min_value=1, max_value=50), min_size=1, max_size=30),
     budget=st.integers(min_value=1, max_value=200),
 )
-def test_plan_covers_every_row_once_and_respects_the_budget(lengths: list[int], budget: int) -> None:
+def test_plan_covers_every_row_once_and_respects_the_budget(
+    lengths: list[int], budget: int
+) -> None:
     t = torch.tensor(lengths)
     rows = list(range(len(lengths)))
     plan = plan_micro_batches(t, rows, budget)

@@ -18,7 +18,12 @@ def _f(step: int, schedule: str, warmup: int = 0, total: int | None = 10, r: flo
 
 def test_warmup_is_linear_and_reaches_one_on_its_last_step() -> None:
     assert [_f(s, "constant", warmup=4, total=None) for s in range(6)] == [
-        0.25, 0.5, 0.75, 1.0, 1.0, 1.0,
+        0.25,
+        0.5,
+        0.75,
+        1.0,
+        1.0,
+        1.0,
     ]
 
 
@@ -63,5 +68,8 @@ def test_optimizer_takes_the_adamw_settings_and_skips_frozen_parameters() -> Non
     group = opt.param_groups[0]
     assert group["params"] == [live]
     assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (
-        3e-4, (0.8, 0.95), 1e-6, 0.1,
+        3e-4,
+        (0.8, 0.95),
+        1e-6,
+        0.1,
     )

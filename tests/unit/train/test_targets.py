@@ -52,9 +52,7 @@ def _build(
     kl_coef: float = 0.0,
     hook: PrepareBatchHook | None = None,
 ) -> tuple:
-    return build_targets(
-        seq, prepass, algo, step=7, kl_coef=kl_coef, max_new_tokens=4, hook=hook
-    )
+    return build_targets(seq, prepass, algo, step=7, kl_coef=kl_coef, max_new_tokens=4, hook=hook)
 
 
 def test_kl_in_reward_is_the_masked_reward_to_go() -> None:

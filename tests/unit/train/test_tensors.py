@@ -26,7 +26,8 @@ def test_turns_are_concatenated_right_padded_and_aligned(
     c = make_traj("h", 0, [1, 9, 9, 9], [3], reward=0.5)
     seq = sequences_from_batch(make_batch([a, b], [c]), pad_token_id=PAD)
 
-    assert seq.size == 3 and seq.width == 5
+    assert seq.size == 3
+    assert seq.width == 5
     assert seq.input_ids.tolist() == [[1, 5, 6, 7, 2], [1, 5, 8, 2, PAD], [1, 9, 9, 9, 3]]
     assert seq.attention_mask.tolist() == [[1] * 5, [1, 1, 1, 1, 0], [1] * 5]
     assert seq.loss_mask.tolist() == [[0, 0, 1, 1, 1], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]]
@@ -54,7 +55,10 @@ def test_first_token_is_never_trained_and_masked_rollout_logprobs_are_zero(
         Turn(role="assistant", token_ids=[4, 5, 6], loss_mask=[1, 0, 1], logprobs=[-1, -2, -3]),
     ]
     t = Trajectory(
-        group_id="g", item_key="g", sample_index=0, token=VersionToken(lease_id=0, version=0),
+        group_id="g",
+        item_key="g",
+        sample_index=0,
+        token=VersionToken(lease_id=0, version=0),
         turns=turns,
     )
     seq = sequences_from_batch(make_batch([t]), pad_token_id=PAD)
@@ -84,7 +88,9 @@ def test_empty_batch_and_empty_trajectory_are_train_errors(
 ) -> None:
     with pytest.raises(TrainError, match="no trajectories"):
         sequences_from_batch(TrainBatch(step=3, groups=[]), pad_token_id=PAD)
-    empty = Trajectory(group_id="g", item_key="g", sample_index=0, token=make_traj("g", 0, [1], [2]).token)
+    empty = Trajectory(
+        group_id="g", item_key="g", sample_index=0, token=make_traj("g", 0, [1], [2]).token
+    )
     with pytest.raises(TrainError, match="empty"):
         sequences_from_batch(make_batch([empty]), pad_token_id=PAD)
 
