@@ -7,6 +7,7 @@ closed once at the end whatever happened.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import msgspec
@@ -56,6 +57,10 @@ def output_dir(recipe: LoadedRecipe, output: Path | None) -> Path:
 
 def open_run(recipe: LoadedRecipe, output: Path | None, *, resume: bool) -> RunContext:
     """Create the run folder, write the resolved recipe, start logs, metrics and the ledger."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     cfg = recipe.config
     run_dir = RunDir.create(output_dir(recipe, output), resume=resume)
     text = dump_recipe(cfg)
