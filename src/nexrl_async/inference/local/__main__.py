@@ -1,0 +1,48 @@
+"""``python -m nexrl_async.inference.local --model DIR [--port N] ...``: run the local server.
+
+The same options as ``nexrl-async serve``; flag names follow SGLang's where one exists
+(``--model-path`` is accepted for ``--model``, ``--max-running-requests`` for ``--max-batch``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nexrl_async.core.errors import NexRLError
+from nexrl_async.inference.local.server import ServeOptions, main_serve
+
+
+def parse_options(argv: list[str] | None = None) -> ServeOptions:
+    parser = argparse.ArgumentParser(
+        prog="python -m nexrl_async.inference.local",
+        description="SGLang-compatible inference server on transformers (CPU or one GPU).",
+    )
+    arg = parser.add_argument
+    arg("--model", "--model-path", dest="model_dir", required=True, help="local HF model folder")
+    arg("--host", default="127.0.0.1")
+    arg("--port", type=int, default=30000)
+    arg("--api-key", default=None)
+    arg("--max-batch", "--max-running-requests", dest="max_batch", type=int, default=64)
+    arg("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    arg("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    arg("--weight-version", default="0")
+    arg("--served-model-name", default=None)
+    arg("--context-length", type=int, default=None)
+    arg("--torch-threads", type=int, default=0)
+    arg("--seed", "--random-seed", dest="seed", type=int, default=0)
+    return ServeOptions(**vars(parser.parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_options(argv)
+    try:
+        main_serve(options)
+    except NexRLError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
