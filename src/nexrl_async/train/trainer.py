@@ -26,7 +26,9 @@ An RL step (``algorithm.mode = "rl"``):
 An SFT step (``mode = "sft"``) trains the loss-masked tokens' NLL with steps 1, 4 and 5.
 
 Everything here is blocking torch code; the engine calls it through :func:`run_step` (a worker
-thread), never on the event loop. The reference model is a frozen copy of the weights the
+thread), never on the event loop. A trainer is not thread-safe: call one method at a time
+(``step``, ``save_hf``, ``named_parameters_for_sync``, checkpoints), e.g. all through one
+``CapacityLimiter(1)``. The reference model is a frozen copy of the weights the
 trainer was constructed with; a checkpoint therefore does not store it (a resumed run builds
 the trainer from the same initial weights, then loads the checkpoint).
 """
@@ -116,9 +118,13 @@ class Trainer:
         self.pad_token_id = _pad_token_id(tokenizer)
         self.steps_done = 0
         if trainer.activation_checkpointing:
-            model.gradient_checkpointing_enable()
+            _enable_activation_checkpointing(model)
         if trainer.packing:
             logger.debug("trainer.packing: padding-free packing is not built yet; padding")
+        if algorithm.mode == "sft" and (
+            algorithm.kl.placement != "none" or algorithm.prepare_batch is not None
+        ):
+            logger.warning("algorithm.mode = 'sft': kl and prepare_batch settings are ignored")
         uses_kl = algorithm.mode == "rl" and algorithm.kl.placement != "none"
         self.reference = frozen_copy(model, on_cpu=algorithm.reference_on_cpu) if uses_kl else None
         self.kl_controller = _kl_controller(algorithm.kl) if uses_kl else None
@@ -256,7 +262,10 @@ class Trainer:
         return parameters_for_sync(self.model)
 
     def state_dict(self) -> dict[str, Any]:
-        """Model, optimizer, scheduler and KL controller state, and ``steps_done``."""
+        """Model, optimizer, scheduler and KL controller state, and ``steps_done``.
+
+        The tensors are the live ones (no copy): save the dict before the next step.
+        """
         return {
             "format": STATE_FORMAT,
             "model": self.model.state_dict(),
@@ -291,6 +300,14 @@ class Trainer:
     def load_checkpoint(self, directory: str | Path) -> None:
         """Restore the state :meth:`save_checkpoint` wrote into ``directory``."""
         self.load_state_dict(load_state_file(directory))
+
+
+def _enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    # transformers 5 renamed gradient_checkpointing_enable (kept as a deprecated alias).
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is None:
+        enable = model.gradient_checkpointing_enable
+    enable()
 
 
 def _pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:

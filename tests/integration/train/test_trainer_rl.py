@@ -314,3 +314,18 @@ def test_lr_schedule_is_reported_per_step(
     trainer = make_trainer(optim=optim, total_steps=4)
     lrs = [trainer.step(contrast)["train/lr"] for _ in range(5)]
     assert lrs == pytest.approx([0.005, 0.01, 0.01, 0.0075, 0.005])
+
+
+def test_activation_checkpointing_gives_the_same_update(
+    make_trainer: Callable[..., Trainer], contrast: TrainBatch
+) -> None:
+    from nexrl_async.config.training import TrainerConfig
+
+    plain = make_trainer()
+    recomputed = make_trainer(
+        trainer=TrainerConfig(micro_batch_tokens=16, threads=1, activation_checkpointing=True)
+    )
+    a, b = plain.step(contrast), recomputed.step(contrast)
+    assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-6)
+    for p, q in zip(plain.model.parameters(), recomputed.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
