@@ -74,13 +74,28 @@ class Stats:
     generate_requests: int = 0
     finished: int = 0
     aborted: int = 0
-    abort_calls: list[dict[str, Any]] = field(default_factory=list)
-    pauses: list[str] = field(default_factory=list)
+    abort_calls: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=4096))
+    """The last 4096 ``/abort_request`` bodies."""
+    pauses: deque[str] = field(default_factory=lambda: deque(maxlen=4096))
     continues: int = 0
     flushes: int = 0
-    weight_updates: list[dict[str, Any]] = field(default_factory=list)
+    weight_updates: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=4096))
     bodies: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=256))
     """The last 256 ``/generate`` bodies (as decoded JSON)."""
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready counters and recent records (``bodies`` as a count)."""
+        return {
+            "generate_requests": self.generate_requests,
+            "finished": self.finished,
+            "aborted": self.aborted,
+            "abort_calls": list(self.abort_calls),
+            "pauses": list(self.pauses),
+            "continues": self.continues,
+            "flushes": self.flushes,
+            "weight_updates": list(self.weight_updates),
+            "bodies": len(self.bodies),
+        }
 
 
 class SamplingSpec(Struct, frozen=True, kw_only=True):
@@ -194,21 +209,31 @@ class SimulatedEngine:
         self.session_open = False
         self.released_tags: set[str] = set()
         self._updates_waiting = 0
-        self._changed: anyio.Event | None = None
+        self._events: dict[bool, anyio.Event] = {}
+        """Wake-up events: ``True`` for request loops, ``False`` for control waiters."""
 
     # ------------------------------------------------------------------ wake-ups
 
     def notify(self) -> None:
-        """Wake every request loop and waiter: something server-wide changed."""
-        if self._changed is not None:
-            self._changed.set()
-        self._changed = None
+        """Wake request loops and control waiters: pause, abort, continue, update."""
+        self._wake(requests=True)
+        self._wake(requests=False)
 
-    async def wait_change(self, timeout_s: float | None) -> None:
-        """Sleep until :meth:`notify` or ``timeout_s`` (None: no timeout)."""
-        if self._changed is None:
-            self._changed = anyio.Event()
-        event = self._changed
+    def notify_control(self) -> None:
+        """Wake only control waiters (a request ended): request loops need not recompute."""
+        self._wake(requests=False)
+
+    def _wake(self, *, requests: bool) -> None:
+        event = self._events.pop(requests, None)
+        if event is not None:
+            event.set()
+
+    async def wait_change(self, timeout_s: float | None, *, control: bool = False) -> None:
+        """Sleep until the next notification (``control``: also when a request ends) or
+        ``timeout_s`` (None: no timeout)."""
+        event = self._events.get(not control)
+        if event is None:
+            event = self._events[not control] = anyio.Event()
         with anyio.move_on_after(math.inf if timeout_s is None else timeout_s):
             await event.wait()
 
@@ -232,7 +257,7 @@ class SimulatedEngine:
                 del self.requests[req.rid]
                 self.stats.finished += 1
                 self.stats.aborted += bool(req.finish and req.finish["type"] == "abort")
-        self.notify()
+        self.notify_control()
 
     def running(self) -> list[SimRequest]:
         """Admitted requests that have not finished (they hold SGLang's reader lock)."""
@@ -336,7 +361,7 @@ class SimulatedEngine:
                 req.abort_message = "Aborted"
         self.notify()
         while mode == "abort" and self.running():
-            await self.wait_change(0.01)
+            await self.wait_change(None, control=True)
 
     def continue_generation(self) -> None:
         self.pause = "running"
@@ -358,7 +383,7 @@ class SimulatedEngine:
         self._updates_waiting += 1
         try:
             while self.running():
-                await self.wait_change(None)
+                await self.wait_change(None, control=True)
         finally:
             self._updates_waiting -= 1
             self.notify()

@@ -122,7 +122,7 @@ async def flush_cache(request: Request) -> Response:
     wait_s = float(request.query_params.get("timeout", "0") or 0)
     with anyio.move_on_after(wait_s):
         while not engine.can_flush():
-            await engine.wait_change(None)
+            await engine.wait_change(None, control=True)
     if not engine.can_flush():
         text = "Timed out waiting for idle state." if wait_s else "Cache not flushed: busy."
         return PlainTextResponse(text, status_code=400)
@@ -316,8 +316,7 @@ async def sim_faults(request: Request) -> Response:
 
 async def sim_stats(request: Request) -> Response:
     engine = _engine(request)
-    stats = dataclasses.asdict(engine.stats)
-    stats["bodies"] = len(engine.stats.bodies)
+    stats = engine.stats.summary()
     stats["in_flight"] = len(engine.requests)
     stats["weight_version"] = engine.weight_version
     stats["paused"] = engine.pause

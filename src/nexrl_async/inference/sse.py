@@ -8,14 +8,37 @@ dispatched at a blank line.
 
 from __future__ import annotations
 
+import re
+
 DONE = "[DONE]"
+_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 class SSEDecoder:
-    """Feed it lines (without their line ending); it returns each event's data when complete."""
+    """Feed it body text (:meth:`feed_text`) or single lines without their ending
+    (:meth:`feed`); it returns each event's data once the event is complete."""
 
     def __init__(self) -> None:
         self._data: list[str] = []
+        self._pending = ""
+
+    def feed_text(self, text: str) -> list[str]:
+        """Decoded body text as it arrives (any split) → the data of every event it completes.
+
+        A trailing carriage return is held back in case its line feed comes next.
+        """
+        buffer = self._pending + text
+        events: list[str] = []
+        start = 0
+        for match in _LINE_END.finditer(buffer):
+            if match.group() == "\r" and match.end() == len(buffer):
+                break
+            event = self.feed(buffer[start : match.start()])
+            if event is not None:
+                events.append(event)
+            start = match.end()
+        self._pending = buffer[start:]
+        return events
 
     def feed(self, line: str) -> str | None:
         """The data of the event this line completes, or ``None``."""
@@ -34,6 +57,9 @@ class SSEDecoder:
 
     def flush(self) -> str | None:
         """Data of an event the stream ended without a trailing blank line for."""
+        if self._pending:
+            self.feed(self._pending.rstrip("\r"))
+            self._pending = ""
         return self.feed("")
 
 

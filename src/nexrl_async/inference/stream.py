@@ -109,28 +109,35 @@ class GenerationStream:
         return self._iterator
 
     async def _chunks(self, response: httpx.Response) -> AsyncGenerator[StreamChunk, None]:
-        lines = response.aiter_lines()
+        texts = response.aiter_text()
         decoder = SSEDecoder()
         while True:
-            line = await self._next_line(lines)
-            data = decoder.flush() if line is None else decoder.feed(line)
-            if data == DONE:
-                break
-            if data is not None:
-                yield self._accumulator.feed(data)
-            elif line is None:
-                break
+            text = await self._next_text(texts)
+            events = decoder.feed_text(text) if text is not None else [decoder.flush()]
+            for data in events:
+                if data == DONE:
+                    self._check_finished()
+                    return
+                if data is not None:
+                    yield self._accumulator.feed(data)
+            if text is None:
+                self._check_finished()
+                return
+
+    def _check_finished(self) -> None:
+        """The body ended (or ``[DONE]`` came): the final event must have arrived."""
         if self._accumulator.result is None:
             raise GenerationError(
                 f"stream {self.rid} from {self._transport.base_url} ended before the request "
                 f"finished ({len(self._accumulator.token_ids)} tokens received)"
             )
 
-    async def _next_line(self, lines: AsyncIterator[str]) -> str | None:
+    async def _next_text(self, texts: AsyncIterator[str]) -> str | None:
+        """The next piece of body text (``None`` at the end), under the request's deadline."""
         remaining = max(self._deadline - anyio.current_time(), 0.0)
         try:
             with anyio.fail_after(remaining):
-                return await anext(lines, None)
+                return await anext(texts, None)
         except TimeoutError as err:
             raise EngineUnavailable(
                 f"generate {self.rid}: not finished within {self._timeout_s:g} s"

@@ -83,7 +83,7 @@ async def test_pause_abort_returns_partial_outputs_and_blocks_new_requests(spawn
         assert len(results) == 1
         await client.continue_generation()
     assert results[1].finish_reason.type == "length"
-    assert sim.engine.stats.pauses == ["abort"]
+    assert list(sim.engine.stats.pauses) == ["abort"]
     assert sim.engine.stats.continues == 1
 
 
@@ -128,7 +128,7 @@ async def test_abort_request_by_rid_and_all(spawn: Spawn) -> None:
         assert [r.rid for r in results] == ["a"]
         await client.abort_request(abort_all=True)
     assert all(r.aborted for r in results)
-    assert sim.engine.stats.abort_calls == [
+    assert list(sim.engine.stats.abort_calls) == [
         {"rid": "a", "abort_all": False},
         {"rid": "", "abort_all": True},
     ]

@@ -76,7 +76,7 @@ async def test_duplicate_rid_is_rejected_and_the_original_runs_on(
         with pytest.raises(RequestRejected, match="Duplicate request ID detected: dup"):
             await client.generate(PROMPT, sampling, rid="dup", stream=stream)
     assert results[0].finish_reason.type == "length"
-    assert sim.engine.stats.abort_calls == []
+    assert list(sim.engine.stats.abort_calls) == []
 
 
 async def test_missing_or_wrong_api_key_is_401(spawn: Spawn) -> None:

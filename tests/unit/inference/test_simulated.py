@@ -167,8 +167,8 @@ async def test_tokens_arrive_at_the_configured_rate_and_requests_are_independent
             for i in range(8):
                 group.start_soon(one, i)
         together = anyio.current_time() - start
-    assert 0.19 <= single < 0.6
-    assert 0.19 <= together < 0.6
+    assert 0.19 <= single < 1.0
+    assert 0.19 <= together < 1.0  # one after another would take 1.6 s
 
 
 async def test_sim_hooks_over_http(sim: SimulatedServer, raw: httpx.AsyncClient) -> None:

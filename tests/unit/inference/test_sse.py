@@ -33,3 +33,21 @@ def test_blank_lines_alone_produce_nothing() -> None:
 def test_encode_round_trips() -> None:
     raw = (encode_event('{"k": "v"}') + encode_event(DONE)).decode()
     assert feed_all(raw) == ['{"k": "v"}', DONE]
+
+
+def test_text_split_anywhere_gives_the_same_events() -> None:
+    raw = 'data: {"a": 1}\r\n\r\ndata: two\rdata: lines\r\r: note\n\ndata: [DONE]\n\n'
+    whole = SSEDecoder().feed_text(raw)
+    assert whole == ['{"a": 1}', "two\nlines", DONE]
+    for cut in range(len(raw) + 1):
+        decoder = SSEDecoder()
+        pieces = decoder.feed_text(raw[:cut]) + decoder.feed_text(raw[cut:])
+        assert pieces == whole, cut
+    one_by_one = SSEDecoder()
+    assert [e for ch in raw for e in one_by_one.feed_text(ch)] == whole
+
+
+def test_flush_returns_an_unterminated_event() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed_text("data: tail\r") == []
+    assert decoder.flush() == "tail"
