@@ -60,7 +60,7 @@ def open_run(recipe: LoadedRecipe, output: Path | None, *, resume: bool) -> RunC
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     cfg = recipe.config
     run_dir = RunDir.create(output_dir(recipe, output), resume=resume)
     text = dump_recipe(cfg)

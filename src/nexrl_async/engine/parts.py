@@ -7,6 +7,7 @@ model, reading data) runs in worker threads.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -137,7 +138,11 @@ async def open_parts(ctx: RunContext) -> AsyncIterator[Parts]:
             cfg=cfg, ctx=ctx, trainer=trainer, flow=flow, fleet=fleet, publisher=publisher,
             generator=generator, events=events, val_items=val_items,
             worker=load_worker(cfg.rollout, **common),
-            val_worker=load_worker(validation_rollout(cfg).rollout, **common),
+            # its own tokenizer copy: a fast tokenizer must not run in two threads at once
+            val_worker=load_worker(
+                validation_rollout(cfg).rollout,
+                **{**common, "tokenizer": copy.deepcopy(trainer.tokenizer)},
+            ),
             progress_line=ProgressLine(
                 cfg.run.total_steps, terminal=ctx.terminal, enabled=cfg.logging.progress
             ),
