@@ -16,6 +16,7 @@ from typing import Any
 
 import anyio
 import httpx
+import msgspec
 
 from nexrl_async.config.model import PretrainedModel
 from nexrl_async.config.schema import RecipeConfig
@@ -101,7 +102,12 @@ async def open_parts(ctx: RunContext) -> AsyncIterator[Parts]:
         val_data, limit = cfg.validation.data, cfg.validation.max_items
         val_items = await anyio.to_thread.run_sync(lambda: iterate_once(val_data, base_dir, limit))
     gate = StalenessGate(cfg.staleness, batch_groups=cfg.pool.batch_groups)
-    flow = Flow(gate=gate, pool=TrajectoryPool(cfg.pool, gate=gate), data=data, ledger=ctx.ledger)
+    # DAPO's dynamic sampling is the pool's zero-variance filter
+    zero_var = cfg.pool.filter_zero_variance or cfg.algorithm.dynamic_sampling
+    pool = TrajectoryPool(
+        msgspec.structs.replace(cfg.pool, filter_zero_variance=zero_var), gate=gate
+    )
+    flow = Flow(gate=gate, pool=pool, data=data, ledger=ctx.ledger)
     holder: dict[str, WeightPublisher] = {}
 
     async def on_restart(server: ServerHandle) -> None:
