@@ -187,6 +187,21 @@ async def test_error_statuses_and_bodies(client: httpx.AsyncClient, server: Any)
         "param": None,
         "code": 400,
     }
+    huge = await client.post("/generate", json={"input_ids": [1] * 512})
+    assert huge.json() == {
+        "error": {
+            "message": "The input (512 tokens) is longer than the model's context length "
+            "(512 tokens)."
+        }
+    }
+    outside = await client.post("/v1/completions", json={"prompt": [1, 99999], "max_tokens": 2})
+    assert outside.status_code == 400
+    assert outside.json()["message"] == "input_ids contain a token id outside the vocabulary."
+    garbled = await client.post(
+        "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert garbled.status_code == 400
+    assert garbled.json()["type"] == "Bad Request"
     duplicate_rid = {"input_ids": [PROMPT, PROMPT], "rid": ["same", "same"]}
     dup = await client.post("/generate", json=duplicate_rid)
     assert dup.json() == {"error": {"message": "Duplicate request ID detected: same"}}

@@ -12,6 +12,8 @@ from nexrl_async.inference.local.protocol import (
     GenerateRequest,
     Limits,
     SamplingParams,
+    check_prompt,
+    logprob_request,
     sampling_spec,
 )
 
@@ -38,6 +40,21 @@ def test_sampling_values_are_checked_like_sglang() -> None:
         "logit_bias"
     )
     assert "not supported" in _reject(SamplingParams(max_new_tokens=4, regex="a+"))
+
+
+def test_prompt_seed_and_logprob_ids_are_checked() -> None:
+    assert check_prompt([1, 2], LIMITS) == [1, 2]
+    for bad in ([], [1, 20], [1, True], [1, "2"]):
+        with pytest.raises(RequestRejected):
+            check_prompt(bad, LIMITS)
+    assert _reject(SamplingParams(max_new_tokens=4, sampling_seed=2**64)).startswith(
+        "sampling_seed must fit in 64 bits"
+    )
+    with pytest.raises(RequestRejected):
+        logprob_request(True, -1, 0, [1, 25], 4, LIMITS)
+    request = logprob_request(True, 0, 2, [3], 4, LIMITS)
+    assert (request.input_start, request.top_n, request.token_ids) == (0, 2, (3,))
+    assert not logprob_request(False, 0, 2, [99], 4, LIMITS).enabled
 
 
 def test_context_length_checks() -> None:

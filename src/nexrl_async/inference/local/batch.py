@@ -36,14 +36,21 @@ class DecodeBatch:
 
     def __init__(
         self,
-        cache: list[tuple[torch.Tensor, torch.Tensor]],
+        cache: list[tuple[torch.Tensor, torch.Tensor]] | DynamicCache,
         mask: torch.Tensor,
         positions: torch.Tensor,
     ) -> None:
-        self.layers = cache
+        # The DynamicCache object lives across decode steps (it grows in place); it is rebuilt
+        # only when rows join or leave.
+        self.cache = cache if isinstance(cache, DynamicCache) else _cache(cache)
         self.mask = mask
         self.positions = positions
         self.last = torch.zeros_like(positions)
+
+    @property
+    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer ``(keys, values)``, each ``[B, H, T, D]``."""
+        return [(k, v) for k, v, *_ in self.cache] if self.size else []
 
     @classmethod
     def empty(cls) -> DecodeBatch:
@@ -66,10 +73,10 @@ class DecodeBatch:
             input_ids=self.last[:, None],
             attention_mask=mask,
             position_ids=self.positions[:, None],
-            past_key_values=DynamicCache(ddp_cache_data=self.layers),
+            past_key_values=self.cache,
             use_cache=True,
         )
-        self.layers = [(k, v) for k, v, *_ in out.past_key_values]
+        self.cache = out.past_key_values
         self.mask = mask
         self.positions = self.positions + 1
         return out.logits[:, -1]
@@ -94,23 +101,24 @@ class DecodeBatch:
             use_cache=True,
             logits_to_keep=0 if all_logits else 1,
         )
-        layers = [(k, v) for k, v, *_ in out.past_key_values]
-        batch = DecodeBatch(layers, mask, mask.sum(dim=1))
+        batch = DecodeBatch(out.past_key_values, mask, mask.sum(dim=1))
         logits = out.logits
         return Prefill(batch, logits[:, -1], logits if all_logits else None)
 
     def extend(self, other: DecodeBatch) -> None:
         """Append ``other``'s rows after this batch's rows (both left-padded to one width)."""
         if self.size == 0:
-            self.layers, self.mask = other.layers, other.mask
+            self.cache, self.mask = other.cache, other.mask
             self.positions, self.last = other.positions, other.last
             return
         width = max(self.width, other.width)
         mine, theirs = _pad_left(self, width), _pad_left(other, width)
-        self.layers = [
-            (torch.cat([k1, k2]), torch.cat([v1, v2]))
-            for (k1, v1), (k2, v2) in zip(mine.layers, theirs.layers, strict=True)
-        ]
+        self.cache = _cache(
+            [
+                (torch.cat([k1, k2]), torch.cat([v1, v2]))
+                for (k1, v1), (k2, v2) in zip(mine.layers, theirs.layers, strict=True)
+            ]
+        )
         self.mask = torch.cat([mine.mask, theirs.mask])
         self.positions = torch.cat([self.positions, other.positions])
         self.last = torch.cat([self.last, other.last])
@@ -121,24 +129,26 @@ class DecodeBatch:
             return
         if not keep:
             fresh = DecodeBatch.empty()
-            self.layers, self.mask, self.positions, self.last = (
-                [],
-                fresh.mask,
-                fresh.positions,
-                fresh.last,
-            )
+            self.cache, self.mask = fresh.cache, fresh.mask
+            self.positions, self.last = fresh.positions, fresh.last
             return
         index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
         mask = self.mask.index_select(0, index)
         used = mask.any(dim=0).nonzero()
         start = int(used[0, 0]) if used.numel() else mask.shape[1]
+        self.cache = _cache(
+            [
+                (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
+                for k, v in self.layers
+            ]
+        )
         self.mask = mask[:, start:]
-        self.layers = [
-            (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
-            for k, v in self.layers
-        ]
         self.positions = self.positions.index_select(0, index)
         self.last = self.last.index_select(0, index)
+
+
+def _cache(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    return DynamicCache(ddp_cache_data=layers) if layers else DynamicCache()
 
 
 def _pad_left(batch: DecodeBatch, width: int) -> DecodeBatch:

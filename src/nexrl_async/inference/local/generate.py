@@ -28,6 +28,7 @@ from nexrl_async.inference.local.errors import (
 from nexrl_async.inference.local.protocol import (
     GenerateRequest,
     SamplingParams,
+    check_prompt,
     logprob_request,
     new_rid,
     sampling_spec,
@@ -60,18 +61,8 @@ async def _prompts(body: GenerateRequest, ctx: ServerContext) -> tuple[list[list
     if body.input_ids is not None:
         ids = body.input_ids
         batched = bool(ids) and all(isinstance(x, list) for x in ids)
-        rows = ids if batched else [ids]
-        if not all(isinstance(t, int) and not isinstance(t, bool) for row in rows for t in row):
-            raise RequestRejected(
-                400, "input_ids must be a list of ints or a list of lists of ints."
-            )
-        if any(not row for row in rows):
-            raise RequestRejected(400, "input_ids cannot be empty.")
-        if any(not 0 <= t < ctx.limits.vocab_size for row in rows for t in row):
-            raise RequestRejected(400, "input_ids contain a token id outside the vocabulary.")
-        if isinstance(body.text, list):
-            batched = True
-        return [list(r) for r in rows], batched
+        rows = [check_prompt(row, ctx.limits) for row in (ids if batched else [ids])]
+        return rows, batched or isinstance(body.text, list)
     if body.text is None:
         raise RequestRejected(400, "Either text, input_ids or input_embeds should be provided.")
     texts = body.text if isinstance(body.text, list) else [body.text]
@@ -93,13 +84,16 @@ async def build_requests(body: GenerateRequest, ctx: ServerContext) -> tuple[lis
     starts = _per_item(body.logprob_start_len, count, "logprob_start_len")
     tops = _per_item(body.top_logprobs_num, count, "top_logprobs_num")
     ids_lp = body.token_ids_logprob
-    by_ids = ids_lp if ids_lp and isinstance(ids_lp[0], list) else [ids_lp] * count
+    nested = bool(ids_lp) and isinstance(ids_lp[0], list)  # type: ignore[index]
+    by_ids = _per_item(ids_lp, count, "token_ids_logprob") if nested else [ids_lp] * count
     rids = _rids(body.rid, count, n)
     notifier = Notifier()
     out: list[Request] = []
     for i, prompt in enumerate(prompts):
         spec = sampling_spec(params[i], len(prompt), ctx.limits)
-        logprobs = logprob_request(bool(wants[i]), starts[i], tops[i], by_ids[i], len(prompt))
+        logprobs = logprob_request(
+            bool(wants[i]), starts[i], tops[i], by_ids[i], len(prompt), ctx.limits
+        )
         for _ in range(n):
             out.append(
                 Request(

@@ -35,6 +35,7 @@ from nexrl_async.inference.local.openai_format import (
 )
 from nexrl_async.inference.local.protocol import (
     SamplingParams,
+    check_prompt,
     logprob_request,
     new_rid,
     sampling_spec,
@@ -144,9 +145,10 @@ def _samples(
     enabled, start, top_n = logprobs
     notifier = Notifier()
     out: list[Request] = []
-    for prompt in prompts:
+    for raw in prompts:
+        prompt = check_prompt(raw, ctx.limits)
         spec = sampling_spec(params, len(prompt), ctx.limits)
-        lp = logprob_request(enabled, start, top_n, None, len(prompt))
+        lp = logprob_request(enabled, start, top_n, None, len(prompt), ctx.limits)
         for _ in range(params.n):
             single = rid is not None and len(prompts) == 1 and params.n == 1
             out.append(
@@ -165,7 +167,7 @@ def _samples(
 
 async def _chat_requests(body: ChatRequest, ctx: ServerContext) -> list[Request]:
     if body.input_ids is not None:
-        prompt = list(body.input_ids)
+        prompt = check_prompt(body.input_ids, ctx.limits)
     else:
         messages = [_flatten(m) for m in body.messages]
         prompt = await ctx.render_chat(

@@ -168,10 +168,15 @@ def sampling_spec(p: SamplingParams, prompt_len: int, limits: Limits) -> Samplin
         raise RequestRejected(400, "stop must have at most 32 entries.")
     bias: dict[int, float] = {}
     for key, value in (p.logit_bias or {}).items():
-        token = int(key) if key.lstrip("-").isdigit() else -1
+        token = int(key) if key.isdigit() else -1
         if not 0 <= token < limits.vocab_size:
             raise RequestRejected(400, f"logit_bias token id {key} is out of range.")
+        if not math.isfinite(value):
+            raise RequestRejected(400, f"logit_bias values must be finite, got {value}.")
         bias[token] = float(value)
+    seed = p.sampling_seed
+    if seed is not None and not -(2**63) <= seed < 2**64:
+        raise RequestRejected(400, f"sampling_seed must fit in 64 bits, got {seed}.")
     bad_ids = [t for t in p.stop_token_ids or [] if not 0 <= t < limits.vocab_size]
     if bad_ids:
         raise RequestRejected(400, f"stop_token_ids out of range: {bad_ids}.")
@@ -195,13 +200,31 @@ def sampling_spec(p: SamplingParams, prompt_len: int, limits: Limits) -> Samplin
     )
 
 
+def check_prompt(ids: list[Any], limits: Limits) -> list[int]:
+    """A prompt's token ids: a non-empty list of ints inside the vocabulary."""
+    if not ids:
+        raise RequestRejected(400, "input_ids cannot be empty.")
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise RequestRejected(400, "input_ids must be a list of ints or a list of lists of ints.")
+    if not all(0 <= t < limits.vocab_size for t in ids):
+        raise RequestRejected(400, "input_ids contain a token id outside the vocabulary.")
+    return list(ids)
+
+
 def logprob_request(
-    enabled: bool, start: int, top_n: int, token_ids: list[int] | None, prompt_len: int
+    enabled: bool,
+    start: int,
+    top_n: int,
+    token_ids: list[Any] | None,
+    prompt_len: int,
+    limits: Limits,
 ) -> LogprobRequest:
     if not enabled:
         return LogprobRequest()
     if top_n < 0:
         raise RequestRejected(400, f"top_logprobs_num must be non-negative, got {top_n}.")
+    if token_ids is not None:
+        check_prompt(token_ids, limits)  # same rules: ints inside the vocabulary
     if start >= prompt_len:
         raise RequestRejected(
             400,
