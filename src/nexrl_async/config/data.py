@@ -20,6 +20,9 @@ class _DataCommon(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True,
     """Passes over the data; the run ends when they are exhausted (unless total_steps first)."""
     max_items: NonNegInt | None = None
     """Use only the first N rows (before shuffling)."""
+    max_replays: NonNegInt = 2
+    """Times an item whose group failed is handed out again; after that it is skipped and
+    counted (``pipeline/abandoned_items``). Groups dropped as overdue always replay."""
 
 
 class JsonlData(_DataCommon, frozen=True, kw_only=True, tag="jsonl"):

@@ -44,6 +44,7 @@ class Flow:
         pool: TrajectoryPool,
         data: DataSource,
         ledger: RunLedger,
+        max_replays: int = 2,
     ) -> None:
         self.gate = gate
         self.pool = pool
@@ -52,6 +53,9 @@ class Flow:
         self.items: dict[int, DataItem] = {}
         """Lease id → the item its group is for (outstanding leases and pooled groups)."""
         self.counts: Counter[str] = Counter()
+        self.max_replays = max_replays
+        self.abandoned = 0
+        self._failures: Counter[str] = Counter()
         self.gate_wait_s = 0.0
         self._changed = anyio.Condition()
         self._closed = False
@@ -139,28 +143,34 @@ class Flow:
             self.counts[type(event).__name__] += 1
             if isinstance(event, GroupPooled):
                 self.ledger.emit(Pooled(group_id=event.group_id, head_version=event.head_version))
-            elif isinstance(event, GroupFailed | GroupDropped | GroupFiltered):
+            elif isinstance(event, GroupFailed):
+                self._replay_failed(self.items.pop(event.token.lease_id, None))
+                reasons = [FailureReason(r) for r in event.reasons]
+                self.ledger.emit(
+                    Failed(group_id=event.group_id, item_key=event.item_key, reasons=reasons)
+                )
+            elif isinstance(event, GroupDropped):
                 item = self.items.pop(event.token.lease_id, None)
-                if isinstance(event, GroupFiltered):
-                    reason = "zero_variance"
-                    self.ledger.emit(
-                        Dropped(group_id=event.group_id, item_key=event.item_key, reason=reason)
-                    )
-                    continue
                 if item is not None:
                     self.data.replay(item)
-                if isinstance(event, GroupFailed):
-                    self.ledger.emit(
-                        Failed(
-                            group_id=event.group_id,
-                            item_key=event.item_key,
-                            reasons=[FailureReason(r) for r in event.reasons],
-                        )
-                    )
-                else:
-                    self.ledger.emit(
-                        Dropped(group_id=event.group_id, item_key=event.item_key, reason="overdue")
-                    )
+                self._dropped(event.group_id, event.item_key, "overdue")
+            elif isinstance(event, GroupFiltered):
+                self.items.pop(event.token.lease_id, None)
+                self._dropped(event.group_id, event.item_key, "zero_variance")
+
+    def _dropped(self, group_id: str, item_key: str, reason: str) -> None:
+        self.ledger.emit(Dropped(group_id=group_id, item_key=item_key, reason=reason))
+
+    def _replay_failed(self, item: DataItem | None) -> None:
+        """Replay a failed group's item, at most ``max_replays`` times per item."""
+        if item is None:
+            return
+        self._failures[item.key] += 1
+        if self._failures[item.key] <= self.max_replays:
+            self.data.replay(item)
+        else:
+            self.abandoned += 1
+            del self._failures[item.key]
 
     def _trained(self, batch: TrainBatch) -> None:
         for group in batch.groups:

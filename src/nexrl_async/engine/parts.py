@@ -70,6 +70,7 @@ class Parts:
         out = {**flow.pool.metrics(), **flow.gate.metrics()}
         out["pipeline/gate_wait_s"] = clock.delta("gate_wait", flow.gate_wait_s)
         out["rollout/generated_tokens"] = clock.delta("tokens", self.generator.generated_tokens)
+        out["pipeline/abandoned_items"] = float(flow.abandoned)
         failed = sum(self.events.failed.values())
         out["rollout/failed"] = clock.delta("failed", failed)
         for reason, count in self.events.failed.items():
@@ -107,7 +108,9 @@ async def open_parts(ctx: RunContext) -> AsyncIterator[Parts]:
     pool = TrajectoryPool(
         msgspec.structs.replace(cfg.pool, filter_zero_variance=zero_var), gate=gate
     )
-    flow = Flow(gate=gate, pool=pool, data=data, ledger=ctx.ledger)
+    flow = Flow(
+        gate=gate, pool=pool, data=data, ledger=ctx.ledger, max_replays=cfg.data.max_replays
+    )
     holder: dict[str, WeightPublisher] = {}
 
     async def on_restart(server: ServerHandle) -> None:
