@@ -47,7 +47,7 @@ def test_signal_stops_the_run_cleanly(tmp_path: Path, signum: signal.Signals) ->
         code = proc.wait(timeout=30)
         assert time.monotonic() - start < 10
         assert code == 130
-        gone, alive = psutil.wait_procs(children, timeout=5)
+        _, alive = psutil.wait_procs(children, timeout=5)
         assert not alive, f"left behind: {alive}"
     finally:
         if proc.poll() is None:
