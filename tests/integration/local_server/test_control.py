@@ -237,3 +237,32 @@ async def test_flush_cache_when_idle(client: httpx.AsyncClient, route: str) -> N
     reply = await client.get(route)
     assert reply.status_code == 200
     assert reply.text.startswith("Cache flushed.")
+
+
+async def generated_tokens(client: httpx.AsyncClient) -> int:
+    info = (await client.get("/server_info")).json()
+    return int(info["internal_states"][0]["generated_tokens"])
+
+
+async def test_client_disconnect_aborts_stream_and_plain_requests(
+    client: httpx.AsyncClient, server: Any
+) -> None:
+    body = {"input_ids": PROMPT, "sampling_params": {**LONG, "max_new_tokens": 500}}
+
+    async def drained() -> bool:
+        return (await loads(client))["num_running_reqs"] == 0
+
+    async with httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=20) as c:
+        before = await generated_tokens(client)
+        async with c.stream("POST", "/generate", json={**body, "stream": True}) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    break  # leave after the first chunk: the connection closes
+        await poll(drained)
+        assert await generated_tokens(client) - before < 500
+
+        before = await generated_tokens(client)
+        with pytest.raises(httpx.ReadTimeout):
+            await c.post("/generate", json=body, timeout=httpx.Timeout(20, read=0.2))
+        await poll(drained)
+        assert await generated_tokens(client) - before < 500
