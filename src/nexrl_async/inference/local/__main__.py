@@ -35,9 +35,8 @@ def parse_options(argv: list[str] | None = None) -> ServeOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
-    options = parse_options(argv)
     try:
-        main_serve(options)
+        main_serve(parse_options(argv))
     except NexRLError as err:
         sys.stderr.write(f"error: {err}\n")
         return 2

@@ -69,6 +69,20 @@ class ServeOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     seed: int = 0
     """Seed of the RNG used by requests without ``sampling_seed``."""
 
+    def __post_init__(self) -> None:
+        checks = [
+            (0 <= self.port <= 65535, f"port = {self.port}: expected 0..65535"),
+            (self.max_batch >= 1, f"max_batch = {self.max_batch}: expected >= 1"),
+            (self.torch_threads >= 0, f"torch_threads = {self.torch_threads}: expected >= 0"),
+            (
+                self.context_length is None or self.context_length >= 2,
+                f"context_length = {self.context_length}: expected >= 2",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"serve: {message}")
+
 
 class _Uvicorn(uvicorn.Server):
     """uvicorn without its own signal handlers (``serve`` owns them), with a started event."""
