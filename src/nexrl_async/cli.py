@@ -77,6 +77,39 @@ def run(
         raise SystemExit(130)
 
 
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Option("--model", help="Local HF model folder.")],
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (0 picks a free one).")] = 30000,
+    api_key: Annotated[str | None, typer.Option(help="Bearer key clients must send.")] = None,
+    max_batch: Annotated[int, typer.Option(help="Sequences decoded together.")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    weight_version: Annotated[str, typer.Option(help="Initial weight_version label.")] = "0",
+    context_length: Annotated[int | None, typer.Option(help="Override the context length.")] = None,
+    torch_threads: Annotated[int, typer.Option(help="torch threads (0: torch's default).")] = 0,
+) -> None:
+    """Serve a local model over SGLang's HTTP API (CPU or one GPU), until Ctrl-C."""
+    import msgspec
+
+    from nexrl_async.inference.local.server import ServeOptions, main_serve
+
+    try:
+        options = msgspec.convert(
+            {
+                "model_dir": str(model), "host": host, "port": port, "api_key": api_key,
+                "max_batch": max_batch, "device": device, "dtype": dtype,
+                "weight_version": weight_version, "context_length": context_length,
+                "torch_threads": torch_threads,
+            },
+            ServeOptions,
+        )  # fmt: skip
+    except msgspec.ValidationError as err:
+        raise ConfigError(f"serve: {err}") from None
+    main_serve(options)
+
+
 def _fail(code: int, lines: list[str]) -> NoReturn:
     for line in lines:
         typer.echo(f"error: {line}", err=True)

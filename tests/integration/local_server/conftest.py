@@ -1,6 +1,6 @@
 """A tiny model on disk and the local server running on it as a subprocess.
 
-The server is started with ``python -m nexrl_async.inference.local`` on a free port, with one
+The server is started with ``python -m nexrl_async serve`` (= ``nexrl-async serve``) on a free port, with one
 torch thread and an API key, and stopped by its handle (SIGTERM, then SIGKILL) at the end.
 """
 
@@ -88,7 +88,8 @@ class Server:
 
 def start_server(model_dir: Path, log: Path, *extra: str) -> Server:
     port = free_port()
-    argv = [sys.executable, "-m", "nexrl_async.inference.local", "--model", str(model_dir)]
+    # the user-facing command (``nexrl-async serve``), as ``python -m nexrl_async serve``
+    argv = [sys.executable, "-m", "nexrl_async", "serve", "--model", str(model_dir)]
     argv += ["--port", str(port), "--api-key", API_KEY, "--torch-threads", "1", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with log.open("wb") as sink:
