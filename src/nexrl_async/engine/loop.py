@@ -21,15 +21,19 @@ from loguru import logger
 
 from nexrl_async.engine.context import RunContext
 from nexrl_async.engine.flow import Flow
-from nexrl_async.engine.parts import Parts, open_parts
+from nexrl_async.engine.parts import Parts, TrainerFactory, open_parts
 from nexrl_async.engine.stats import StepClock, batch_metrics
 from nexrl_async.engine.validator import due, validate
 from nexrl_async.obs.ledger import Published, Validated
 
 
-async def run_engine(ctx: RunContext) -> str:
-    """Run the recipe to its end; return why it ended (``completed``, ``data_exhausted``)."""
-    async with open_parts(ctx) as parts, anyio.create_task_group() as tg:
+async def run_engine(ctx: RunContext, *, trainer_factory: TrainerFactory | None = None) -> str:
+    """Run the recipe to its end; return why it ended (``completed``, ``data_exhausted``).
+
+    ``trainer_factory`` replaces the recipe's trainer (benchmarks simulate the train step).
+    """
+    parts_cm = open_parts(ctx, trainer_factory=trainer_factory)
+    async with parts_cm as parts, anyio.create_task_group() as tg:
         pending = await _validate(ctx, parts, step=0, final=False)
         _start_rollouts(tg, parts)
         reason = await _train(ctx, parts, pending)

@@ -8,11 +8,11 @@ model, reading data) runs in worker threads.
 from __future__ import annotations
 
 import copy
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import httpx
@@ -40,13 +40,27 @@ from nexrl_async.train.trainer import Trainer
 from nexrl_async.weights.publisher import WeightPublisher
 
 
+class TrainerLike(Protocol):
+    """What the engine needs of a trainer (``train.Trainer``, a rank-0 handle, a simulation)."""
+
+    tokenizer: Any
+
+    def step(self, batch: TrainBatch) -> Mapping[str, float]: ...
+
+    def save_hf(self, path: str | Path) -> Path: ...
+
+
+TrainerFactory = Callable[[RecipeConfig, Path], TrainerLike]
+"""Builds the trainer from the recipe and its folder (blocking; runs in a worker thread)."""
+
+
 @dataclass(kw_only=True)
 class Parts:
     """Handles of everything the main loop drives."""
 
     cfg: RecipeConfig
     ctx: RunContext
-    trainer: Trainer
+    trainer: TrainerLike
     flow: Flow
     fleet: Fleet
     publisher: WeightPublisher
@@ -93,9 +107,12 @@ class Parts:
 
 
 @asynccontextmanager
-async def open_parts(ctx: RunContext) -> AsyncIterator[Parts]:
+async def open_parts(
+    ctx: RunContext, *, trainer_factory: TrainerFactory | None = None
+) -> AsyncIterator[Parts]:
     cfg, base_dir = ctx.cfg, ctx.base_dir
-    trainer = await anyio.to_thread.run_sync(_build_trainer, cfg, base_dir)
+    factory = trainer_factory or build_trainer
+    trainer = await anyio.to_thread.run_sync(factory, cfg, base_dir)
     model_dir = await anyio.to_thread.run_sync(_serving_dir, cfg, trainer, ctx.run_dir.root)
     data = await anyio.to_thread.run_sync(lambda: open_source(cfg.data, base_dir=base_dir))
     val_items: list[DataItem] = []
@@ -158,7 +175,8 @@ async def open_parts(ctx: RunContext) -> AsyncIterator[Parts]:
         )  # fmt: skip
 
 
-def _build_trainer(cfg: RecipeConfig, base_dir: Path) -> Trainer:
+def build_trainer(cfg: RecipeConfig, base_dir: Path) -> Trainer:
+    """The world-size-1 trainer the recipe describes."""
     return Trainer.from_config(
         cfg.model, cfg.tokenizer, algorithm=cfg.algorithm, optim=cfg.optim,
         trainer=cfg.trainer, seed=cfg.run.seed, max_new_tokens=cfg.rollout.max_new_tokens,
@@ -167,7 +185,7 @@ def _build_trainer(cfg: RecipeConfig, base_dir: Path) -> Trainer:
     )  # fmt: skip
 
 
-def _serving_dir(cfg: RecipeConfig, trainer: Trainer, root: Path) -> Path:
+def _serving_dir(cfg: RecipeConfig, trainer: TrainerLike, root: Path) -> Path:
     """The HF folder the servers start from: the recipe's model, or the built one saved."""
     if isinstance(cfg.model, PretrainedModel):
         return Path(cfg.model.path)
@@ -177,6 +195,7 @@ def _serving_dir(cfg: RecipeConfig, trainer: Trainer, root: Path) -> Path:
     return path
 
 
-def _context_length(trainer: Trainer) -> int | None:
-    value = getattr(trainer.model.config, "max_position_embeddings", None)
+def _context_length(trainer: TrainerLike) -> int | None:
+    model = getattr(trainer, "model", None)
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     return int(value) if value else None

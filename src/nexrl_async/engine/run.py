@@ -18,16 +18,22 @@ from nexrl_async.config.loader import LoadedRecipe
 from nexrl_async.config.preflight import preflight
 from nexrl_async.engine.context import RunContext, open_run
 from nexrl_async.engine.loop import run_engine
+from nexrl_async.engine.parts import TrainerFactory
 from nexrl_async.obs.ledger import RunFinished
 
 
-def run_recipe(recipe: LoadedRecipe, *, output: Path | None = None) -> str:
+def run_recipe(
+    recipe: LoadedRecipe,
+    *,
+    output: Path | None = None,
+    trainer_factory: TrainerFactory | None = None,
+) -> str:
     """Run ``recipe`` to its end and return why it ended; raises on failure."""
     preflight(recipe)
     ctx = open_run(recipe, output, resume=False)
     outcome = {"reason": "error"}
     try:
-        anyio.run(_main, ctx, outcome)
+        anyio.run(_main, ctx, outcome, trainer_factory)
     finally:
         ctx.ledger.emit(RunFinished(reason=outcome["reason"], step=_steps_done(ctx)))
         ctx.close()
@@ -35,10 +41,12 @@ def run_recipe(recipe: LoadedRecipe, *, output: Path | None = None) -> str:
     return outcome["reason"]
 
 
-async def _main(ctx: RunContext, outcome: dict[str, str]) -> None:
+async def _main(
+    ctx: RunContext, outcome: dict[str, str], trainer_factory: TrainerFactory | None
+) -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(_watch_signals, tg.cancel_scope, outcome)
-        outcome["reason"] = await run_engine(ctx)
+        outcome["reason"] = await run_engine(ctx, trainer_factory=trainer_factory)
         tg.cancel_scope.cancel()
 
 
