@@ -1,7 +1,7 @@
 """The reverse-digits task: data factory and evaluator.
 
 Each item is a string of digits; the model must answer with the digits reversed, then EOS.
-Reward = fraction of positions right (a missing or extra digit counts as wrong).
+Reward = fraction of the answer's positions the response gets right.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ def make_items(count: int = 4096, digits: int = 2, seed: int = 0) -> Iterator[di
 
 
 def positional_accuracy(answer: str, response: str) -> float:
-    """Fraction of positions of ``answer`` that ``response`` gets right (length-penalised)."""
+    """Fraction of the positions of ``answer`` that ``response`` gets right."""
     if not answer:
         return 0.0
     right = sum(a == b for a, b in zip(answer, response, strict=False))
-    return right / max(len(answer), len(response))
+    return right / len(answer)
 
 
 class ReverseEvaluator:
