@@ -1,7 +1,8 @@
 """A tiny model on disk and the local server running on it as a subprocess.
 
 The server is started with ``python -m nexrl_async serve`` (= ``nexrl-async serve``) on a free
-port, with one torch thread and an API key, and stopped by its handle (SIGTERM, then SIGKILL) at the end.
+port, with one torch thread and an API key, and stopped by its handle (SIGTERM, then SIGKILL)
+at the end.
 """
 
 from __future__ import annotations
