@@ -4,6 +4,10 @@ The model's logits at position ``t - 1`` predict token ``t``; the result is shif
 column ``t`` holds ``log p(x_t | x_<t)`` (column 0, which nothing predicts, and padding hold 0).
 Logits are divided by the sampling temperature, as the inference server does before its
 log-softmax (SGLANG_API.md §2.5), so trainer and server log-probs compare one to one.
+
+A packed micro-batch runs the padding-free forward (:mod:`~nexrl_async.train.packing`): the
+same shift is applied along the concatenated sequence, and the result is gathered back to the
+``[b, W]`` layout, so a row never takes a log-prob from another row's logits.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from transformers import PreTrainedModel
 
 from nexrl_async.algorithms import entropy_from_logits, logprobs_from_logits
 from nexrl_async.train.microbatch import MicroBatch, micro_batches
+from nexrl_async.train.packing import packed_logits, unpack
 from nexrl_async.train.tensors import SequenceBatch
 
 
@@ -30,18 +35,31 @@ def forward_logprobs(
 
     ``entropy[:, t]`` is the entropy of the (temperature-scaled) distribution that token ``t``
     was drawn from. Both are differentiable when grad mode is on; float32 for half-precision
-    models.
+    models. Packed micro-batches run padding-free; the result is the same.
     """
+    if mb.packed is not None:
+        logits = packed_logits(model, mb.packed)
+        logprobs, entropy = _shifted(logits, mb.packed.input_ids, temperature, with_entropy)
+        return unpack(logprobs, mb.packed), None if entropy is None else unpack(entropy, mb.packed)
     out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
-    logits = out.logits[:, :-1, :]
-    logprobs = logprobs_from_logits(logits, mb.input_ids[:, 1:], temperature=temperature)
+    logprobs, entropy = _shifted(out.logits, mb.input_ids, temperature, with_entropy)
     real = mb.attention_mask != 0
-    logprobs = torch.where(real, F.pad(logprobs, (1, 0)), 0.0)
+    logprobs = torch.where(real, logprobs, 0.0)
+    return logprobs, None if entropy is None else torch.where(real, entropy, 0.0)
+
+
+def _shifted(
+    logits: Tensor, input_ids: Tensor, temperature: float, with_entropy: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Column ``t`` from the logits at ``t - 1``: ``[n, L]`` log-probs (entropies), column 0 = 0."""
+    logits = logits[:, :-1, :]
+    logprobs = F.pad(
+        logprobs_from_logits(logits, input_ids[:, 1:], temperature=temperature), (1, 0)
+    )
     if not with_entropy:
         return logprobs, None
     scaled = logits if temperature == 1.0 else logits / temperature
-    entropy = torch.where(real, F.pad(entropy_from_logits(scaled), (1, 0)), 0.0)
-    return logprobs, entropy
+    return logprobs, F.pad(entropy_from_logits(scaled), (1, 0))
 
 
 @torch.no_grad()
@@ -52,10 +70,12 @@ def batch_logprobs(
     token_budget: int,
     temperature: float,
     with_entropy: bool = False,
+    packing: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs ``[B, T]`` (and entropies) of every row, in eval mode, without gradients.
 
-    Runs micro-batch by micro-batch on the model's device; the results are float32 on CPU.
+    Runs micro-batch by micro-batch (packed unless ``packing=False``) on the model's device;
+    the results are float32 on CPU.
     """
     device = model_device(model)
     logprobs = torch.zeros(seq.input_ids.shape, dtype=torch.float32)
@@ -63,7 +83,10 @@ def batch_logprobs(
     was_training = model.training
     model.eval()
     try:
-        for mb in micro_batches(seq, range(seq.size), token_budget=token_budget, device=device):
+        planned = micro_batches(
+            seq, range(seq.size), token_budget=token_budget, device=device, packing=packing
+        )
+        for mb in planned:
             lp, ent = forward_logprobs(
                 model, mb, temperature=temperature, with_entropy=with_entropy
             )

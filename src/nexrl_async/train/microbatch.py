@@ -1,13 +1,16 @@
 """Split a batch into optimizer minibatches, and those into micro-batches by a token budget.
 
-Two steps, so a padding-free packer can replace the second without touching the step:
+Two steps, so the layout can change without touching the step:
 
 1. :func:`plan_micro_batches` turns row lengths and a token budget into a *plan*: a list of row
-   index lists. Today's plan is for right padding: a micro-batch of ``b`` rows padded to its
-   longest row ``L`` costs ``b · L`` tokens, which must fit the budget (a row longer than the
-   budget goes alone).
+   index lists (:mod:`nexrl_async.pipeline.packing`). Packed (the default, ``trainer.packing``):
+   a micro-batch holds rows totalling at most the budget (first-fit decreasing). Padded: ``b``
+   rows padded to their longest ``L`` cost ``b · L``. A row longer than the budget goes alone.
 2. :func:`collate` gathers a plan entry's rows into a :class:`MicroBatch` on the device, trimmed
-   to its longest row. Per-token tensors follow with :meth:`MicroBatch.take`.
+   to its longest row; a packed one also carries the rows concatenated into one sequence
+   (:class:`~nexrl_async.train.packing.PackedRows`), which the forward uses instead of the
+   padded ``[b, W]`` tensors. Either way per-token results come back as ``[b, W]``, and
+   per-token tensors follow with :meth:`MicroBatch.take`.
 
 The loss uses global denominators (see ``algorithms.aggregation``), so the way rows are grouped
 never changes the update, only memory and speed.
@@ -21,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from nexrl_async.pipeline import packing as plans
+from nexrl_async.train.packing import PackedRows, pack_rows
 from nexrl_async.train.tensors import SequenceBatch
 
 Plan = list[list[int]]
@@ -38,6 +43,8 @@ class MicroBatch:
     """``[b, W]`` int64 on the device."""
     attention_mask: Tensor
     """``[b, W]`` int64 on the device."""
+    packed: PackedRows | None = None
+    """The rows concatenated (padding-free layout), or None for the padded forward."""
 
     @property
     def device(self) -> torch.device:
@@ -55,50 +62,88 @@ def split_minibatches(size: int, parts: int) -> Plan:
     return [chunk.tolist() for chunk in torch.arange(size).tensor_split(min(parts, size))]
 
 
-def plan_micro_batches(lengths: Tensor, rows: Sequence[int], token_budget: int) -> Plan:
-    """Group ``rows`` into padded micro-batches of at most ``token_budget`` tokens each.
+def plan_micro_batches(
+    lengths: Tensor, rows: Sequence[int], token_budget: int, *, packing: bool = True
+) -> Plan:
+    """Group ``rows`` into micro-batches of at most ``token_budget`` tokens each.
 
-    Rows are taken longest first (stable), and a micro-batch grows while
-    ``rows_in_it · longest_row <= token_budget``. Every row lands in exactly one micro-batch.
+    Packed: rows totalling at most the budget (first-fit decreasing). Padded (``packing=False``):
+    rows are taken longest first and a micro-batch grows while ``rows_in_it · longest_row <=
+    token_budget``. Either way a longer row goes alone and every row lands in exactly one
+    micro-batch.
 
     Args:
         lengths: ``[B]`` real tokens per row of the sequence batch.
         rows: the rows to plan (e.g. one minibatch).
-        token_budget: padded tokens per micro-batch, ``>= 1``.
+        token_budget: tokens (packed) or padded tokens per micro-batch, ``>= 1``.
+        packing: plan for the padding-free layout.
     """
-    if token_budget < 1:
-        raise ValueError(f"token_budget must be >= 1; got {token_budget}")
-    ordered = sorted(rows, key=lambda r: -int(lengths[r]))
-    plan: Plan = []
-    current: list[int] = []
-    longest = 0
-    for row in ordered:
-        n = int(lengths[row])
-        if current and (len(current) + 1) * max(longest, n) > token_budget:
-            plan.append(current)
-            current, longest = [], 0
-        current.append(row)
-        longest = max(longest, n)
-    if current:
-        plan.append(current)
-    return plan
+    rows = list(rows)
+    sizes = [int(lengths[r]) for r in rows]
+    if packing:
+        local = plans.plan_micro_batches(sizes, token_budget)
+    else:
+        local = plans.plan_padded_micro_batches(sizes, token_budget)
+    return [[rows[i] for i in group] for group in local]
 
 
-def collate(seq: SequenceBatch, rows: Sequence[int], device: torch.device) -> MicroBatch:
-    """The micro-batch of ``rows``: padded to the longest of them, moved to ``device``."""
+def padding_frac(
+    lengths: Tensor, plan: Sequence[Sequence[int]], *, token_budget: int, packing: bool = True
+) -> float:
+    """The share of ``plan``'s token slots without a real token (``train/padding_frac``).
+
+    Padded: padding to each micro-batch's longest row. Packed: the budget left unused (the
+    padding-free forward computes none; see :func:`nexrl_async.pipeline.packing.padding_fraction`).
+    """
+    return plans.padding_fraction(
+        [int(n) for n in lengths.tolist()], plan, packed=packing, budget=token_budget
+    )
+
+
+def micro_batch_metrics(
+    seq: SequenceBatch, minibatches: Sequence[Sequence[int]], *, token_budget: int, packing: bool
+) -> dict[str, float]:
+    """``train/padding_frac`` and ``train/micro_batches`` of one epoch over ``minibatches``."""
+    plan = [
+        mb
+        for rows in minibatches
+        for mb in plan_micro_batches(seq.lengths, rows, token_budget, packing=packing)
+    ]
+    return {
+        "train/padding_frac": padding_frac(
+            seq.lengths, plan, token_budget=token_budget, packing=packing
+        ),
+        "train/micro_batches": float(len(plan)),
+    }
+
+
+def collate(
+    seq: SequenceBatch, rows: Sequence[int], device: torch.device, *, packing: bool = True
+) -> MicroBatch:
+    """The micro-batch of ``rows``: padded to the longest of them (and packed), on ``device``.
+
+    No rows give an empty ``[0, 0]`` micro-batch (never packed).
+    """
     index = torch.tensor(list(rows), dtype=torch.int64)
     width = int(seq.lengths[index].max()) if len(rows) else 0
+    input_ids = seq.input_ids[index, :width]
     return MicroBatch(
         rows=index,
         width=width,
-        input_ids=seq.input_ids[index, :width].to(device, non_blocking=True),
+        input_ids=input_ids.to(device, non_blocking=True),
         attention_mask=seq.attention_mask[index, :width].to(device, non_blocking=True),
+        packed=pack_rows(input_ids, seq.lengths[index], device) if packing and rows else None,
     )
 
 
 def micro_batches(
-    seq: SequenceBatch, rows: Sequence[int], *, token_budget: int, device: torch.device
+    seq: SequenceBatch,
+    rows: Sequence[int],
+    *,
+    token_budget: int,
+    device: torch.device,
+    packing: bool = True,
 ) -> Iterator[MicroBatch]:
-    """Plan ``rows`` and yield their micro-batches one at a time (the packing seam)."""
-    for planned in plan_micro_batches(seq.lengths, rows, token_budget):
-        yield collate(seq, planned, device)
+    """Plan ``rows`` and yield their micro-batches one at a time (packed unless told not to)."""
+    for planned in plan_micro_batches(seq.lengths, rows, token_budget, packing=packing):
+        yield collate(seq, planned, device, packing=packing)
