@@ -66,13 +66,21 @@ def run(
         Path | None,
         typer.Option("--output", "-o", help="Run folder (default: run.output_dir)."),
     ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            "--resume",
+            help="Continue from a checkpoint: 'auto' (the run folder's newest one; fresh start "
+            "when none) or the path of a checkpoint folder.",
+        ),
+    ] = None,
 ) -> None:
     """Train: launch the inference fleet, stream rollouts, train, publish weights."""
     from nexrl_async.config.loader import load_recipe
     from nexrl_async.engine.run import run_recipe
 
     loaded = load_recipe(recipe, set_ or [])
-    reason = run_recipe(loaded, output=output)
+    reason = run_recipe(loaded, output=output, resume=resume)
     if reason.startswith("interrupted"):
         raise SystemExit(130)
 

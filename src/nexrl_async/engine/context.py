@@ -55,8 +55,18 @@ def output_dir(recipe: LoadedRecipe, output: Path | None) -> Path:
     return Path(run.output_dir.replace("{name}", run.name))
 
 
-def open_run(recipe: LoadedRecipe, output: Path | None, *, resume: bool) -> RunContext:
-    """Create the run folder, write the resolved recipe, start logs, metrics and the ledger."""
+def open_run(
+    recipe: LoadedRecipe,
+    output: Path | None,
+    *,
+    resume: bool,
+    resumed_from: Path | None = None,
+) -> RunContext:
+    """Create the run folder, write the resolved recipe, start logs, metrics and the ledger.
+
+    ``resume`` reuses an existing run folder (records are appended); ``resumed_from`` is the
+    checkpoint the run continues from, recorded in ``run_started``.
+    """
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from transformers.utils import logging as hf_logging
 
@@ -68,7 +78,9 @@ def open_run(recipe: LoadedRecipe, output: Path | None, *, resume: bool) -> RunC
     terminal = setup_logging(level=cfg.logging.level, rank=0, run_dir=run_dir.root)
     sinks = build_sinks(cfg.logging, run_dir, msgspec.to_builtins(cfg))
     ledger = RunLedger(run_dir.events_path)
-    ledger.emit(RunStarted(config_hash=hashlib.sha256(text.encode()).hexdigest()[:16]))
+    config_hash = hashlib.sha256(text.encode()).hexdigest()[:16]
+    origin = None if resumed_from is None else str(resumed_from)
+    ledger.emit(RunStarted(config_hash=config_hash, resumed_from=origin))
     return RunContext(
         recipe=recipe,
         run_dir=run_dir,

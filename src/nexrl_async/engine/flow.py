@@ -12,14 +12,22 @@ one ``anyio.Condition`` and re-asks after every change. Three kinds of waiters:
 Every pool outcome is written to the ledger here, and failed or dropped groups give their item
 back to the data source for replay. The item of each outstanding lease is remembered so a
 checkpoint can save in-flight items as replays.
+
+Checkpoints: :meth:`Flow.snapshot` captures gate, pool (contents included), data cursor, the
+items of outstanding leases and the replay counters in one synchronous call (no await: nothing
+moves while it runs); :meth:`Flow.restore` puts them back into a freshly built flow in the
+order their checks need (see ``engine.resume``).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import anyio
+import msgspec
 
+from nexrl_async.core.errors import CheckpointError
 from nexrl_async.core.protocols import DataSource
 from nexrl_async.core.records import DataItem, FailureReason, Group, TrainBatch, VersionToken
 from nexrl_async.obs.ledger import Admitted, Dropped, Failed, Pooled, RunLedger, Trained
@@ -32,6 +40,24 @@ from nexrl_async.pipeline.pool import (
     TrajectoryPool,
 )
 from nexrl_async.pipeline.staleness import StalenessGate
+
+
+class FlowState(msgspec.Struct, kw_only=True):
+    """Everything :meth:`Flow.restore` needs; msgpack-able."""
+
+    gate: dict[str, Any]
+    pool: dict[str, Any]
+    data: dict[str, Any]
+    """The data cursor, without the in-flight items (they are replayed on restore)."""
+    items: dict[int, DataItem]
+    """Lease id → item, for every outstanding lease (pooled and in flight)."""
+    in_flight: list[int]
+    """Outstanding leases with no group in the pool, ascending (their work is lost)."""
+    queued_replays: int | None
+    """Items already waiting in the data source's replay queue, if the source says."""
+    failures: dict[str, int]
+    counts: dict[str, int]
+    abandoned: int
 
 
 class Flow:
@@ -129,6 +155,55 @@ class Flow:
         async with self._changed:
             self._closed = True
             self._changed.notify_all()
+
+    def snapshot(self) -> FlowState:
+        """The state to checkpoint, taken at once (synchronous: call it on the loop thread)."""
+        outstanding = [tok.lease_id for tok in self.gate.outstanding_tokens()]
+        missing = [lease for lease in outstanding if lease not in self.items]
+        assert not missing, f"outstanding leases without an item: {missing}"
+        pooled = set(self.pool.lease_ids())
+        queued = getattr(self.data, "pending_replays", None)
+        return FlowState(
+            gate=self.gate.state_dict(),
+            pool=self.pool.state_dict(),
+            data=self.data.state_dict(),
+            items={lease: self.items[lease] for lease in outstanding},
+            in_flight=[lease for lease in outstanding if lease not in pooled],
+            queued_replays=queued if isinstance(queued, int) else None,
+            failures=dict(self._failures),
+            counts=dict(self.counts),
+            abandoned=self.abandoned,
+        )
+
+    def restore(self, state: FlowState) -> list[VersionToken]:
+        """Load ``state`` into this (fresh) flow; return the in-flight leases it released.
+
+        Order: gate, pool (its groups' leases must be in the gate), data cursor, then the
+        orphans (leases in flight when the snapshot was taken) are released and their items
+        queued for replay in lease order, after the cursor's own replay queue.
+        """
+        self.gate.load_state_dict(state.gate)
+        self.pool.load_state_dict(state.pool)
+        self.data.load_state_dict(state.data)
+        orphans = self.pool.reclaim_orphans()
+        if [tok.lease_id for tok in orphans] != state.in_flight:
+            raise CheckpointError(
+                f"checkpoint lists leases {state.in_flight} in flight, but gate and pool "
+                f"leave {[tok.lease_id for tok in orphans]} without a group"
+            )
+        for token in orphans:
+            item = state.items.get(token.lease_id)
+            if item is None:
+                raise CheckpointError(f"checkpoint lacks the item of lease {token.lease_id}")
+            self.data.replay(item)
+        pooled = self.pool.lease_ids()
+        if lost := [lease for lease in pooled if lease not in state.items]:
+            raise CheckpointError(f"checkpoint lacks the items of pooled leases {lost}")
+        self.items = {lease: state.items[lease] for lease in pooled}
+        self._failures = Counter(state.failures)
+        self.counts = Counter(state.counts)
+        self.abandoned = state.abandoned
+        return orphans
 
     def _exhausted(self) -> bool:
         no_data = getattr(self.data, "exhausted", False)

@@ -8,37 +8,107 @@ What each task waits on:
   (servers held, weights loaded and verified), then validation when due;
 - the fleet's supervisors: server processes and health probes (inside ``open_fleet``).
 
+Checkpoints: after every ``checkpoint.every_steps``-th step the trainer coroutine saves one
+(rollouts keep streaming); at the end a last one (``at_end``) and the HF export (``export_hf``).
+
 Shutdown: the run ends when the trainer returns (total steps reached, data exhausted); it cancels
 the root group, workers abort their requests, ``open_fleet`` stops the servers in shielded
-scopes. A signal or a failing task cancels the same way.
+scopes. A failing task cancels the same way, and so do SIGINT and a second signal. A graceful
+stop (:class:`StopRequest`: SIGTERM with ``checkpoint.on_sigterm``, ``run.max_wall_s``) lets the
+running train step and its publication finish, stops waiting for the next batch (or for
+validation), saves a checkpoint, then ends the run the same way.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import anyio
+from anyio import CancelScope
 from anyio.abc import TaskGroup
 from loguru import logger
 
+from nexrl_async.core.records import TrainBatch
 from nexrl_async.engine.context import RunContext
 from nexrl_async.engine.flow import Flow
 from nexrl_async.engine.parts import Parts, TrainerFactory, open_parts
+from nexrl_async.engine.resume import Resume
 from nexrl_async.engine.stats import StepClock, batch_metrics
 from nexrl_async.engine.validator import due, validate
 from nexrl_async.obs.ledger import Published, Validated
 
 
-async def run_engine(ctx: RunContext, *, trainer_factory: TrainerFactory | None = None) -> str:
-    """Run the recipe to its end; return why it ended (``completed``, ``data_exhausted``).
+class StopRequest:
+    """A graceful stop: finish the running step, checkpoint, end the run.
+
+    :meth:`request` cancels only the waits wrapped in :meth:`interruptible` (the next batch,
+    validation); a train step, a publication and a checkpoint always run to their end.
+    """
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.listening = False
+        """Whether a trainer loop honours requests (before that, a signal cancels the run)."""
+        self._scopes: set[CancelScope] = set()
+
+    def request(self, reason: str) -> bool:
+        """Ask the run to stop; ``False`` when no trainer loop listens yet."""
+        if not self.listening:
+            return False
+        self.reason = self.reason or reason
+        for scope in self._scopes:
+            scope.cancel()
+        return True
+
+    @contextmanager
+    def interruptible(self) -> Iterator[CancelScope]:
+        with CancelScope() as scope:
+            if self.reason is not None:
+                scope.cancel()
+            self._scopes.add(scope)
+            try:
+                yield scope
+            finally:
+                self._scopes.discard(scope)
+
+
+async def run_engine(
+    ctx: RunContext,
+    *,
+    trainer_factory: TrainerFactory | None = None,
+    stop: StopRequest | None = None,
+    resume: Resume | None = None,
+) -> str:
+    """Run the recipe to its end; return why it ended (``completed``, ``data_exhausted``, or
+    the reason of a graceful stop).
 
     ``trainer_factory`` replaces the recipe's trainer (benchmarks simulate the train step).
+    ``resume`` continues from a checkpoint (``engine.resume``).
     """
-    parts_cm = open_parts(ctx, trainer_factory=trainer_factory)
+    stop = stop or StopRequest()
+    parts_cm = open_parts(ctx, trainer_factory=trainer_factory, resume=resume)
     async with parts_cm as parts, anyio.create_task_group() as tg:
-        pending = await _validate(ctx, parts, step=0, final=False)
+        pending: dict[str, float] = {}
+        stop.listening = True
+        if resume is None:
+            with stop.interruptible():
+                pending = await _validate(ctx, parts, step=0, final=False)
         _start_rollouts(tg, parts)
-        reason = await _train(ctx, parts, pending)
+        reason = await _train(ctx, parts, pending, stop)
+        await _wrap_up(parts, reason)
         tg.cancel_scope.cancel()
     return reason
+
+
+async def _wrap_up(parts: Parts, reason: str) -> None:
+    """The last checkpoint (graceful stop, or ``at_end``) and the final HF export."""
+    step = parts.flow.gate.next_step
+    finished = reason in ("completed", "data_exhausted")
+    if not finished or parts.cfg.checkpoint.at_end:
+        await parts.checkpointer.save(step)
+    if finished:
+        await parts.checkpointer.export_final(parts.ctx.run_dir.root / "final")
 
 
 def _start_rollouts(tg: TaskGroup, parts: Parts) -> None:
@@ -60,42 +130,61 @@ async def _run_rollout_worker(flow: Flow, parts: Parts) -> None:
         await flow.put(group)
 
 
-async def _train(ctx: RunContext, parts: Parts, pending: dict[str, float]) -> str:
-    cfg, flow, clock = ctx.cfg, parts.flow, StepClock()
-    step = flow.gate.next_step
+async def _train(
+    ctx: RunContext, parts: Parts, pending: dict[str, float], stop: StopRequest
+) -> str:
+    cfg, clock = ctx.cfg, StepClock()
+    step = parts.flow.gate.next_step
     while cfg.run.total_steps is None or step < cfg.run.total_steps:
         wait_start = anyio.current_time()
-        batch = await flow.take(step)
+        batch: TrainBatch | None = None
+        with stop.interruptible():
+            batch = await parts.flow.take(step)
+            if batch is None:
+                return "data_exhausted"
         if batch is None:
-            return "data_exhausted"
-        metrics = {"pipeline/batch_wait_s": anyio.current_time() - wait_start}
-        metrics.update(await parts.train_step(batch))
-        published = await parts.publisher.publish(step + 1)
-        await flow.advance(step + 1)
-        ctx.ledger.emit(
-            Published(
-                version=step + 1, transport=cfg.weights.transport, bytes=published.bytes,
-                transfer_s=published.transfer_s, pause_s=published.pause_s,
-                servers=list(parts.fleet.urls),
-            )
-        )  # fmt: skip
-        metrics.update(batch_metrics(batch), **parts.pipeline_metrics(clock))
-        metrics.update(
-            {"weights/publish_s": published.total_s, "weights/pause_s": published.pause_s}
-        )
-        metrics.update({"weights/bytes": float(published.bytes), **pending})
+            return stop.reason or "stopped"
+        metrics = {"pipeline/batch_wait_s": anyio.current_time() - wait_start, **pending}
+        metrics.update(await _train_and_publish(ctx, parts, batch, clock))
         step += 1
-        pending = await _validate(ctx, parts, step=step, final=False)
+        pending = {}
+        with stop.interruptible():
+            pending = await _validate(ctx, parts, step=step, final=False)
         elapsed = clock.lap()
         metrics["timing/step_s"] = elapsed
         metrics["throughput/tokens_per_s"] = metrics.pop("rollout/generated_tokens") / elapsed
         ctx.metrics.log(batch.step, metrics)
         parts.progress(step, metrics)
         await parts.dump_samples(batch)
+        if parts.checkpointer.due(step):
+            await parts.checkpointer.save(step)
+        if stop.reason is not None:
+            return stop.reason
     final = pending or await _validate(ctx, parts, step=step, final=True)
     if final:
         ctx.metrics.log(step, final)
     return "completed"
+
+
+async def _train_and_publish(
+    ctx: RunContext, parts: Parts, batch: TrainBatch, clock: StepClock
+) -> dict[str, float]:
+    """Step ``batch.step``, publish version ``step + 1``, let the gate admit on it."""
+    version = batch.step + 1
+    metrics = await parts.train_step(batch)
+    published = await parts.publisher.publish(version)
+    await parts.flow.advance(version)
+    ctx.ledger.emit(
+        Published(
+            version=version, transport=ctx.cfg.weights.transport, bytes=published.bytes,
+            transfer_s=published.transfer_s, pause_s=published.pause_s,
+            servers=list(parts.fleet.urls),
+        )
+    )  # fmt: skip
+    metrics.update(batch_metrics(batch), **parts.pipeline_metrics(clock))
+    metrics.update({"weights/publish_s": published.total_s, "weights/pause_s": published.pause_s})
+    metrics["weights/bytes"] = float(published.bytes)
+    return metrics
 
 
 async def _validate(ctx: RunContext, parts: Parts, *, step: int, final: bool) -> dict[str, float]:

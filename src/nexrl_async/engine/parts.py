@@ -1,8 +1,9 @@
 """The run's long-lived parts, built in dependency order and torn down in reverse.
 
 :func:`open_parts` yields a :class:`Parts`: trainer, data, staleness gate, pool, inference fleet
-and clients, weight publisher, rollout workers, validation items. Blocking set-up (loading the
-model, reading data) runs in worker threads.
+and clients, weight publisher, rollout workers, validation items, checkpointer. Blocking set-up
+(loading the model, reading data) runs in worker threads. Given a :class:`Resume`, the state is
+restored on the way, in the order ``engine.resume`` describes.
 """
 
 from __future__ import annotations
@@ -18,19 +19,29 @@ import anyio
 import httpx
 import msgspec
 
+from nexrl_async.config.inference import AttachInference
 from nexrl_async.config.model import PretrainedModel
 from nexrl_async.config.schema import RecipeConfig
 from nexrl_async.core.records import DataItem, TrainBatch
 from nexrl_async.data import iterate_once, open_source
+from nexrl_async.engine.checkpointer import Checkpointer
 from nexrl_async.engine.context import RunContext
 from nexrl_async.engine.flow import Flow
 from nexrl_async.engine.generation import FleetGenerator
+from nexrl_async.engine.resume import (
+    Resume,
+    restore_flow,
+    restore_trainer,
+    resumed_inference,
+    serving_folder,
+)
 from nexrl_async.engine.samples import write_samples
 from nexrl_async.engine.stats import CountingEvents, StepClock
 from nexrl_async.engine.validator import validation_rollout
 from nexrl_async.inference.client import SGLangClient
 from nexrl_async.inference.fleet import Fleet, open_fleet
 from nexrl_async.inference.router import ServerHandle
+from nexrl_async.obs.ledger import RunResumed
 from nexrl_async.obs.progress import ProgressLine
 from nexrl_async.pipeline.pool import TrajectoryPool
 from nexrl_async.pipeline.staleness import StalenessGate
@@ -70,6 +81,7 @@ class Parts:
     val_worker: RolloutWorker
     val_items: list[DataItem]
     progress_line: ProgressLine
+    checkpointer: Checkpointer
     torch_limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(1))
 
     async def train_step(self, batch: TrainBatch) -> dict[str, float]:
@@ -108,12 +120,18 @@ class Parts:
 
 @asynccontextmanager
 async def open_parts(
-    ctx: RunContext, *, trainer_factory: TrainerFactory | None = None
+    ctx: RunContext,
+    *,
+    trainer_factory: TrainerFactory | None = None,
+    resume: Resume | None = None,
 ) -> AsyncIterator[Parts]:
     cfg, base_dir = ctx.cfg, ctx.base_dir
     factory = trainer_factory or build_trainer
     trainer = await anyio.to_thread.run_sync(factory, cfg, base_dir)
-    model_dir = await anyio.to_thread.run_sync(_serving_dir, cfg, trainer, ctx.run_dir.root)
+    model_dir = await anyio.to_thread.run_sync(_serving_dir, ctx, trainer, resume)
+    inference = cfg.inference
+    if resume is not None:
+        inference = resumed_inference(inference, model_dir, resume.version)
     data = await anyio.to_thread.run_sync(lambda: open_source(cfg.data, base_dir=base_dir))
     val_items: list[DataItem] = []
     if cfg.validation.data is not None:
@@ -128,6 +146,8 @@ async def open_parts(
     flow = Flow(
         gate=gate, pool=pool, data=data, ledger=ctx.ledger, max_replays=cfg.data.max_replays
     )
+    if resume is not None:
+        restore_flow(flow, resume)
     holder: dict[str, WeightPublisher] = {}
 
     async def on_restart(server: ServerHandle) -> None:
@@ -138,7 +158,7 @@ async def open_parts(
     async with (
         httpx.AsyncClient(limits=limits, timeout=None) as http,
         open_fleet(
-            cfg.inference, model_dir=model_dir, log_dir=ctx.run_dir.logs_dir, http=http,
+            inference, model_dir=model_dir, log_dir=ctx.run_dir.logs_dir, http=http,
             on_restart=on_restart,
         ) as fleet,
     ):  # fmt: skip
@@ -150,11 +170,21 @@ async def open_parts(
             export=trainer.save_hf, initial_path=model_dir,
         )  # fmt: skip
         holder["publisher"] = publisher
+        if resume is not None:
+            await _resume_publisher(publisher, fleet, resume)
         generator = FleetGenerator(
             fleet, clients, current_version=lambda: gate.version,
             retries=cfg.inference.retries, seed=cfg.run.seed,
         )  # fmt: skip
         events = CountingEvents(ctx.ledger)
+        limiter = anyio.CapacityLimiter(1)
+        checkpointer = Checkpointer(
+            cfg.checkpoint, root=ctx.run_dir.checkpoints_dir, trainer=trainer,
+            export=trainer.save_hf, flow=flow, ledger=ctx.ledger, limiter=limiter,
+            last_step=0 if resume is None else resume.step,
+        )  # fmt: skip
+        if resume is not None:
+            ctx.ledger.emit(RunResumed(step=resume.step, path=str(resume.path)))
         common: dict[str, Any] = {
             "tokenizer": trainer.tokenizer, "generator": generator, "base_dir": base_dir,
             "required": list(cfg.data.required), "events": events,
@@ -172,6 +202,7 @@ async def open_parts(
             progress_line=ProgressLine(
                 cfg.run.total_steps, terminal=ctx.terminal, enabled=cfg.logging.progress
             ),
+            checkpointer=checkpointer, torch_limiter=limiter,
         )  # fmt: skip
 
 
@@ -185,14 +216,28 @@ def build_trainer(cfg: RecipeConfig, base_dir: Path) -> Trainer:
     )  # fmt: skip
 
 
-def _serving_dir(cfg: RecipeConfig, trainer: TrainerLike, root: Path) -> Path:
-    """The HF folder the servers start from: the recipe's model, or the built one saved."""
-    if isinstance(cfg.model, PretrainedModel):
-        return Path(cfg.model.path)
-    path = root / "model"
+def _serving_dir(ctx: RunContext, trainer: TrainerLike, resume: Resume | None) -> Path:
+    """The HF folder the servers start from: the recipe's model, or the built one saved.
+
+    On resume: the trainer's state is loaded and its policy exported (``engine.resume``).
+    """
+    if resume is not None:
+        restore_trainer(trainer, resume)
+        return serving_folder(ctx.run_dir.weights_dir, resume, trainer.save_hf)
+    if isinstance(ctx.cfg.model, PretrainedModel):
+        return Path(ctx.cfg.model.path)
+    path = ctx.run_dir.root / "model"
     if not (path / "config.json").exists():
         trainer.save_hf(path)
     return path
+
+
+async def _resume_publisher(publisher: WeightPublisher, fleet: Fleet, resume: Resume) -> None:
+    """The publisher starts at the checkpoint's version; attached servers load its weights."""
+    publisher.version = resume.version
+    if isinstance(fleet.cfg, AttachInference):
+        for server in fleet.servers:
+            await publisher.on_restart(server)
 
 
 def _context_length(trainer: TrainerLike) -> int | None:

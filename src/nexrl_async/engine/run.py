@@ -1,8 +1,14 @@
 """``nexrl-async run``: open the run folder, run the engine under signal handling, close it.
 
-SIGINT and SIGTERM cancel the root task group: workers abort their requests, the fleet stops
-its servers (shielded, with a grace period), and the ledger and metrics are flushed and closed
-before the process exits. The run's end is recorded as a ``run_finished`` event.
+SIGINT cancels the root task group: workers abort their requests, the fleet stops its servers
+(shielded, with a grace period), and the ledger and metrics are flushed and closed before the
+process exits. SIGTERM does the same after a checkpoint when ``checkpoint.on_sigterm`` is on:
+the running train step finishes, a checkpoint is written, then the run stops (a second signal
+cancels at once). ``run.max_wall_s`` stops the same graceful way. The run's end is recorded as
+a ``run_finished`` event.
+
+``resume`` (``--resume``): ``auto`` continues from the newest checkpoint of the run folder (or
+starts fresh when it has none), anything else names a checkpoint folder (``engine.resume``).
 """
 
 from __future__ import annotations
@@ -16,10 +22,12 @@ from loguru import logger
 
 from nexrl_async.config.loader import LoadedRecipe
 from nexrl_async.config.preflight import preflight
-from nexrl_async.engine.context import RunContext, open_run
-from nexrl_async.engine.loop import run_engine
+from nexrl_async.engine.context import RunContext, open_run, output_dir
+from nexrl_async.engine.loop import StopRequest, run_engine
 from nexrl_async.engine.parts import TrainerFactory
-from nexrl_async.obs.ledger import RunFinished
+from nexrl_async.engine.resume import Resume, abandon_newer, find_checkpoint
+from nexrl_async.obs.ledger import RunFinished, RunResumed, RunStarted, Trained, read_events
+from nexrl_async.obs.rundir import RunDir
 
 
 def run_recipe(
@@ -27,13 +35,21 @@ def run_recipe(
     *,
     output: Path | None = None,
     trainer_factory: TrainerFactory | None = None,
+    resume: str | None = None,
 ) -> str:
     """Run ``recipe`` to its end and return why it ended; raises on failure."""
     preflight(recipe)
-    ctx = open_run(recipe, output, resume=False)
+    checkpoints = RunDir(output_dir(recipe, output)).checkpoints_dir
+    found = find_checkpoint(checkpoints, resume) if resume is not None else None
+    point = Resume.load(found) if found is not None else None
+    ctx = open_run(recipe, output, resume=resume is not None, resumed_from=found)
+    if resume is not None and point is None:
+        logger.info("--resume {}: no checkpoint in {}, starting fresh", resume, checkpoints)
+    if point is not None:
+        abandon_newer(ctx.run_dir.checkpoints_dir, point.step)
     outcome = {"reason": "error"}
     try:
-        anyio.run(_main, ctx, outcome, trainer_factory)
+        anyio.run(_main, ctx, outcome, trainer_factory, point)
     finally:
         ctx.ledger.emit(RunFinished(reason=outcome["reason"], step=_steps_done(ctx)))
         ctx.close()
@@ -42,29 +58,60 @@ def run_recipe(
 
 
 async def _main(
-    ctx: RunContext, outcome: dict[str, str], trainer_factory: TrainerFactory | None
+    ctx: RunContext,
+    outcome: dict[str, str],
+    trainer_factory: TrainerFactory | None,
+    resume: Resume | None,
 ) -> None:
+    stop = StopRequest()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_watch_signals, tg.cancel_scope, outcome)
-        outcome["reason"] = await run_engine(ctx, trainer_factory=trainer_factory)
+        tg.start_soon(_watch_signals, tg.cancel_scope, stop, outcome, ctx.cfg.checkpoint.on_sigterm)
+        if ctx.cfg.run.max_wall_s is not None:
+            tg.start_soon(_watch_wall, tg.cancel_scope, stop, outcome, ctx.cfg.run.max_wall_s)
+        outcome["reason"] = await run_engine(
+            ctx, trainer_factory=trainer_factory, stop=stop, resume=resume
+        )
         tg.cancel_scope.cancel()
 
 
-async def _watch_signals(scope: CancelScope, outcome: dict[str, str]) -> None:
+async def _watch_signals(
+    scope: CancelScope, stop: StopRequest, outcome: dict[str, str], graceful_sigterm: bool
+) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             name = signal.Signals(signum).name
+            reason = f"interrupted ({name})"
+            outcome["reason"] = reason
+            graceful = signum == signal.SIGTERM and graceful_sigterm and stop.reason is None
+            if graceful and stop.request(reason):
+                logger.warning("{} received: stopping after a checkpoint", name)
+                continue
             logger.warning("{} received: stopping the run", name)
-            outcome["reason"] = f"interrupted ({name})"
             scope.cancel()
             return
 
 
-def _steps_done(ctx: RunContext) -> int:
-    from nexrl_async.obs.ledger import Trained, read_events
+async def _watch_wall(
+    scope: CancelScope, stop: StopRequest, outcome: dict[str, str], max_wall_s: float
+) -> None:
+    await anyio.sleep(max_wall_s)
+    logger.warning("run.max_wall_s = {} reached: stopping after a checkpoint", max_wall_s)
+    outcome["reason"] = "max_wall_s"
+    if not stop.request("max_wall_s"):
+        scope.cancel()
 
+
+def _steps_done(ctx: RunContext) -> int:
+    """Steps done by the end of this process (counted from its resume point, if any)."""
     try:
-        trained = [e for e in read_events(ctx.run_dir.events_path) if isinstance(e, Trained)]
+        events = read_events(ctx.run_dir.events_path)
     except Exception:  # noqa: BLE001 - a summary number; never mask the run's own outcome
         return 0
-    return max((e.step + 1 for e in trained), default=0)
+    starts = [i for i, e in enumerate(events) if isinstance(e, RunStarted)]
+    steps = 0
+    for event in events[starts[-1] if starts else 0 :]:
+        if isinstance(event, RunResumed):
+            steps = event.step
+        elif isinstance(event, Trained):
+            steps = max(steps, event.step + 1)
+    return steps
