@@ -104,8 +104,12 @@ def unpack(values: Tensor, packed: PackedRows) -> Tensor:
 
 
 def attention_mechanism(attn_implementation: str) -> Mechanism:
-    """How a model with this ``config._attn_implementation`` keeps packed rows apart."""
-    if "flash" in attn_implementation and not attn_implementation.startswith("paged"):
+    """How a model with this ``config._attn_implementation`` keeps packed rows apart.
+
+    Any name with "flash" in it is a flash kernel, as transformers decides
+    (``utils.generic.is_flash_attention_requested``).
+    """
+    if "flash" in attn_implementation:
         return "varlen"
     if attn_implementation in _MASKED:
         return "mask"
