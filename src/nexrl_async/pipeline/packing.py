@@ -80,11 +80,12 @@ def plan_micro_batches(lengths: Sequence[int], budget: int, *, min_count: int = 
     return _split_to_count(lengths, plan, min_count)
 
 
-def plan_padded_micro_batches(lengths: Sequence[int], budget: int) -> Plan:
+def plan_padded_micro_batches(lengths: Sequence[int], budget: int, *, min_count: int = 1) -> Plan:
     """Right-padded micro-batches: ``rows · longest_row <= budget`` (a long row goes alone).
 
     Rows are taken longest first and fill one micro-batch after another (next fit): sorted
     lengths make that near-optimal for padding, since neighbours have similar lengths.
+    ``min_count`` as in :func:`plan_micro_batches` (splitting never raises a padded cost).
     """
     _check_lengths(lengths)
     _check_budget(budget)
@@ -100,7 +101,7 @@ def plan_padded_micro_batches(lengths: Sequence[int], budget: int) -> Plan:
         longest = max(longest, n)
     if current:
         plan.append(current)
-    return plan
+    return _split_to_count(lengths, plan, min_count)
 
 
 def padding_fraction(

@@ -63,7 +63,12 @@ def split_minibatches(size: int, parts: int) -> Plan:
 
 
 def plan_micro_batches(
-    lengths: Tensor, rows: Sequence[int], token_budget: int, *, packing: bool = True
+    lengths: Tensor,
+    rows: Sequence[int],
+    token_budget: int,
+    *,
+    packing: bool = True,
+    min_count: int = 1,
 ) -> Plan:
     """Group ``rows`` into micro-batches of at most ``token_budget`` tokens each.
 
@@ -77,13 +82,15 @@ def plan_micro_batches(
         rows: the rows to plan (e.g. one minibatch).
         token_budget: tokens (packed) or padded tokens per micro-batch, ``>= 1``.
         packing: plan for the padding-free layout.
+        min_count: at least this many micro-batches where rows allow (sharded ranks must run
+            the same number of forward passes: pass the maximum over ranks).
     """
     rows = list(rows)
     sizes = [int(lengths[r]) for r in rows]
     if packing:
-        local = plans.plan_micro_batches(sizes, token_budget)
+        local = plans.plan_micro_batches(sizes, token_budget, min_count=min_count)
     else:
-        local = plans.plan_padded_micro_batches(sizes, token_budget)
+        local = plans.plan_padded_micro_batches(sizes, token_budget, min_count=min_count)
     return [[rows[i] for i in group] for group in local]
 
 
@@ -143,7 +150,12 @@ def micro_batches(
     token_budget: int,
     device: torch.device,
     packing: bool = True,
+    min_count: int = 1,
 ) -> Iterator[MicroBatch]:
-    """Plan ``rows`` and yield their micro-batches one at a time (packed unless told not to)."""
-    for planned in plan_micro_batches(seq.lengths, rows, token_budget, packing=packing):
+    """Plan ``rows`` and yield their micro-batches one at a time (packed unless told not to).
+
+    ``min_count``: see :func:`plan_micro_batches`.
+    """
+    plan = plan_micro_batches(seq.lengths, rows, token_budget, packing=packing, min_count=min_count)
+    for planned in plan:
         yield collate(seq, planned, device, packing=packing)

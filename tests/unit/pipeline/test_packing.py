@@ -52,14 +52,19 @@ def test_packed_plan_covers_every_row_once_within_the_budget(
     assert plan_micro_batches(lengths, budget, min_count=min_count) == plan
 
 
-@given(lengths=lengths_st, budget=st.integers(min_value=1, max_value=700))
+@given(
+    lengths=lengths_st,
+    budget=st.integers(min_value=1, max_value=700),
+    min_count=st.integers(min_value=1, max_value=12),
+)
 def test_padded_plan_covers_every_row_once_within_the_budget(
-    lengths: list[int], budget: int
+    lengths: list[int], budget: int, min_count: int
 ) -> None:
-    plan = plan_padded_micro_batches(lengths, budget)
+    plan = plan_padded_micro_batches(lengths, budget, min_count=min_count)
     assert _flat(plan) == list(range(len(lengths)))
     for rows in plan:
         assert len(rows) * max(lengths[i] for i in rows) <= budget or len(rows) == 1
+    assert len(plan) >= min(min_count, len(lengths))
 
 
 @given(lengths=lengths_st, budget=st.integers(min_value=1, max_value=700))

@@ -115,3 +115,20 @@ def test_micro_batch_metrics_follow_the_layout(
     assert packed == {"train/padding_frac": pytest.approx(1 - 14 / 36), "train/micro_batches": 2}
     padded = micro_batch_metrics(seq, halves, token_budget=18, packing=False)
     assert padded == {"train/padding_frac": pytest.approx(1 - 14 / 21), "train/micro_batches": 2}
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_min_count_splits_micro_batches_for_lockstep_ranks(
+    make_traj: Callable[..., Trajectory], make_batch: Callable[..., TrainBatch], packing: bool
+) -> None:
+    seq = sequences_from_batch(
+        make_batch([make_traj("g", i, [1], [4] * i) for i in range(1, 5)]), pad_token_id=0
+    )
+    rows = range(seq.size)
+    cpu = torch.device("cpu")
+    assert len(list(micro_batches(seq, rows, token_budget=100, device=cpu, packing=packing))) == 1
+    split = list(
+        micro_batches(seq, rows, token_budget=100, device=cpu, packing=packing, min_count=3)
+    )
+    assert len(split) == 3
+    assert sorted(r for mb in split for r in mb.rows.tolist()) == list(rows)

@@ -181,10 +181,11 @@ def varlen_attention() -> Iterator[list[dict[str, Any]]]:
     AttentionInterface._global_mapping.pop(VARLEN_NAME, None)
 
 
+@pytest.mark.parametrize("architecture", ["qwen2", "llama"])
 def test_varlen_kwargs_reach_every_attention_layer(
-    varlen_attention: list[dict[str, Any]],
+    varlen_attention: list[dict[str, Any]], architecture: str
 ) -> None:
-    model = _tiny()
+    model = _tiny(architecture)
     ids, lens = _rows(LENGTHS)
     expected = _padded_logits(model, ids, lens)
     # set_attn_implementation would look for a real flash kernel; the config is what layers read
