@@ -1,5 +1,33 @@
 """Weight publication from the trainer to the inference fleet (disk and distributed transports).
 
-Owns: the publication state machine (pause/hold → transfer → verify → flush → continue).
-Must not import: ``rollout``, ``engine``.
+Owns: the publication state machine (prepare → hold → transfer → verify → flush → continue,
+``publisher``) and its transports: ``disk`` (safetensors + ``/update_weights_from_disk``) and
+``distributed`` (``/update_weights_from_distributed`` with the trainer's broadcast, ``group``).
+Must not import: ``rollout``, ``train``, ``engine`` (the trainer's sender is injected).
 """
+
+from nexrl_async.weights.disk import DiskTransport, Exporter
+from nexrl_async.weights.distributed import DistributedTransport, ParamSource
+from nexrl_async.weights.group import BroadcastGroup, Sender, SenderFactory
+from nexrl_async.weights.publisher import (
+    Publisher,
+    PublishStats,
+    Routing,
+    Transport,
+    WeightPublisher,
+)
+
+__all__ = [
+    "BroadcastGroup",
+    "DiskTransport",
+    "DistributedTransport",
+    "Exporter",
+    "ParamSource",
+    "PublishStats",
+    "Publisher",
+    "Routing",
+    "Sender",
+    "SenderFactory",
+    "Transport",
+    "WeightPublisher",
+]

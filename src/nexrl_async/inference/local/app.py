@@ -7,6 +7,8 @@ Routes served (anything else is ``404 {"detail": "Not Found"}``)::
     GET  /model_info  /get_model_info     GET  /server_info  /get_server_info   GET /v1/loads
     GET|POST /flush_cache                 POST /pause_generation  /continue_generation
     POST /abort_request                   POST /update_weights_from_disk
+    POST /init_weights_update_group       POST /update_weights_from_distributed
+    POST /destroy_weights_update_group    POST /begin_weight_update  /end_weight_update
 
 With an API key every route but ``/health*``, ``/ready*`` and ``/metrics*`` needs
 ``Authorization: Bearer <key>`` (401 ``{"error": "Unauthorized"}`` otherwise), checked before
@@ -26,7 +28,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from nexrl_async.inference.local import control, openai_api
+from nexrl_async.inference.local import control, distributed_api, openai_api
 from nexrl_async.inference.local.context import ServerContext
 from nexrl_async.inference.local.errors import http_error, json_response, unauthorized
 from nexrl_async.inference.local.generate import handle_generate
@@ -34,6 +36,14 @@ from nexrl_async.inference.local.generate import handle_generate
 Handler = Callable[[HttpRequest, ServerContext], Awaitable[Response]]
 
 _OPEN_PREFIXES = ("/health", "/ready", "/metrics")
+_DISTRIBUTED = (
+    "init_weights_update_group",
+    "update_weights_from_distributed",
+    "destroy_weights_update_group",
+    "begin_weight_update",
+    "end_weight_update",
+)
+"""Routes served by the handler of the same name in :mod:`distributed_api`."""
 
 
 class ApiKeyMiddleware:
@@ -95,6 +105,7 @@ def build_app(ctx: ServerContext, *, api_key: str | None) -> ASGIApp:
         ("/continue_generation", control.continue_generation, ["POST"]),
         ("/abort_request", control.abort_request, ["POST"]),
         ("/update_weights_from_disk", control.update_weights_from_disk, ["POST"]),
+        *[(f"/{name}", getattr(distributed_api, name), ["POST"]) for name in _DISTRIBUTED],
     ]
     routes = [Route(path, _bind(h, ctx), methods=methods) for path, h, methods in table]
     app: ASGIApp = Starlette(routes=routes, exception_handlers={HTTPException: _routing_error})

@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 from nexrl_async.core.errors import RequestRejected
 from nexrl_async.inference.local.protocol import Limits
 from nexrl_async.inference.local.scheduler import Scheduler
+from nexrl_async.inference.local.update_group import WeightSyncState
 
 
 @dataclass(kw_only=True)
@@ -27,6 +28,8 @@ class ServerContext:
     sampling_defaults: dict[str, Any]
     """Sampling defaults from ``generation_config.json`` (chat / completions only)."""
     server_args: dict[str, Any]
+    weight_sync: WeightSyncState
+    """Distributed weight updates: joined process groups and the update session."""
     shutting_down: bool = False
     _token_text: dict[int, str] = field(default_factory=dict)
 

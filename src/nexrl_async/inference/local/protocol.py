@@ -80,6 +80,36 @@ class UpdateWeightsFromDiskRequest(Struct, kw_only=True):
     torch_empty_cache: bool = False
 
 
+class InitWeightsUpdateGroupRequest(Struct, kw_only=True):
+    master_address: str
+    master_port: int | str  # AReaL sends it as a string
+    rank_offset: int
+    world_size: int
+    group_name: str = "weight_update_group"
+    backend: str = "nccl"
+
+
+class UpdateWeightsFromDistributedRequest(Struct, kw_only=True):
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[list[int]]
+    group_name: str = "weight_update_group"
+    flush_cache: bool = True
+    abort_all_requests: bool = False
+    weight_version: str | None = None
+    load_format: str | None = None
+    selector: str = "all"
+    torch_empty_cache: bool = False
+
+
+class GroupNameRequest(Struct, kw_only=True):
+    group_name: str = "weight_update_group"
+
+
+class BeginWeightUpdateRequest(Struct, kw_only=True):
+    selector: str = "all"
+
+
 class PauseRequest(Struct, kw_only=True):
     mode: Literal["abort", "retract", "in_place"] = "abort"
 

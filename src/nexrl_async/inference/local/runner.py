@@ -30,7 +30,7 @@ from nexrl_async.inference.local.step import (
     finish_length,
     finish_stop,
 )
-from nexrl_async.inference.local.weights import read_safetensors, swap_weights
+from nexrl_async.inference.local.weights import load_tensors, read_safetensors, swap_weights
 
 
 @dataclass(kw_only=True)
@@ -87,6 +87,13 @@ class ModelRunner:
     def load_weights(self, model_dir: str | Path, version: str | None) -> int:
         """Swap in the weights of ``model_dir`` between steps; returns tensors loaded."""
         count = swap_weights(self.model, read_safetensors(model_dir))
+        if version is not None:
+            self.weight_version = version
+        return count
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], version: str | None) -> int:
+        """Copy some weights (one received bucket) in between steps; returns tensors loaded."""
+        count = load_tensors(self.model, tensors)
         if version is not None:
             self.weight_version = version
         return count

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import anyio
 import anyio.to_thread
+import torch
 from anyio.abc import TaskStatus
 from loguru import logger
 
@@ -254,6 +255,48 @@ class Scheduler:
         self, model_path: str, version: str | None, *, abort_all: bool, flush_cache: bool
     ) -> tuple[bool, str]:
         """Swap weights from ``model_path`` between two steps; SGLang's (success, message)."""
+        ok, message = await self._swap(
+            lambda: self._runner.load_weights(Path(model_path), version),
+            version,
+            abort_all=abort_all,
+            flush_cache=flush_cache,
+            failure="Failed to update weights: {}",
+            success="Succeeded to update model weights.",
+        )
+        if ok or message.startswith("Weights were updated"):
+            self.model_path = model_path
+        return ok, message
+
+    async def update_tensors(
+        self,
+        tensors: dict[str, torch.Tensor],
+        version: str | None,
+        *,
+        abort_all: bool,
+        flush_cache: bool,
+    ) -> tuple[bool, str]:
+        """Load received tensors (a subset of the weights) between two steps."""
+        return await self._swap(
+            lambda: self._runner.load_tensors(tensors, version),
+            version,
+            abort_all=abort_all,
+            flush_cache=flush_cache,
+            failure="Failed to update parameter online: {}",
+            success="Succeeded to update parameter online.",
+        )
+
+    async def _swap(
+        self,
+        load: Callable[[], int],
+        version: str | None,
+        *,
+        abort_all: bool,
+        flush_cache: bool,
+        failure: str,
+        success: str,
+    ) -> tuple[bool, str]:
+        """Run ``load`` under the step limiter once the running requests are gone (or paused);
+        SGLang's (success, message). New requests wait at the gate meanwhile."""
         async with self._update_lock:
             self._updating = True
             self._changed.notify()
@@ -263,21 +306,18 @@ class Scheduler:
                 while self.paused is None and not self.idle:
                     await self._changed.wait_past(self._changed.version)
                 try:
-                    await anyio.to_thread.run_sync(
-                        self._runner.load_weights, Path(model_path), version, limiter=self._limiter
-                    )
+                    count = await anyio.to_thread.run_sync(load, limiter=self._limiter)
                 except WeightSyncError as err:
-                    return False, f"Failed to update weights: {err}"
-                self.model_path = model_path
+                    return False, failure.format(err)
                 if version is not None:
                     self.weight_version = version
-                logger.info("weights updated from {} (version {})", model_path, self.weight_version)
+                logger.info("weights updated: {} tensors (version {})", count, self.weight_version)
                 if flush_cache and not self.cache_flushable():
                     return False, (
                         "Weights were updated, but the cache was not flushed because requests "
                         "are still running or queued."
                     )
-                return True, "Succeeded to update model weights."
+                return True, success
             finally:
                 self._updating = False
                 self._changed.notify()

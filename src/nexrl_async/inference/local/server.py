@@ -33,6 +33,7 @@ from nexrl_async.inference.local.context import ServerContext
 from nexrl_async.inference.local.protocol import Limits
 from nexrl_async.inference.local.runner import ModelRunner
 from nexrl_async.inference.local.scheduler import Scheduler
+from nexrl_async.inference.local.update_group import UpdateGroups, WeightSyncState
 from nexrl_async.inference.local.weights import LoadedModel, load_model
 
 GRACE_S = 5.0
@@ -68,12 +69,18 @@ class ServeOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """``torch.set_num_threads``; 0 keeps torch's default."""
     seed: int = 0
     """Seed of the RNG used by requests without ``sampling_seed``."""
+    update_group_timeout_s: float = 300.0
+    """Deadline of a weight-update group's rendezvous and of each broadcast it receives."""
 
     def __post_init__(self) -> None:
         checks = [
             (0 <= self.port <= 65535, f"port = {self.port}: expected 0..65535"),
             (self.max_batch >= 1, f"max_batch = {self.max_batch}: expected >= 1"),
             (self.torch_threads >= 0, f"torch_threads = {self.torch_threads}: expected >= 0"),
+            (
+                self.update_group_timeout_s > 0,
+                f"update_group_timeout_s = {self.update_group_timeout_s}: expected > 0",
+            ),
             (
                 self.context_length is None or self.context_length >= 2,
                 f"context_length = {self.context_length}: expected >= 2",
@@ -103,6 +110,7 @@ class _Uvicorn(uvicorn.Server):
 
 def _context(options: ServeOptions, loaded: LoadedModel, scheduler: Scheduler) -> ServerContext:
     config = loaded.model.config
+    groups = UpdateGroups(device=loaded.model.device, timeout_s=options.update_group_timeout_s)
     generation = loaded.model.generation_config
     defaults = {
         key: getattr(generation, key)
@@ -130,6 +138,7 @@ def _context(options: ServeOptions, loaded: LoadedModel, scheduler: Scheduler) -
             "random_seed": options.seed,
             "api_key_set": options.api_key is not None,
         },
+        weight_sync=WeightSyncState(groups=groups),
     )
 
 
@@ -144,6 +153,7 @@ async def _stop_on_signal(server: _Uvicorn, ctx: ServerContext) -> None:
 def _begin_shutdown(server: _Uvicorn, ctx: ServerContext) -> None:
     ctx.shutting_down = True
     ctx.scheduler.close()
+    ctx.weight_sync.groups.leave_all()
     server.should_exit = True
 
 
@@ -207,6 +217,8 @@ async def serve(
                     _begin_shutdown(server, ctx)
                     await server.shutdown()
             tg.cancel_scope.cancel()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(GRACE_S):
+            await anyio.to_thread.run_sync(ctx.weight_sync.groups.release, abandon_on_cancel=True)
     logger.info("local server stopped")
 
 

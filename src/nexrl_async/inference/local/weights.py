@@ -1,7 +1,10 @@
-"""Loading the served model and swapping its weights from a safetensors folder (torch thread).
+"""Loading the served model and swapping its weights (torch thread).
 
-A swap is all-or-nothing: every tensor in the folder is checked against the live model (name,
-shape) before the first one is copied, so a bad folder leaves the old weights in place.
+Weights come from a safetensors folder (``/update_weights_from_disk``: the whole model) or from
+tensors received through a process group (``/update_weights_from_distributed``: one bucket at a
+time). Either way a swap is all-or-nothing for what it carries: every tensor is checked against
+the live model (name, shape) before the first one is copied, so a bad update leaves the old
+weights in place.
 """
 
 from __future__ import annotations
@@ -109,16 +112,35 @@ def swap_weights(model: PreTrainedModel, tensors: dict[str, torch.Tensor]) -> in
     (tied embeddings).
     """
     live = model.state_dict()
+    _check_known(live, tensors)
+    loaded_ptrs = {live[n].data_ptr() for n in tensors}
+    missing = [n for n in live if n not in tensors and live[n].data_ptr() not in loaded_ptrs]
+    if missing:
+        raise WeightSyncError(f"tensors missing from the update: {missing[:5]}")
+    return _copy(live, tensors)
+
+
+def load_tensors(model: PreTrainedModel, tensors: dict[str, torch.Tensor]) -> int:
+    """Copy a subset of the weights (one bucket of a distributed update) into ``model``.
+
+    All-or-nothing for the bucket: every name and shape is checked before the first copy.
+    Values are cast to the live parameter's dtype and device.
+    """
+    live = model.state_dict()
+    _check_known(live, tensors)
+    return _copy(live, tensors)
+
+
+def _check_known(live: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
     unknown = sorted(set(tensors) - set(live))
     if unknown:
         raise WeightSyncError(f"unknown tensors for this model: {unknown[:5]}")
     bad = [n for n, t in tensors.items() if tuple(t.shape) != tuple(live[n].shape)]
     if bad:
         raise WeightSyncError(f"shape mismatch for {bad[:5]}")
-    loaded_ptrs = {live[n].data_ptr() for n in tensors}
-    missing = [n for n in live if n not in tensors and live[n].data_ptr() not in loaded_ptrs]
-    if missing:
-        raise WeightSyncError(f"tensors missing from the update: {missing[:5]}")
+
+
+def _copy(live: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> int:
     with torch.no_grad():
         for name, tensor in tensors.items():
             live[name].copy_(tensor.to(device=live[name].device, dtype=live[name].dtype))
