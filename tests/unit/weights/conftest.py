@@ -1,0 +1,56 @@
+"""Simulated SGLang servers in-process (no sockets), clients to them, a recording fleet."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from nexrl_async.inference.client import SGLangClient
+from nexrl_async.inference.simulated import SimulatedConfig, SimulatedServer
+
+
+class Routing:
+    """The fleet as the publisher sees it; records what happened to routing."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def pause_routing(self) -> None:
+        self.events.append("pause")
+
+    def resume_routing(self) -> None:
+        self.events.append("resume")
+
+    async def wait_drained(self) -> None:
+        self.events.append("drained")
+
+
+@pytest.fixture
+def routing() -> Routing:
+    return Routing()
+
+
+def make_sims(count: int, *, legacy: bool = False) -> dict[str, SimulatedServer]:
+    config = SimulatedConfig(weight_version="0", legacy=legacy)
+    return {f"http://sim{i}": SimulatedServer(config) for i in range(count)}
+
+
+@pytest.fixture
+def sims() -> dict[str, SimulatedServer]:
+    return make_sims(2)
+
+
+async def open_clients(
+    sims: dict[str, SimulatedServer],
+) -> AsyncIterator[dict[str, SGLangClient]]:
+    mounts = {url: sim.transport() for url, sim in sims.items()}
+    async with httpx.AsyncClient(mounts=mounts, timeout=None) as http:  # type: ignore[arg-type]
+        yield {url: SGLangClient(url, http=http, retries=0) for url in sims}
+
+
+@pytest.fixture
+async def clients(sims: dict[str, SimulatedServer]) -> AsyncIterator[dict[str, SGLangClient]]:
+    async for made in open_clients(sims):
+        yield made
