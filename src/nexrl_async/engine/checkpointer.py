@@ -149,11 +149,15 @@ class Checkpointer:
         if step == self.last_step:
             return None
         started = time.perf_counter()
+        try:
+            flow = self.flow.snapshot()
+        except (TypeError, msgspec.EncodeError) as err:
+            raise CheckpointError(f"step {step}: the pool cannot be saved: {err}") from err
         state = EngineState(
             format=STATE_FORMAT,
             step=step,
             version=self.flow.gate.version,
-            flow=self.flow.snapshot(),
+            flow=flow,
             rng=rng_state(),
             trainer=self.trainer is not None,
             time=time.time(),
@@ -180,12 +184,14 @@ class Checkpointer:
             staging.mkdir(parents=True)
             if self.trainer is not None:
                 save_trainer(self.trainer, staging)
-            _write_synced(staging / ENGINE_FILE, msgspec.msgpack.encode(state))
+            _write_synced(staging / ENGINE_FILE, _encode(state))
             remove_tree(final)  # a checkpoint of this step from an abandoned timeline
             os.replace(staging, final)
             _sync_dir(self.root)
         except OSError as err:
             raise CheckpointError(f"cannot write the checkpoint {final}: {err}") from err
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # only left if something failed
         self._prune()
         return final
 
@@ -197,6 +203,14 @@ class Checkpointer:
         for _, path in list_checkpoints(self.root)[: -self.cfg.keep_last]:
             remove_tree(path)
             logger.debug("old checkpoint {} removed (keep_last = {})", path, self.cfg.keep_last)
+
+
+def _encode(state: EngineState) -> bytes:
+    try:
+        return msgspec.msgpack.encode(state)
+    except (TypeError, msgspec.EncodeError) as err:
+        # e.g. a data item with a field msgpack cannot hold
+        raise CheckpointError(f"step {state.step}: cannot encode the engine state: {err}") from err
 
 
 def _write_synced(path: Path, data: bytes) -> None:

@@ -42,8 +42,8 @@ lease ids are issued again), and ``A2`` the keys the resumed process admits (lea
 
 (b) is exact when neither run replays items (no failed or overdue-dropped groups); a replay is
 itself timing-dependent (it enters the queue when its group fails), in one run or two.
-:func:`stitched_admissions` computes the left side of (b) and checks (a); a chain of resumes
-applies it once per resume.
+:func:`stitched_admissions` computes the left side of (b) for a chain of resumes (each
+resumed process contributes its leases up to the next checkpoint's ``L``) and checks (a).
 """
 
 from __future__ import annotations
@@ -207,32 +207,48 @@ class AdmissionPoint(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def stitched_admissions(
-    before: Sequence[Admitted], after: Sequence[Admitted], point: AdmissionPoint
+    runs: Sequence[Sequence[Admitted]], points: Sequence[AdmissionPoint]
 ) -> list[str]:
-    """The admission order an interrupted-and-resumed run amounts to (left side of (b)).
+    """The admission order a chain of resumed processes amounts to (left side of (b)).
 
-    ``before``: the first process's ``admitted`` events; ``after``: the resumed process's.
+    ``runs[i]``: the ``admitted`` events of process ``i``; ``points[i]``: the checkpoint process
+    ``i + 1`` resumed from. Process ``i`` contributes its leases from where it started up to the
+    next checkpoint's ``L`` (later ones died with it), minus its re-admissions of the in-flight
+    items it inherited.
 
     Raises:
-        CheckpointError: (a) does not hold (the resumed run did not re-admit the in-flight items
-            first, in order), or the resumed lease ids do not continue at ``L``.
+        CheckpointError: (a) does not hold (a resumed process did not re-admit its in-flight
+            items right after the queued replays, in order), or lease ids do not continue.
     """
-    first = sorted((e for e in before if e.lease_id < point.leases_issued), key=_lease)
-    if [e.lease_id for e in first] != list(range(point.leases_issued)):
-        raise CheckpointError(f"the first process did not admit leases 0..{point.leases_issued}")
-    second = sorted(after, key=_lease)
-    if second and second[0].lease_id != point.leases_issued:
+    if len(runs) != len(points) + 1:
+        raise ValueError(f"{len(runs)} processes need {len(runs) - 1} resume points")
+    timeline: list[Admitted] = []
+    readmitted: set[int] = set()
+    for index, events in enumerate(runs):
+        start = points[index - 1].leases_issued if index else 0
+        end = points[index].leases_issued if index < len(points) else None
+        mine = sorted((e for e in events if end is None or e.lease_id < end), key=_lease)
+        if [e.lease_id for e in mine] != list(range(start, start + len(mine))):
+            raise CheckpointError(f"process {index}: leases do not run on from {start}")
+        if end is not None and len(mine) != end - start:
+            raise CheckpointError(f"process {index}: did not admit leases {start}..{end - 1}")
+        if index:
+            block = _readmissions(mine, points[index - 1], start, index)
+            readmitted.update(block)
+        timeline += mine
+    return [e.item_key for e in timeline if e.lease_id not in readmitted]
+
+
+def _readmissions(events: list[Admitted], point: AdmissionPoint, start: int, index: int) -> range:
+    """Lease ids of the in-flight items' re-admissions; checks (a)."""
+    first = start + point.queued_replays
+    block = range(first, first + len(point.in_flight))
+    keys = [e.item_key for e in events if e.lease_id in block]
+    if keys != point.in_flight[: len(keys)]:
         raise CheckpointError(
-            f"resumed leases start at {second[0].lease_id}, not at {point.leases_issued}"
+            f"process {index}: re-admitted {keys}, not the in-flight items {point.in_flight}"
         )
-    keys = [e.item_key for e in second]
-    start, stop = point.queued_replays, point.queued_replays + len(point.in_flight)
-    expected = point.in_flight[: max(0, len(keys) - start)]  # a resumed run may stop early
-    if keys[start:stop] != expected:
-        raise CheckpointError(
-            f"resumed admissions {keys[start:stop]} are not the in-flight items {point.in_flight}"
-        )
-    return [e.item_key for e in first] + keys[:start] + keys[stop:]
+    return block
 
 
 def _lease(event: Admitted) -> int:

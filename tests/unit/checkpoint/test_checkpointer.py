@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import torch
 from nexrl_async.config.inference import AttachInference, LocalInference, SGLangInference
 from nexrl_async.config.training import CheckpointConfig
 from nexrl_async.core.errors import CheckpointError, ConfigError
+from nexrl_async.data.source import RowSource
 from nexrl_async.engine.checkpointer import (
     ENGINE_FILE,
     STATE_FORMAT,
@@ -70,6 +72,18 @@ async def test_save_writes_a_complete_folder_atomically_and_keeps_the_last_ones(
         (s, str(root / f"step_{s:06d}")) for s in (1, 2, 3)
     ]
     assert find_checkpoint(root, "auto") == done
+
+
+async def test_state_msgpack_cannot_hold_is_a_checkpoint_error(
+    tmp_path: Path, new_flow: FlowFactory, new_trainer: Callable[..., Any]
+) -> None:
+    flow = new_flow()
+    flow.data = RowSource([{"x": object()}])
+    assert await flow.admit() is not None
+    root = tmp_path / "checkpoints"
+    with pytest.raises(CheckpointError, match="cannot encode"):
+        await checkpointer(root, flow, new_trainer()).save(1)
+    assert os.listdir(root) == []  # nothing half-written is left
 
 
 def test_periodic_schedule() -> None:

@@ -82,7 +82,8 @@ async def test_restore_replays_in_flight_items_first_then_continues_the_data(
     later = await admit(resumed, 2)
 
     point = AdmissionPoint.of(engine_state(state))
-    stitched = stitched_admissions(admitted_events(leased), admitted_events(again + later), point)
+    runs = [admitted_events(leased), admitted_events(again + later)]
+    stitched = stitched_admissions(runs, [point])
     assert stitched == data_order(6)
 
 
@@ -113,7 +114,7 @@ async def test_queued_replays_stay_ahead_of_in_flight_items(
     keys = [leased[i][1].key for i in (0, 1, 3)]
     assert [i.key for _, i in again] == keys
     point = AdmissionPoint.of(engine_state(state))
-    stitched = stitched_admissions(admitted_events(leased), admitted_events(again), point)
+    stitched = stitched_admissions([admitted_events(leased), admitted_events(again)], [point])
     assert stitched == [*data_order(4), leased[0][1].key]
 
 
@@ -132,20 +133,36 @@ async def test_restore_refuses_a_state_that_does_not_add_up(
         new_flow(batch=4).restore(state)
 
 
-def test_stitching_rejects_a_resume_that_skips_the_in_flight_items() -> None:
-    def events(keys: list[str], first_lease: int) -> list[Admitted]:
-        return [
-            Admitted(lease_id=first_lease + n, version=0, item_key=k, group_id="g")
-            for n, k in enumerate(keys)
-        ]
+def events(keys: list[str], first_lease: int) -> list[Admitted]:
+    return [
+        Admitted(lease_id=first_lease + n, version=0, item_key=k, group_id="g")
+        for n, k in enumerate(keys)
+    ]
 
+
+def test_stitching_removes_re_admissions_and_rejects_a_resume_that_skips_them() -> None:
     point = AdmissionPoint(leases_issued=3, in_flight=["b"], queued_replays=0)
     before = events(["a", "b", "c", "lost"], 0)
-    assert stitched_admissions(before, events(["b", "d"], 3), point) == ["a", "b", "c", "d"]
-    assert stitched_admissions(before, [], point) == ["a", "b", "c"]
+    assert stitched_admissions([before, events(["b", "d"], 3)], [point]) == ["a", "b", "c", "d"]
+    assert stitched_admissions([before, []], [point]) == ["a", "b", "c"]
     with pytest.raises(CheckpointError, match="in-flight"):
-        stitched_admissions(before, events(["d", "b"], 3), point)
-    with pytest.raises(CheckpointError, match="start at"):
-        stitched_admissions(before, events(["b", "d"], 4), point)
+        stitched_admissions([before, events(["d", "b"], 3)], [point])
+    with pytest.raises(CheckpointError, match="run on from 3"):
+        stitched_admissions([before, events(["b", "d"], 4)], [point])
     with pytest.raises(CheckpointError, match="did not admit"):
-        stitched_admissions(before[:2], events(["b"], 3), point)
+        stitched_admissions([before[:2], events(["b"], 3)], [point])
+    with pytest.raises(ValueError, match="resume points"):
+        stitched_admissions([before], [point])
+
+
+def test_stitching_a_chain_of_resumes() -> None:
+    # process 0 checkpoints after 3 leases with "b" in flight; process 1 re-admits "b" after
+    # the queued replay "r", then checkpoints after lease 6 with its "b" and "d" in flight
+    first = AdmissionPoint(leases_issued=3, in_flight=["b"], queued_replays=1)
+    second = AdmissionPoint(leases_issued=6, in_flight=["b", "d"], queued_replays=0)
+    runs = [
+        events(["a", "b", "c", "lost"], 0),
+        events(["r", "b", "d", "lost", "lost"], 3),
+        events(["b", "d", "e"], 6),
+    ]
+    assert stitched_admissions(runs, [first, second]) == ["a", "b", "c", "r", "d", "e"]
