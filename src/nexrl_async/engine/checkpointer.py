@@ -128,8 +128,6 @@ class Checkpointer:
         self.cfg = cfg
         self.root = root
         self.trainer = trainer if isinstance(trainer, CheckpointableTrainer) else None
-        if self.trainer is None:
-            logger.warning("the trainer has no model/optimizer state: checkpoints hold the engine")
         self.export = export
         self.flow = flow
         self.ledger = ledger
@@ -149,6 +147,8 @@ class Checkpointer:
         if step == self.last_step:
             return None
         started = time.perf_counter()
+        if self.trainer is None:
+            logger.warning("the trainer has no model/optimizer state: saving the engine only")
         try:
             flow = self.flow.snapshot()
         except (TypeError, msgspec.EncodeError) as err:
