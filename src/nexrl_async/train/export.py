@@ -5,7 +5,7 @@
   ``/update_weights_from_disk``) sees the old folder or the complete new one, never a partial
   one.
 - :func:`parameters_for_sync` yields ``(HF name, tensor)`` pairs, one at a time, so a transport
-  can stream them (with FSDP each will be gathered to a full tensor here).
+  can stream them (a sharded model gathers each one: ``sharding.gathered_parameters``).
 - :func:`save_state_file` / :func:`load_state_file` are the checkpoint seam: ``torch.save`` of
   one state dict today; torch.distributed.checkpoint replaces them when weights are sharded.
 """
@@ -31,12 +31,17 @@ STATE_FILE = "trainer.pt"
 
 
 def save_hf_folder(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    path: str | Path,
+    *,
+    state_dict: dict[str, Tensor] | None = None,
 ) -> Path:
     """Write ``model`` (safetensors) and ``tokenizer`` to the folder ``path``, atomically.
 
     An existing folder at ``path`` is replaced (moved aside, then deleted once the new one is in
-    place). Returns ``path``.
+    place). ``state_dict`` replaces the model's own weights (a sharded model's gathered full
+    state, see ``sharding.full_state_dict``). Returns ``path``.
 
     Raises:
         CheckpointError: the folder could not be written.
@@ -47,7 +52,7 @@ def save_hf_folder(
     retired = target.with_name(f".{target.name}.old-{tag}")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, state_dict=state_dict)
         tokenizer.save_pretrained(staging)
         if target.exists():
             os.replace(target, retired)

@@ -1,4 +1,4 @@
-"""The trainer: one synchronous ``step(batch) -> metrics`` per training step, at world size 1.
+"""The trainer: one synchronous ``step(batch) -> metrics`` per training step, on every rank.
 
 ```
 trainer = Trainer.from_config(cfg.model, cfg.tokenizer, algorithm=cfg.algorithm,
@@ -24,6 +24,16 @@ An RL step (``algorithm.mode = "rl"``):
 5. the LR schedule and the adaptive KL controller advance once.
 
 An SFT step (``mode = "sft"``) trains the loss-masked tokens' NLL with steps 1, 4 and 5.
+
+At world size ``N > 1`` (``groups`` from :func:`~nexrl_async.train.topology.init_process_groups`)
+every rank builds the same trainer, which shards the policy (and a reference on the training
+device) with FSDP2 (:mod:`~nexrl_async.train.sharding`), and every rank calls the same methods
+in the same order with the same arguments (rank 0's :class:`~nexrl_async.train.distributed.
+DistributedTrainer` and the followers' loop see to that). Each rank computes the pre-step
+log-probs of its share of the rows (assembled on every rank), builds the targets of the whole
+batch, and trains its share of each minibatch with global denominators: the update equals world
+size 1's on the same batch, and the metrics are the same on every rank (except ``train/step_s``).
+``prepare_batch`` runs on every rank with the same inputs, so it must be deterministic.
 
 Everything here is blocking torch code; the engine calls it through :func:`run_step` (a worker
 thread), never on the event loop. A trainer is not thread-safe: call one method at a time
@@ -61,13 +71,21 @@ from nexrl_async.train.export import (
     save_state_file,
 )
 from nexrl_async.train.hook import PrepareBatchHook
-from nexrl_async.train.logprobs import batch_logprobs, model_device
+from nexrl_async.train.lockstep import rank_logprobs
+from nexrl_async.train.logprobs import model_device
 from nexrl_async.train.loss import RLLoss, SFTLoss
-from nexrl_async.train.model import frozen_copy, load_policy, resolve_device, set_torch_threads
+from nexrl_async.train.model import DTYPES, frozen_copy, load_policy, set_torch_threads
 from nexrl_async.train.schedule import build_optimizer, build_scheduler
+from nexrl_async.train.sharding import (
+    enable_activation_checkpointing,
+    full_state_dict,
+    gathered_parameters,
+    shard_model,
+)
 from nexrl_async.train.step import UpdateSettings, run_updates
 from nexrl_async.train.targets import PrePass, build_targets
 from nexrl_async.train.tensors import SequenceBatch, sequences_from_batch
+from nexrl_async.train.topology import ProcessGroups, Topology, training_device
 
 StepMetrics = dict[str, float]
 """Slash-namespaced metrics of one step (``train/loss``, ``train/grad_norm``, ...)."""
@@ -94,6 +112,10 @@ class Trainer:
         temperature: ``rollout.sampling.temperature``; log-probs use ``logits / temperature``
             like the server's (greedy, below 1e-6, means 1).
         base_dir: folder that ``algorithm.prepare_batch`` is relative to (the recipe's).
+        groups: the ranks' process groups; ``None`` (or world size 1) trains unsharded.
+        export_dtype: dtype of floating tensors in sharded exports and weight sync (the
+            recipe's model dtype when the shards are float32 master weights); ``None`` keeps
+            the parameters' dtype.
     """
 
     def __init__(
@@ -108,7 +130,11 @@ class Trainer:
         total_steps: int | None = None,
         temperature: float = 1.0,
         base_dir: Path | None = None,
+        groups: ProcessGroups | None = None,
+        export_dtype: torch.dtype | None = None,
     ) -> None:
+        self.groups = groups or ProcessGroups(topology=Topology(), device=model_device(model))
+        self.export_dtype = export_dtype
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.algorithm = algorithm
@@ -118,15 +144,15 @@ class Trainer:
         self.pad_token_id = _pad_token_id(tokenizer)
         self.steps_done = 0
         if trainer.activation_checkpointing:
-            _enable_activation_checkpointing(model)
-        if trainer.packing:
-            logger.debug("trainer.packing: padding-free packing is not built yet; padding")
+            enable_activation_checkpointing(model)
         if algorithm.mode == "sft" and (
             algorithm.kl.placement != "none" or algorithm.prepare_batch is not None
         ):
             logger.warning("algorithm.mode = 'sft': kl and prepare_batch settings are ignored")
         uses_kl = algorithm.mode == "rl" and algorithm.kl.placement != "none"
         self.reference = frozen_copy(model, on_cpu=algorithm.reference_on_cpu) if uses_kl else None
+        if self.groups.distributed:
+            self._shard(trainer.param_dtype, reference_on_cpu=algorithm.reference_on_cpu)
         self.kl_controller = _kl_controller(algorithm.kl) if uses_kl else None
         self.optimizer = build_optimizer(model.parameters(), optim)
         self.scheduler = build_scheduler(self.optimizer, optim, total_steps)
@@ -138,7 +164,15 @@ class Trainer:
             minibatches=algorithm.minibatches,
             token_budget=trainer.micro_batch_tokens,
             max_grad_norm=optim.max_grad_norm,
+            packing=trainer.packing,
+            rank=self.groups.rank,
+            world_size=self.groups.world_size,
         )
+
+    def _shard(self, param_dtype: str, *, reference_on_cpu: bool) -> None:
+        shard_model(self.model, self.groups, param_dtype=param_dtype)
+        if self.reference is not None and not reference_on_cpu:
+            shard_model(self.reference, self.groups, param_dtype=param_dtype, trainable=False)
 
     @classmethod
     def from_config(
@@ -154,11 +188,27 @@ class Trainer:
         total_steps: int | None = None,
         temperature: float = 1.0,
         base_dir: Path | None = None,
+        groups: ProcessGroups | None = None,
     ) -> Trainer:
-        """Set torch's threads, load the policy onto ``trainer.device`` and build the trainer."""
+        """Set torch's threads, load the policy onto ``trainer.device`` and build the trainer.
+
+        With ``groups`` (world size > 1) every rank loads the policy onto its own device
+        (``groups.device``), float32 when FSDP2 computes in bf16 (the shards are the float32
+        master weights; exports are cast back to ``model_cfg.dtype``).
+        """
         set_torch_threads(trainer.threads)
+        if groups is None:
+            groups = ProcessGroups(
+                topology=Topology(), device=training_device(Topology(), trainer.device)
+            )
+        mixed = groups.distributed and groups.device.type == "cuda"
+        mixed = mixed and trainer.param_dtype == "bfloat16"
         model, tokenizer = load_policy(
-            model_cfg, tokenizer_cfg, seed=seed, device=resolve_device(trainer.device)
+            model_cfg,
+            tokenizer_cfg,
+            seed=seed,
+            device=groups.device,
+            dtype=torch.float32 if mixed else None,
         )
         return cls(
             model,
@@ -170,6 +220,8 @@ class Trainer:
             total_steps=total_steps,
             temperature=temperature,
             base_dir=base_dir,
+            groups=groups,
+            export_dtype=DTYPES[model_cfg.dtype] if mixed else None,
         )
 
     @property
@@ -240,32 +292,74 @@ class Trainer:
         return metrics
 
     def _pre_pass(self, seq: SequenceBatch) -> PrePass:
-        budget = self.config.micro_batch_tokens
-        logprobs, entropy = batch_logprobs(
-            self.model, seq, token_budget=budget, temperature=self.temperature, with_entropy=True
-        )
+        logprobs, entropy = self._logprobs(self.model, seq, with_entropy=True)
         ref = None
         if self.reference is not None:
-            ref, _ = batch_logprobs(
-                self.reference, seq, token_budget=budget, temperature=self.temperature
-            )
+            ref, _ = self._logprobs(self.reference, seq, with_entropy=False)
         return PrePass(trainer_logprobs=logprobs, entropy=entropy, ref_logprobs=ref)
+
+    def _logprobs(
+        self, model: PreTrainedModel, seq: SequenceBatch, *, with_entropy: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """``[B, T]`` no-grad log-probs (entropies) of every row, on every rank."""
+        return rank_logprobs(
+            model,
+            seq,
+            rank=self.groups.rank,
+            world_size=self.groups.world_size,
+            token_budget=self.config.micro_batch_tokens,
+            temperature=self.temperature,
+            packing=self.config.packing,
+            with_entropy=with_entropy,
+        )
+
+    def compute_logprobs(self, batch: TrainBatch) -> list[list[float]]:
+        """The policy's log-prob of every token of every trajectory (batch order), at the
+        trainer's temperature; a trajectory's first token has none (0.0). Every rank gets them.
+
+        Raises:
+            TrainError: a bad batch (as :meth:`step`) or a torch failure.
+        """
+        try:
+            seq = sequences_from_batch(batch, pad_token_id=self.pad_token_id)
+            logprobs, _ = self._logprobs(self.model, seq, with_entropy=False)
+        except (RuntimeError, ValueError) as err:
+            raise TrainError(f"log-probs of step {batch.step}: {err}") from err
+        return [row[:n].tolist() for row, n in zip(logprobs, seq.lengths.tolist(), strict=True)]
 
     # ---- export and state -------------------------------------------------------------------
 
     def save_hf(self, path: str | Path) -> Path:
-        """Write the policy and tokenizer as an HF safetensors folder, atomically."""
-        return save_hf_folder(self.model, self.tokenizer, path)
+        """Write the policy and tokenizer as an HF safetensors folder, atomically.
+
+        Sharded: every rank calls it (the weights are gathered), rank 0 writes the folder.
+        """
+        if not self.groups.distributed:
+            return save_hf_folder(self.model, self.tokenizer, path)
+        state = full_state_dict(self.model, self.export_dtype)
+        if self.groups.topology.is_main:
+            return save_hf_folder(self.model, self.tokenizer, path, state_dict=state)
+        return Path(path)
 
     def named_parameters_for_sync(self) -> Iterator[tuple[str, Tensor]]:
-        """``(HF name, detached tensor)`` per parameter, streamed (for weight transports)."""
-        return parameters_for_sync(self.model)
+        """``(HF name, detached tensor)`` per parameter, streamed (for weight transports).
+
+        Sharded: full tensors (on the training device), one all-gather per parameter; every rank
+        must iterate to the end in step (followers just drain it).
+        """
+        if not self.groups.distributed:
+            return parameters_for_sync(self.model)
+        return gathered_parameters(self.model, self.export_dtype)
 
     def state_dict(self) -> dict[str, Any]:
         """Model, optimizer, scheduler and KL controller state, and ``steps_done``.
 
         The tensors are the live ones (no copy): save the dict before the next step.
+
+        Raises:
+            CheckpointError: the model is sharded (use ``train.checkpoint``, which is collective).
         """
+        self._require_unsharded()
         return {
             "format": STATE_FORMAT,
             "model": self.model.state_dict(),
@@ -281,6 +375,7 @@ class Trainer:
         Raises:
             CheckpointError: the state does not fit this trainer.
         """
+        self._require_unsharded()
         if state.get("format") != STATE_FORMAT:
             raise CheckpointError(f"unknown trainer state format {state.get('format')!r}")
         try:
@@ -299,15 +394,14 @@ class Trainer:
 
     def load_checkpoint(self, directory: str | Path) -> None:
         """Restore the state :meth:`save_checkpoint` wrote into ``directory``."""
+        self._require_unsharded()
         self.load_state_dict(load_state_file(directory))
 
-
-def _enable_activation_checkpointing(model: PreTrainedModel) -> None:
-    # transformers 5 renamed gradient_checkpointing_enable (kept as a deprecated alias).
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is None:
-        enable = model.gradient_checkpointing_enable
-    enable()
+    def _require_unsharded(self) -> None:
+        if self.groups.distributed:
+            raise CheckpointError(
+                "a sharded trainer saves and loads through train.checkpoint (DCP), not trainer.pt"
+            )
 
 
 def _pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:

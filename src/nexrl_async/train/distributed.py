@@ -1,0 +1,255 @@
+"""Rank 0's handle on the trainers of all ranks, and the factory that picks it.
+
+```
+groups = init_process_groups(Topology.from_env(), device=..., timeout_s=...)
+trainer = make_trainer(cfg, base_dir, groups)   # Trainer (world size 1) or DistributedTrainer
+metrics = trainer.step(batch)                   # rank 0 broadcasts TrainStep, then trains its share
+trainer.save_hf(path)                           # every rank gathers, rank 0 writes
+trainer.shutdown()                              # followers leave their loop
+destroy(groups)
+```
+
+:class:`DistributedTrainer` has the world-size-1 :class:`~nexrl_async.train.trainer.Trainer`'s
+blocking API (``step``, ``compute_logprobs``, ``save_hf``, ``save_checkpoint``,
+``load_checkpoint``, ``named_parameters_for_sync``, ``tokenizer``, ``model``, ``optimizer``,
+``scheduler``): each call broadcasts the matching command (:mod:`~nexrl_async.train.ranks`),
+runs rank 0's part, and exchanges every rank's status, so a failure on any rank raises a
+:class:`~nexrl_async.train.ranks.RankFailure` here. After a failure every follower has left its
+loop, and every later call raises :class:`TrainError` at once. Calls are serialised (one command
+at a time, whatever thread calls); like the trainer, call it from a worker thread, never on the
+event loop.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+from torch import Tensor
+
+from nexrl_async.config.schema import RecipeConfig
+from nexrl_async.core.errors import TrainError
+from nexrl_async.core.records import TrainBatch
+from nexrl_async.train.ranks import (
+    Command,
+    ComputeLogprobs,
+    LoadCheckpoint,
+    RankChannel,
+    RankFailure,
+    RankHooks,
+    SaveCheckpoint,
+    SaveHF,
+    Shutdown,
+    SyncWeights,
+    TrainStep,
+    describe,
+    drain,
+    encode_batch,
+    execute,
+)
+from nexrl_async.train.topology import ProcessGroups
+from nexrl_async.train.trainer import StepMetrics, Trainer
+
+
+def build_rank_trainer(
+    cfg: RecipeConfig, base_dir: Path, groups: ProcessGroups | None = None
+) -> Trainer:
+    """This rank's :class:`Trainer` for the recipe (``base_dir``: the recipe's folder)."""
+    return Trainer.from_config(
+        cfg.model,
+        cfg.tokenizer,
+        algorithm=cfg.algorithm,
+        optim=cfg.optim,
+        trainer=cfg.trainer,
+        seed=cfg.run.seed,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        total_steps=cfg.run.total_steps,
+        temperature=cfg.rollout.sampling.temperature,
+        base_dir=base_dir,
+        groups=groups,
+    )
+
+
+class DistributedTrainer:
+    """Rank 0's trainer at world size > 1: every call runs on every rank.
+
+    Args:
+        trainer: rank 0's own (sharded) trainer.
+        channel: the command/status channel to the followers.
+        hooks: checkpoint hooks (the followers must be given the same ones).
+    """
+
+    def __init__(self, trainer: Trainer, channel: RankChannel, hooks: RankHooks | None = None):
+        self.trainer = trainer
+        self.channel = channel
+        self.hooks = hooks or RankHooks()
+        self.tokenizer: Any = trainer.tokenizer
+        self.model = trainer.model
+        self.optimizer = trainer.optimizer
+        self.scheduler = trainer.scheduler
+        self._lock = threading.Lock()
+        self._failure: TrainError | None = None
+        self._closed = False
+        self._streaming = False
+
+    @property
+    def world_size(self) -> int:
+        return self.channel.groups.world_size
+
+    @property
+    def steps_done(self) -> int:
+        return self.trainer.steps_done
+
+    def step(self, batch: TrainBatch) -> StepMetrics:
+        """One training step on every rank; the metrics (the same on every rank).
+
+        Raises:
+            RankFailure: the step failed on some rank (named in the message).
+            TrainError: the ranks already stopped after an earlier failure.
+        """
+        result = self._run(TrainStep(batch=encode_batch(batch)))
+        assert isinstance(result, dict)
+        return result
+
+    def compute_logprobs(self, batch: TrainBatch) -> list[list[float]]:
+        """Per-token log-probs of every trajectory (see :meth:`Trainer.compute_logprobs`)."""
+        result = self._run(ComputeLogprobs(batch=encode_batch(batch)))
+        assert isinstance(result, list)
+        return result
+
+    def save_hf(self, path: str | Path) -> Path:
+        """Gather the weights on every rank; rank 0 writes the HF folder atomically."""
+        result = self._run(SaveHF(path=str(path)))
+        return result if isinstance(result, Path) else Path(path)
+
+    def save_checkpoint(self, directory: str | Path) -> Path:
+        """Every rank saves its part through ``hooks.save_checkpoint`` (DCP)."""
+        self._run(SaveCheckpoint(path=str(directory)))
+        return Path(directory)
+
+    def load_checkpoint(self, directory: str | Path) -> None:
+        """Every rank loads its part through ``hooks.load_checkpoint`` (DCP)."""
+        self._run(LoadCheckpoint(path=str(directory)))
+
+    def named_parameters_for_sync(self) -> Iterator[tuple[str, Tensor]]:
+        """``(HF name, full tensor)`` per parameter, gathered from the shards one at a time.
+
+        Nothing happens until the first item is asked for. Every rank takes part in each
+        gather, so then iterate it to the end, or close it (``contextlib.closing``; dropping
+        the last reference closes it too): closing drains the remaining gathers and exchanges
+        the ranks' status. No other call may run until then. Tensors are on rank 0's training
+        device.
+        """
+        with self._lock:
+            self._check_open()
+            self._send(SyncWeights())
+            self._streaming = True
+        params = self.trainer.named_parameters_for_sync()
+        error: Exception | None = None
+        try:
+            yield from params
+        except Exception as err:
+            error = err
+            raise
+        finally:
+            if error is None:
+                try:
+                    drain(params)
+                except Exception as err:  # noqa: BLE001 - reported to every rank
+                    error = err
+            with self._lock:
+                self._streaming = False
+                self._agree(error, what="sync_weights")
+
+    def shutdown(self, reason: str = "") -> None:
+        """Tell the followers to leave their loop (idempotent; a no-op after a failure)."""
+        with self._lock:
+            if self._closed or self._failure is not None:
+                return
+            self._closed = True
+            try:
+                self.channel.send(Shutdown(reason=reason))
+            except RankFailure as err:
+                logger.warning("shutdown could not reach the followers: {}", err)
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _run(self, command: Command) -> object:
+        with self._lock:
+            self._check_open()
+            self._send(command)
+            error: Exception | None = None
+            result = None
+            try:
+                result = execute(self.trainer, command, self.hooks)
+            except Exception as err:  # noqa: BLE001 - reported to every rank, then re-raised
+                error = err
+            self._agree(error, what=describe(command))
+            return result
+
+    def _check_open(self) -> None:
+        if self._failure is not None:
+            raise TrainError(f"the training ranks stopped after a failure: {self._failure}")
+        if self._closed:
+            raise TrainError("the distributed trainer was shut down")
+        if self._streaming:
+            raise TrainError("a weight sync is in progress: finish or close it first")
+
+    def _send(self, command: Command) -> None:
+        try:
+            self.channel.send(command)
+        except RankFailure as err:
+            self._failure = err
+            raise
+
+    def _agree(self, error: Exception | None, *, what: str) -> None:
+        try:
+            self.channel.agree(error, what=what)
+        except RankFailure as err:
+            self._failure = err
+            raise
+
+
+def make_trainer(
+    cfg: RecipeConfig,
+    base_dir: Path,
+    groups: ProcessGroups,
+    *,
+    hooks: RankHooks | None = None,
+) -> Trainer | DistributedTrainer:
+    """The trainer the engine drives on rank 0: a plain :class:`Trainer` at world size 1, else
+    a :class:`DistributedTrainer` (the followers build theirs in :func:`run_follower` at the
+    same time; building waits until every rank has built its trainer or one failed).
+
+    Raises:
+        TrainError: called on a rank other than 0, or some rank failed to build its trainer
+            (a :class:`RankFailure` naming it).
+    """
+    if not groups.distributed:
+        return build_rank_trainer(cfg, base_dir, groups)
+    if not groups.topology.is_main:
+        raise TrainError(f"make_trainer runs on rank 0; rank {groups.rank} runs run_follower")
+    channel = RankChannel(groups)
+    trainer: Trainer | None = None
+    error: Exception | None = None
+    try:
+        trainer = build_rank_trainer(cfg, base_dir, groups)
+    except Exception as err:  # noqa: BLE001 - reported to every rank, then re-raised
+        error = err
+    channel.agree(error, what="building the trainer")
+    assert trainer is not None
+    return DistributedTrainer(trainer, channel, hooks)
+
+
+def trainer_factory(
+    groups: ProcessGroups, *, hooks: RankHooks | None = None
+) -> Callable[[RecipeConfig, Path], Trainer | DistributedTrainer]:
+    """:func:`make_trainer` bound to ``groups``: the engine's ``TrainerFactory`` on rank 0."""
+
+    def factory(cfg: RecipeConfig, base_dir: Path) -> Trainer | DistributedTrainer:
+        return make_trainer(cfg, base_dir, groups, hooks=hooks)
+
+    return factory

@@ -1,0 +1,101 @@
+"""The loop of every rank but 0: build the same trainer, then run rank 0's commands until told
+to stop.
+
+```
+groups = init_process_groups(Topology.from_env(), device=..., timeout_s=...)
+code = run_follower(cfg, base_dir, groups)      # blocks until Shutdown or a failure
+destroy(groups)
+sys.exit(code)
+```
+
+A follower has no event loop and no control plane: it builds its :class:`Trainer` (sharded like
+rank 0's), reports whether that worked, then receives a command, runs it and reports, in the
+order rank 0 sends them. It returns 0 after ``Shutdown`` and 1 when any rank failed (its own
+error or another's, logged with the failing rank) or rank 0 went away.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loguru import logger
+
+from nexrl_async.config.schema import RecipeConfig
+from nexrl_async.train.distributed import build_rank_trainer
+from nexrl_async.train.ranks import (
+    RankChannel,
+    RankFailure,
+    RankHooks,
+    Shutdown,
+    describe,
+    execute,
+    is_secondary,
+)
+from nexrl_async.train.topology import ProcessGroups
+from nexrl_async.train.trainer import Trainer
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+
+
+def run_follower(
+    cfg: RecipeConfig,
+    base_dir: Path,
+    groups: ProcessGroups,
+    *,
+    hooks: RankHooks | None = None,
+) -> int:
+    """Serve rank 0's commands on this rank until ``Shutdown`` (0) or a failure (1).
+
+    Args:
+        cfg: the recipe (the same one rank 0 runs).
+        base_dir: the recipe's folder (user code such as ``prepare_batch`` is loaded from it).
+        groups: this rank's process groups (world size > 1, rank != 0).
+        hooks: the same checkpoint hooks rank 0's trainer was given; ``sync_weights`` may
+            consume the gathered weights here too (by default they are discarded).
+    """
+    channel = RankChannel(groups)
+    rank = groups.rank
+    try:
+        trainer = _build(cfg, base_dir, groups, channel)
+    except RankFailure as err:
+        logger.error("rank {}: stopping: {}", rank, err)
+        return EXIT_FAILED
+    hooks = hooks or RankHooks()
+    while True:
+        try:
+            command = channel.receive()
+        except RankFailure as err:
+            logger.error("rank {}: stopping: {}", rank, err)
+            return EXIT_FAILED
+        if isinstance(command, Shutdown):
+            logger.debug("rank {}: shutdown ({})", rank, command.reason or "no reason given")
+            return EXIT_OK
+        error: Exception | None = None
+        try:
+            execute(trainer, command, hooks)
+        except Exception as err:  # noqa: BLE001 - reported to every rank
+            log = logger.warning if is_secondary(err) else logger.error
+            log("rank {}: {} failed: {!r}", rank, describe(command), err)
+            error = err
+        try:
+            channel.agree(error, what=describe(command))
+        except RankFailure as err:
+            logger.error("rank {}: stopping: {}", rank, err)
+            return EXIT_FAILED
+
+
+def _build(
+    cfg: RecipeConfig, base_dir: Path, groups: ProcessGroups, channel: RankChannel
+) -> Trainer:
+    """This rank's trainer, once every rank reported building its own."""
+    trainer: Trainer | None = None
+    error: Exception | None = None
+    try:
+        trainer = build_rank_trainer(cfg, base_dir, groups)
+    except Exception as err:  # noqa: BLE001 - reported to every rank
+        logger.error("rank {}: building the trainer failed: {}", groups.rank, err)
+        error = err
+    channel.agree(error, what="building the trainer")
+    assert trainer is not None
+    return trainer

@@ -1,0 +1,127 @@
+"""Ranks walking through their share of a batch in lockstep.
+
+With FSDP2 every forward all-gathers each layer's parameters and every backward reduce-scatters
+its gradients, so all ranks must run the same *number* of forwards (and backwards) in the same
+order, whatever rows they hold. Each rank therefore:
+
+1. takes its share of the rows (:func:`rank_rows`: balanced by tokens, the same split computed
+   independently on every rank);
+2. plans its micro-batches, agrees on the largest count over ranks, and pads its own list with
+   *filler* micro-batches (the batch's shortest row) whose results are thrown away (a filler's
+   loss is multiplied by 0 before ``backward``, so it adds nothing to any gradient).
+
+At world size 1 both steps are identities and nothing is communicated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from nexrl_async.train.collectives import all_reduce_sum, max_over_ranks
+from nexrl_async.train.logprobs import batch_logprobs, forward_logprobs, model_device
+from nexrl_async.train.microbatch import MicroBatch, micro_batches
+from nexrl_async.train.sharding import reshard
+from nexrl_async.train.tensors import SequenceBatch
+from nexrl_async.train.topology import split_rows
+
+
+def rank_rows(lengths: Tensor, rows: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """This rank's share of ``rows`` (row indices into a batch whose row lengths are
+    ``lengths``), balanced by tokens; all of ``rows`` at world size 1."""
+    rows = list(rows)
+    if world_size == 1:
+        return rows
+    share = split_rows([int(lengths[r]) for r in rows], world_size)[rank]
+    return [rows[i] for i in share]
+
+
+def lockstep_micro_batches(
+    seq: SequenceBatch,
+    rows: Sequence[int],
+    *,
+    token_budget: int,
+    device: torch.device,
+    packing: bool,
+    world_size: int,
+) -> Iterator[tuple[MicroBatch, bool]]:
+    """``(micro-batch, real)`` pairs: this rank's micro-batches of ``rows``, then fillers
+    (``real = False``) up to the largest count on any rank.
+
+    Every rank must call this at the same point (one all-reduce when ``world_size > 1``).
+    """
+    own = list(micro_batches(seq, rows, token_budget=token_budget, device=device, packing=packing))
+    count = max_over_ranks(len(own)) if world_size > 1 else len(own)
+    yield from ((mb, True) for mb in own)
+    if count > len(own):
+        filler = filler_micro_batch(seq, device=device, packing=packing)
+        for _ in range(count - len(own)):
+            yield filler, False
+
+
+def filler_micro_batch(seq: SequenceBatch, *, device: torch.device, packing: bool) -> MicroBatch:
+    """A one-row micro-batch of the batch's shortest row (for lockstep padding)."""
+    shortest = int(torch.argmin(seq.lengths))
+    return next(
+        micro_batches(seq, [shortest], token_budget=seq.width, device=device, packing=packing)
+    )
+
+
+@torch.no_grad()
+def rank_logprobs(
+    model: PreTrainedModel,
+    seq: SequenceBatch,
+    *,
+    rank: int,
+    world_size: int,
+    token_budget: int,
+    temperature: float,
+    packing: bool,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probs ``[B, T]`` (and entropies) of every row, each rank computing its share.
+
+    The ranks' rows are disjoint and the rest of each rank's result is 0, so a sum over ranks
+    assembles the whole batch exactly; every rank gets it (float32, CPU). Eval mode, no grad.
+    At world size 1 this is :func:`~nexrl_async.train.logprobs.batch_logprobs`.
+    """
+    if world_size == 1:
+        return batch_logprobs(
+            model,
+            seq,
+            token_budget=token_budget,
+            temperature=temperature,
+            with_entropy=with_entropy,
+            packing=packing,
+        )
+    device = model_device(model)
+    logprobs = torch.zeros(seq.input_ids.shape, dtype=torch.float32)
+    entropy = torch.zeros_like(logprobs) if with_entropy else None
+    mine = rank_rows(seq.lengths, range(seq.size), rank, world_size)
+    was_training = model.training
+    model.eval()
+    try:
+        planned = lockstep_micro_batches(
+            seq,
+            mine,
+            token_budget=token_budget,
+            device=device,
+            packing=packing,
+            world_size=world_size,
+        )
+        for mb, real in planned:
+            lp, ent = forward_logprobs(
+                model, mb, temperature=temperature, with_entropy=with_entropy
+            )
+            if not real:
+                continue
+            logprobs[mb.rows, : mb.width] = lp.float().cpu()
+            if entropy is not None and ent is not None:
+                entropy[mb.rows, : mb.width] = ent.float().cpu()
+    finally:
+        model.train(was_training)
+        reshard(model)
+    return all_reduce_sum(logprobs), None if entropy is None else all_reduce_sum(entropy)
