@@ -170,3 +170,17 @@ def test_join_validates_rank_and_backend() -> None:
     with pytest.raises(ValueError, match="unsupported dtype"):
         parse_dtype("complex32")
     assert parse_dtype("torch.bfloat16") is torch.bfloat16
+
+
+def test_destroying_a_join_under_way_frees_the_name() -> None:
+    """A rendezvous cannot be interrupted: destroy disowns it, a new join may start at once."""
+    groups = UpdateGroups(device=torch.device("cpu"), timeout_s=1)
+    stale = groups.reserve("g")
+    with pytest.raises(WeightSyncError, match="already exists"):
+        groups.reserve("g")
+    groups.leave("g")  # the trainer gave up on that group
+    fresh = groups.reserve("g")
+    assert groups.register("g", stale, None) is False  # the old join ends: ignored
+    assert groups.register("g", fresh, None) is True
+    with pytest.raises(WeightSyncError, match="does not exist"):
+        groups.leave("g")

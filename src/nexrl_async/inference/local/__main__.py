@@ -31,6 +31,7 @@ def parse_options(argv: list[str] | None = None) -> ServeOptions:
     arg("--context-length", type=int, default=None)
     arg("--torch-threads", type=int, default=0)
     arg("--seed", "--random-seed", dest="seed", type=int, default=0)
+    arg("--update-group-timeout-s", type=float, default=300.0, help="weight-update group deadline")
     return ServeOptions(**vars(parser.parse_args(argv)))
 
 

@@ -57,7 +57,7 @@ async def init_weights_update_group(http: HttpRequest, ctx: ServerContext) -> Re
     groups = ctx.weight_sync.groups
     try:
         port = int(body.master_port)
-        groups.reserve(body.group_name)
+        token = groups.reserve(body.group_name)
     except (ValueError, WeightSyncError) as err:
         return _result(False, f"Failed to initialize custom process group: {err}")
     joined: UpdateGroup | None = None
@@ -75,7 +75,10 @@ async def init_weights_update_group(http: HttpRequest, ctx: ServerContext) -> Re
     except WeightSyncError as err:
         return _result(False, f"Failed to initialize custom process group: {err}")
     finally:
-        groups.register(body.group_name, joined)
+        kept = groups.register(body.group_name, token, joined)
+    if not kept:
+        message = f"Process group {body.group_name} was destroyed while joining."
+        return _result(False, f"Failed to initialize custom process group: {message}")
     return _result(True, "Succeeded to initialize custom process group.")
 
 

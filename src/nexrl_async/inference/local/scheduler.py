@@ -255,17 +255,19 @@ class Scheduler:
         self, model_path: str, version: str | None, *, abort_all: bool, flush_cache: bool
     ) -> tuple[bool, str]:
         """Swap weights from ``model_path`` between two steps; SGLang's (success, message)."""
-        ok, message = await self._swap(
+
+        def loaded() -> None:
+            self.model_path = model_path
+
+        return await self._swap(
             lambda: self._runner.load_weights(Path(model_path), version),
             version,
             abort_all=abort_all,
             flush_cache=flush_cache,
             failure="Failed to update weights: {}",
             success="Succeeded to update model weights.",
+            loaded=loaded,
         )
-        if ok or message.startswith("Weights were updated"):
-            self.model_path = model_path
-        return ok, message
 
     async def update_tensors(
         self,
@@ -294,9 +296,10 @@ class Scheduler:
         flush_cache: bool,
         failure: str,
         success: str,
+        loaded: Callable[[], None] | None = None,
     ) -> tuple[bool, str]:
-        """Run ``load`` under the step limiter once the running requests are gone (or paused);
-        SGLang's (success, message). New requests wait at the gate meanwhile."""
+        """Run ``load`` under the step limiter once the running requests are gone (or paused),
+        then ``loaded``; SGLang's (success, message). New requests wait at the gate meanwhile."""
         async with self._update_lock:
             self._updating = True
             self._changed.notify()
@@ -309,6 +312,8 @@ class Scheduler:
                     count = await anyio.to_thread.run_sync(load, limiter=self._limiter)
                 except WeightSyncError as err:
                     return False, failure.format(err)
+                if loaded is not None:
+                    loaded()
                 if version is not None:
                     self.weight_version = version
                 logger.info("weights updated: {} tensors (version {})", count, self.weight_version)

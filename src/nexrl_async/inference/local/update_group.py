@@ -180,7 +180,8 @@ class UpdateGroups:
         self.device = device
         self.timeout_s = timeout_s
         self._groups: dict[str, UpdateGroup] = {}
-        self._joining: set[str] = set()
+        self._joining: dict[str, object] = {}
+        """Joins under way: name → the token :meth:`reserve` handed out."""
         self._retired: list[UpdateGroup] = []
 
     def __contains__(self, name: str) -> bool:
@@ -192,11 +193,14 @@ class UpdateGroups:
             raise WeightSyncError(f"Process group {name} is not initialized.")
         return group
 
-    def reserve(self, name: str) -> None:
-        """Claim ``name`` before a join starts (on the loop), so two joins cannot race."""
+    def reserve(self, name: str) -> object:
+        """Claim ``name`` before a join starts (on the loop), so two joins cannot race; returns
+        the token to :meth:`register` the outcome with."""
         if name in self._groups or name in self._joining:
             raise WeightSyncError(f"Process group {name} already exists.")
-        self._joining.add(name)
+        token = object()
+        self._joining[name] = token
+        return token
 
     def join(
         self,
@@ -209,7 +213,8 @@ class UpdateGroups:
         backend: str,
     ) -> UpdateGroup:
         """Connect to the trainer's store and build the backend (blocking: waits for every
-        rank, at most ``timeout_s``). Call :meth:`reserve` first and :meth:`register` after."""
+        rank, at most ``timeout_s``; touches no shared state, so it runs in a worker thread).
+        Call :meth:`reserve` first and :meth:`register` after."""
         if not 0 < rank < world_size:
             raise WeightSyncError(f"rank_offset {rank} must be in [1, world_size {world_size})")
         if backend not in ("gloo", "nccl"):
@@ -240,14 +245,26 @@ class UpdateGroups:
             timeout_s=self.timeout_s,
         )
 
-    def register(self, name: str, group: UpdateGroup | None) -> None:
-        """End a join started with :meth:`reserve` (``group`` None: the join failed)."""
-        self._joining.discard(name)
+    def register(self, name: str, token: object, group: UpdateGroup | None) -> bool:
+        """End a join started with :meth:`reserve` (``group`` None: it failed). False when the
+        join was destroyed meanwhile: its group is retired, never used."""
+        if self._joining.get(name) is not token:
+            if group is not None:
+                group.leave()
+                self._retired.append(group)
+            return False
+        del self._joining[name]
         if group is not None:
             self._groups[name] = group
+        return True
 
     def leave(self, name: str) -> None:
-        """Destroy group ``name``: pending receives stop, the backend is retired."""
+        """Destroy group ``name``: pending receives stop, the backend is retired. A join still
+        under way is disowned (a rendezvous cannot be interrupted; it ends by its deadline), so
+        a new group of the same name can be joined at once."""
+        if self._joining.pop(name, None) is not None:
+            logger.info("abandoned the join of weight-update group {}", name)
+            return
         group = self._groups.pop(name, None)
         if group is None:
             raise WeightSyncError(f"Process group {name} does not exist.")
@@ -257,7 +274,7 @@ class UpdateGroups:
 
     def leave_all(self) -> None:
         """Leave every group (shutdown): pending receives stop at once."""
-        for name in list(self._groups):
+        for name in [*self._groups, *self._joining]:
             self.leave(name)
 
     def release(self) -> None:
