@@ -23,7 +23,7 @@ event loop.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +134,7 @@ class DistributedTrainer:
         """Every rank loads its part through ``hooks.load_checkpoint`` (DCP)."""
         self._run(LoadCheckpoint(path=str(directory)))
 
-    def named_parameters_for_sync(self) -> Iterator[tuple[str, Tensor]]:
+    def named_parameters_for_sync(self) -> Generator[tuple[str, Tensor], None, None]:
         """``(HF name, full tensor)`` per parameter, gathered from the shards one at a time.
 
         Nothing happens until the first item is asked for. Every rank takes part in each
@@ -150,7 +150,9 @@ class DistributedTrainer:
         params = self.trainer.named_parameters_for_sync()
         error: Exception | None = None
         try:
-            yield from params
+            # not ``yield from``: closing this stream must not close ``params`` (drained below)
+            for item in params:  # noqa: UP028 - see above
+                yield item
         except Exception as err:
             error = err
             raise

@@ -6,9 +6,10 @@ order, whatever rows they hold. Each rank therefore:
 
 1. takes its share of the rows (:func:`rank_rows`: balanced by tokens, the same split computed
    independently on every rank);
-2. plans its micro-batches, agrees on the largest count over ranks, and pads its own list with
-   *filler* micro-batches (the batch's shortest row) whose results are thrown away (a filler's
-   loss is multiplied by 0 before ``backward``, so it adds nothing to any gradient).
+2. plans its micro-batches, agrees on the largest count over ranks, splits its own plan up to
+   that count where its rows allow (``min_count``), and pads the rest with *filler*
+   micro-batches (the batch's shortest row) whose results are thrown away (a filler's loss is
+   multiplied by 0 before ``backward``, so it adds nothing to any gradient).
 
 At world size 1 both steps are identities and nothing is communicated.
 """
@@ -23,7 +24,7 @@ from transformers import PreTrainedModel
 
 from nexrl_async.train.collectives import all_reduce_sum, max_over_ranks
 from nexrl_async.train.logprobs import batch_logprobs, forward_logprobs, model_device
-from nexrl_async.train.microbatch import MicroBatch, micro_batches
+from nexrl_async.train.microbatch import MicroBatch, micro_batches, plan_micro_batches
 from nexrl_async.train.sharding import reshard
 from nexrl_async.train.tensors import SequenceBatch
 from nexrl_async.train.topology import split_rows
@@ -48,17 +49,29 @@ def lockstep_micro_batches(
     packing: bool,
     world_size: int,
 ) -> Iterator[tuple[MicroBatch, bool]]:
-    """``(micro-batch, real)`` pairs: this rank's micro-batches of ``rows``, then fillers
-    (``real = False``) up to the largest count on any rank.
+    """``(micro-batch, real)`` pairs: this rank's micro-batches of ``rows``, as many as the
+    busiest rank's (split further where rows allow), then fillers (``real = False``).
 
     Every rank must call this at the same point (one all-reduce when ``world_size > 1``).
     """
-    own = list(micro_batches(seq, rows, token_budget=token_budget, device=device, packing=packing))
-    count = max_over_ranks(len(own)) if world_size > 1 else len(own)
-    yield from ((mb, True) for mb in own)
-    if count > len(own):
+    own = len(plan_micro_batches(seq.lengths, rows, token_budget, packing=packing)) if rows else 0
+    count = max_over_ranks(own) if world_size > 1 else own
+    made = 0
+    if rows:
+        planned = micro_batches(
+            seq,
+            rows,
+            token_budget=token_budget,
+            device=device,
+            packing=packing,
+            min_count=max(count, 1),
+        )
+        for mb in planned:
+            made += 1
+            yield mb, True
+    if count > made:
         filler = filler_micro_batch(seq, device=device, packing=packing)
-        for _ in range(count - len(own)):
+        for _ in range(count - made):
             yield filler, False
 
 
