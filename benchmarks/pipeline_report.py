@@ -22,9 +22,9 @@ def plot(results: dict[str, Any], out_dir: Path, name: str) -> Path:
     import matplotlib.pyplot as plt
 
     modes, analysis = results["modes"], results["analysis"]
-    labels = [m["label"] for m in modes.values()]
+    labels = [m["label"].replace(" k=", "\nk=") for m in modes.values()]
     xs = list(range(len(labels)))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5.2))
     bottom = [0.0] * len(xs)
     for key, legend, color in _PARTS:
         heights = [max(m[key], 0.0) for m in modes.values()]
@@ -40,21 +40,21 @@ def plot(results: dict[str, Any], out_dir: Path, name: str) -> Path:
     left.set_title(
         f"step time (T_gen {analysis['t_gen_s']:.2f} s, T_train {analysis['t_train_s']:.2f} s)"
     )
-    left.legend(fontsize=8, loc="upper right")
+    left.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
     effs = [m["efficiency"] for m in modes.values()]
     bars = right.bar(xs, effs, color="tab:purple", alpha=0.8)
     for bar, m in zip(bars, modes.values(), strict=True):
         right.annotate(
             f"{m['steps_per_s']:.2f} step/s\n{m['tokens_per_s']:.0f} tok/s",
-            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-            ha="center", va="bottom", fontsize=8,
+            (bar.get_x() + bar.get_width() / 2, bar.get_height() / 2),
+            ha="center", va="center", fontsize=8, color="white",
         )  # fmt: skip
     _line(right, analysis["efficiency_target"], "target 0.9", "tab:red", "--")
     right.set_xticks(xs, labels)
     right.set_ylim(0, max([1.15, *[e * 1.2 for e in effs if math.isfinite(e)]]))
     right.set_ylabel("throughput / ideal")
     right.set_title("throughput relative to the ideal steady state")
-    right.legend(fontsize=8, loc="lower right")
+    right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     return save_figure(fig, out_dir, name)
 
 
