@@ -9,7 +9,7 @@ restored on the way, in the order ``engine.resume`` describes.
 from __future__ import annotations
 
 import copy
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +19,10 @@ import anyio
 import httpx
 import msgspec
 
-from nexrl_async.config.inference import AttachInference
+from nexrl_async.config.inference import AttachInference, SGLangInference
 from nexrl_async.config.model import PretrainedModel
 from nexrl_async.config.schema import RecipeConfig
+from nexrl_async.core.errors import ConfigError
 from nexrl_async.core.records import DataItem, TrainBatch
 from nexrl_async.data import iterate_once, open_source
 from nexrl_async.engine.checkpointer import Checkpointer
@@ -47,8 +48,9 @@ from nexrl_async.pipeline.pool import TrajectoryPool
 from nexrl_async.pipeline.staleness import StalenessGate
 from nexrl_async.rollout.loading import load_worker
 from nexrl_async.rollout.worker import RolloutWorker
+from nexrl_async.train.broadcast import WeightSender
 from nexrl_async.train.trainer import Trainer
-from nexrl_async.weights.publisher import WeightPublisher
+from nexrl_async.weights import DiskTransport, DistributedTransport, Publisher, Transport
 
 
 class TrainerLike(Protocol):
@@ -74,7 +76,7 @@ class Parts:
     trainer: TrainerLike
     flow: Flow
     fleet: Fleet
-    publisher: WeightPublisher
+    publisher: Publisher
     generator: FleetGenerator
     events: CountingEvents
     worker: RolloutWorker
@@ -148,7 +150,7 @@ async def open_parts(
     )
     if resume is not None:
         restore_flow(flow, resume)
-    holder: dict[str, WeightPublisher] = {}
+    holder: dict[str, Publisher] = {}
 
     async def on_restart(server: ServerHandle) -> None:
         if "publisher" in holder:
@@ -165,10 +167,9 @@ async def open_parts(
         clients = {
             url: SGLangClient.from_config(url, cfg.inference, http=http) for url in fleet.urls
         }
-        publisher = WeightPublisher(
-            cfg.weights, fleet=fleet, clients=clients, weights_dir=ctx.run_dir.weights_dir,
-            export=trainer.save_hf, initial_path=model_dir,
-        )  # fmt: skip
+        limiter = anyio.CapacityLimiter(1)
+        transport = _transport(ctx, trainer, clients, model_dir=model_dir, limiter=limiter)
+        publisher = Publisher(cfg.weights, fleet=fleet, clients=clients, transport=transport)
         holder["publisher"] = publisher
         if resume is not None:
             await _resume_publisher(publisher, fleet, resume)
@@ -177,7 +178,6 @@ async def open_parts(
             retries=cfg.inference.retries, seed=cfg.run.seed,
         )  # fmt: skip
         events = CountingEvents(ctx.ledger)
-        limiter = anyio.CapacityLimiter(1)
         checkpointer = Checkpointer(
             cfg.checkpoint, root=ctx.run_dir.checkpoints_dir, trainer=trainer,
             export=trainer.save_hf, flow=flow, ledger=ctx.ledger, limiter=limiter,
@@ -190,7 +190,7 @@ async def open_parts(
             "required": list(cfg.data.required), "events": events,
             "context_length": _context_length(trainer),
         }  # fmt: skip
-        yield Parts(
+        parts = Parts(
             cfg=cfg, ctx=ctx, trainer=trainer, flow=flow, fleet=fleet, publisher=publisher,
             generator=generator, events=events, val_items=val_items,
             worker=load_worker(cfg.rollout, **common),
@@ -204,6 +204,38 @@ async def open_parts(
             ),
             checkpointer=checkpointer, torch_limiter=limiter,
         )  # fmt: skip
+        try:
+            yield parts
+        finally:
+            with anyio.CancelScope(shield=True):
+                await publisher.aclose()
+
+
+def _transport(
+    ctx: RunContext,
+    trainer: TrainerLike,
+    clients: Mapping[str, SGLangClient],
+    *,
+    model_dir: Path,
+    limiter: anyio.CapacityLimiter,
+) -> Transport:
+    """The ``weights.transport`` the recipe asks for."""
+    cfg = ctx.cfg
+    if cfg.weights.transport == "disk":
+        return DiskTransport(
+            cfg.weights, clients=clients, weights_dir=ctx.run_dir.weights_dir,
+            export=trainer.save_hf, initial_path=model_dir,
+        )  # fmt: skip
+    params: Callable[[], Iterator[Any]] | None = getattr(trainer, "named_parameters_for_sync", None)
+    if params is None:
+        raise ConfigError(
+            'weights.transport = "distributed": this trainer cannot stream its parameters',
+            path="weights.transport",
+        )
+    return DistributedTransport(
+        cfg.weights, clients=clients, params=params, sender_factory=WeightSender,
+        limiter=limiter, backend="nccl" if isinstance(cfg.inference, SGLangInference) else "gloo",
+    )  # fmt: skip
 
 
 def build_trainer(cfg: RecipeConfig, base_dir: Path) -> Trainer:
@@ -232,7 +264,7 @@ def _serving_dir(ctx: RunContext, trainer: TrainerLike, resume: Resume | None) -
     return path
 
 
-async def _resume_publisher(publisher: WeightPublisher, fleet: Fleet, resume: Resume) -> None:
+async def _resume_publisher(publisher: Publisher, fleet: Fleet, resume: Resume) -> None:
     """The publisher starts at the checkpoint's version; attached servers load its weights."""
     publisher.version = resume.version
     if isinstance(fleet.cfg, AttachInference):

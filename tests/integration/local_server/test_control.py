@@ -152,7 +152,7 @@ async def test_error_statuses_and_bodies(client: httpx.AsyncClient, server: Any)
         assert (await anonymous.get("/health")).status_code == 200
     missing = await client.get("/no_such_route")
     assert (missing.status_code, missing.json()) == (404, {"detail": "Not Found"})
-    for route in ("/init_weights_update_group", "/update_weights_from_distributed"):
+    for route in ("/update_weights_from_tensor", "/release_memory_occupation"):
         assert (await client.post(route, json={})).status_code == 404
     too_long = await client.post(
         "/generate", json={"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 510}}
