@@ -9,8 +9,9 @@ modules under pytest's importlib mode).
 ``make_trainer`` (a DistributedTrainer), every other rank runs ``run_follower``.
 
 Scenarios:
-- ``train``: two steps, log-probs, an HF export and a weight sync, then shutdown. Rank 0 writes
-  ``out/rank0.json`` (metrics, log-probs) and ``out/sync.pt``; the HF folder is ``out/hf``.
+- ``train``: two steps, log-probs, a checkpoint round trip (save, a third step, load), an HF
+  export and a weight sync, then shutdown. Rank 0 writes ``out/rank0.json`` (metrics,
+  log-probs, what the round trip restored) and ``out/sync.pt``; the HF folder is ``out/hf``.
 - ``fail``: one step whose ``prepare_batch`` raises on rank ``FAIL_RANK``; rank 0 records the
   error it got (``out/rank0.json``: type, message, seconds), then shuts down.
 - ``die``: rank 0 builds its trainer, writes ``out/died_at`` (``time.time()``), then its
@@ -206,11 +207,22 @@ def _rank0(scenario: str, cfg: RecipeConfig, work: Path, trainer: DistributedTra
         return
     metrics = [trainer.step(batch) for batch in steps]
     logprobs = trainer.compute_logprobs(steps[0])
+    # a DCP checkpoint round trip: save, train on, load, the weights are back
+    trainer.save_checkpoint(out / "ckpt")
+    trainer.step(msgspec.structs.replace(steps[1], step=2))
+    moved = trainer.compute_logprobs(steps[0])
+    trainer.load_checkpoint(out / "ckpt")
+    restored = {
+        "steps_done": trainer.steps_done,
+        "logprobs": trainer.compute_logprobs(steps[0]),
+        "moved": moved,
+    }
     trainer.save_hf(out / "hf")
     synced = {name: tensor.clone() for name, tensor in trainer.named_parameters_for_sync()}
     torch.save(synced, out / "sync.pt")
     trainer.shutdown("done")
-    (out / "rank0.json").write_text(json.dumps({"metrics": metrics, "logprobs": logprobs}))
+    result = {"metrics": metrics, "logprobs": logprobs, "restored": restored}
+    (out / "rank0.json").write_text(json.dumps(result))
 
 
 def main(scenario: str, work: Path) -> int:

@@ -3,9 +3,10 @@
 ``torchrun --standalone --nproc-per-node 2 ranks_driver.py train`` runs rank 0's
 DistributedTrainer and rank 1's follower loop for two RL steps (KL to a sharded reference,
 entropy bonus, three minibatches of which one holds a single row, so one rank trains filler
-micro-batches only; activation checkpointing; clipped gradients), then log-probs, an HF export
-and a weight sync. This test repeats the same on one rank in-process and compares: the step
-metrics, the updated weights (exported and synced) and the log-probs agree within 1e-5, and
+micro-batches only; activation checkpointing; clipped gradients), then log-probs, a DCP
+checkpoint round trip (save, a third step, load), an HF export and a weight sync. This test
+repeats the two steps on one rank in-process and compares: the step metrics, the updated
+weights (exported and synced, after the round trip) and the log-probs agree within 1e-5, and
 the update is large enough (> 1e-3) for that to mean something.
 
 Run: ``.venv/bin/python -m pytest tests/distributed/test_fsdp_equivalence.py -q``
@@ -90,6 +91,11 @@ def test_two_ranks_under_torchrun_train_like_one(tmp_path: Path, driver: ModuleT
         torch.testing.assert_close(
             torch.tensor(got_row), torch.tensor(expected_row), atol=TOL, rtol=0
         )
+
+    restored = two["restored"]
+    assert restored["steps_done"] == 2
+    assert restored["logprobs"] == two["logprobs"]  # the same weights, the same numbers
+    assert restored["moved"] != two["logprobs"]  # the third step did change them
 
     after = {name: p.detach() for name, p in one.model.named_parameters()}
     moved = max(float((after[name] - before[name]).abs().max()) for name in before)

@@ -10,14 +10,19 @@ destroy(groups)
 ```
 
 :class:`DistributedTrainer` has the world-size-1 :class:`~nexrl_async.train.trainer.Trainer`'s
-blocking API (``step``, ``compute_logprobs``, ``save_hf``, ``save_checkpoint``,
-``load_checkpoint``, ``named_parameters_for_sync``, ``tokenizer``, ``model``, ``optimizer``,
-``scheduler``): each call broadcasts the matching command (:mod:`~nexrl_async.train.ranks`),
-runs rank 0's part, and exchanges every rank's status, so a failure on any rank raises a
-:class:`~nexrl_async.train.ranks.RankFailure` here. After a failure every follower has left its
-loop, and every later call raises :class:`TrainError` at once. Calls are serialised (one command
-at a time, whatever thread calls); like the trainer, call it from a worker thread, never on the
-event loop.
+blocking API (``step``, ``compute_logprobs``, ``save_hf``, ``named_parameters_for_sync``,
+``tokenizer``, ``model``, ``steps_done``) plus ``save_checkpoint``/``load_checkpoint`` in the
+``train.checkpoint`` (DCP) layout: each call broadcasts the matching command
+(:mod:`~nexrl_async.train.ranks`), runs rank 0's part, and exchanges every rank's status, so a
+failure on any rank raises a :class:`~nexrl_async.train.ranks.RankFailure` here.
+
+After a failure every follower has left its loop, and every later call raises
+:class:`TrainError` at once. Calls are serialised (one command at a time, whatever thread
+calls); like the trainer, call it from a worker thread, never on the event loop.
+
+It deliberately has no ``optimizer``/``scheduler``: ``train.checkpoint.save_trainer`` on rank 0
+alone would start collectives the followers never join. Checkpoint through
+:meth:`DistributedTrainer.save_checkpoint`; rank 0's own trainer is ``.trainer``.
 """
 
 from __future__ import annotations
@@ -88,8 +93,6 @@ class DistributedTrainer:
         self.hooks = hooks or RankHooks()
         self.tokenizer: Any = trainer.tokenizer
         self.model = trainer.model
-        self.optimizer = trainer.optimizer
-        self.scheduler = trainer.scheduler
         self._lock = threading.Lock()
         self._failure: TrainError | None = None
         self._closed = False
@@ -126,12 +129,14 @@ class DistributedTrainer:
         return result if isinstance(result, Path) else Path(path)
 
     def save_checkpoint(self, directory: str | Path) -> Path:
-        """Every rank saves its part through ``hooks.save_checkpoint`` (DCP)."""
+        """Every rank saves its part (``hooks.save_checkpoint``, by default
+        ``train.checkpoint.save_trainer``: DCP shards, rank 0 the extra file)."""
         self._run(SaveCheckpoint(path=str(directory)))
         return Path(directory)
 
     def load_checkpoint(self, directory: str | Path) -> None:
-        """Every rank loads its part through ``hooks.load_checkpoint`` (DCP)."""
+        """Every rank loads its part (``hooks.load_checkpoint``, by default
+        ``train.checkpoint.load_trainer``), ``steps_done`` included."""
         self._run(LoadCheckpoint(path=str(directory)))
 
     def named_parameters_for_sync(self) -> Generator[tuple[str, Tensor], None, None]:

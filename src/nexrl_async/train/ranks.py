@@ -38,6 +38,7 @@ from torch import Tensor
 
 from nexrl_async.core.errors import TrainError
 from nexrl_async.core.records import TrainBatch
+from nexrl_async.train.checkpoint import load_trainer, save_trainer
 from nexrl_async.train.topology import ProcessGroups
 from nexrl_async.train.trainer import Trainer
 
@@ -63,13 +64,13 @@ class SaveHF(msgspec.Struct, frozen=True, tag="save_hf"):
 
 
 class SaveCheckpoint(msgspec.Struct, frozen=True, tag="save_checkpoint"):
-    """Every rank saves its part of a checkpoint into ``path`` (``RankHooks.save_checkpoint``)."""
+    """Every rank saves its part of a DCP checkpoint into ``path`` (``RankHooks``)."""
 
     path: str
 
 
 class LoadCheckpoint(msgspec.Struct, frozen=True, tag="load_checkpoint"):
-    """Every rank loads its part of the checkpoint in ``path`` (``RankHooks.load_checkpoint``)."""
+    """Every rank loads its part of the DCP checkpoint in ``path`` (``RankHooks``)."""
 
     path: str
 
@@ -272,9 +273,8 @@ SyncHook = Callable[[Iterator[tuple[str, Tensor]]], object]
 class RankHooks:
     """What commands that other modules implement do; the same on every rank.
 
-    ``save_checkpoint``/``load_checkpoint`` run on every rank (DCP is collective; e.g.
-    ``train.checkpoint.save_trainer``/``load_trainer``). Without them a world-size-1 trainer
-    uses its own ``save_checkpoint``/``load_checkpoint`` and a sharded one fails. ``sync_weights``
+    ``save_checkpoint``/``load_checkpoint`` run on every rank (DCP is collective); by default
+    they are ``train.checkpoint.save_trainer``/``load_trainer``. ``sync_weights``
     runs on the followers only (rank 0's stream goes to the caller of
     ``DistributedTrainer.named_parameters_for_sync``); whatever it leaves unread is drained.
     """
@@ -297,14 +297,9 @@ def execute(trainer: Trainer, command: Command, hooks: RankHooks) -> object:
         case SaveHF(path=path):
             return trainer.save_hf(path)
         case SaveCheckpoint(path=path):
-            if hooks.save_checkpoint is not None:
-                return hooks.save_checkpoint(trainer, Path(path))
-            return trainer.save_checkpoint(path)
+            return (hooks.save_checkpoint or save_trainer)(trainer, Path(path))
         case LoadCheckpoint(path=path):
-            if hooks.load_checkpoint is not None:
-                return hooks.load_checkpoint(trainer, Path(path))
-            trainer.load_checkpoint(path)
-            return None
+            return (hooks.load_checkpoint or load_trainer)(trainer, Path(path))
         case SyncWeights():
             params = trainer.named_parameters_for_sync()
             try:

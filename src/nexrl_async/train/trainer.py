@@ -56,6 +56,8 @@ import torch
 from anyio import CapacityLimiter
 from loguru import logger
 from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -154,8 +156,8 @@ class Trainer:
         if self.groups.distributed:
             self._shard(trainer.param_dtype, reference_on_cpu=algorithm.reference_on_cpu)
         self.kl_controller = _kl_controller(algorithm.kl) if uses_kl else None
-        self.optimizer = build_optimizer(model.parameters(), optim)
-        self.scheduler = build_scheduler(self.optimizer, optim, total_steps)
+        self.optimizer: Optimizer = build_optimizer(model.parameters(), optim)
+        self.scheduler: LRScheduler = build_scheduler(self.optimizer, optim, total_steps)
         self._hook = None
         if algorithm.mode == "rl" and algorithm.prepare_batch is not None:
             self._hook = PrepareBatchHook.load(algorithm.prepare_batch, base_dir or Path.cwd())

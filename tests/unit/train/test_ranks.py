@@ -142,13 +142,6 @@ class FakeTrainer:
         self.calls.append(("save_hf", path))
         return Path(path)
 
-    def save_checkpoint(self, path: str) -> Path:
-        self.calls.append(("save_checkpoint", path))
-        return Path(path)
-
-    def load_checkpoint(self, path: str) -> None:
-        self.calls.append(("load_checkpoint", path))
-
     def named_parameters_for_sync(self) -> Iterator[tuple[str, Tensor]]:
         for i in range(4):
             self.gathered += 1
@@ -164,18 +157,12 @@ def test_commands_call_the_trainer(batch: TrainBatch) -> None:
     assert _run(fake, TrainStep(batch=encode_batch(batch))) == {"train/loss": 1.5}
     assert _run(fake, ComputeLogprobs(batch=encode_batch(batch))) == [[0.0, -1.0]]
     assert _run(fake, SaveHF(path="/w/v1")) == Path("/w/v1")
-    _run(fake, SaveCheckpoint(path="/c/1"))
-    _run(fake, LoadCheckpoint(path="/c/1"))
-    assert fake.calls == [
-        ("step", batch),
-        ("logprobs", batch),
-        ("save_hf", "/w/v1"),
-        ("save_checkpoint", "/c/1"),
-        ("load_checkpoint", "/c/1"),
-    ]
+    assert _run(fake, Shutdown()) is None
+    assert fake.calls == [("step", batch), ("logprobs", batch), ("save_hf", "/w/v1")]
 
 
-def test_checkpoint_hooks_replace_the_trainer_methods() -> None:
+def test_checkpoint_commands_call_their_hooks() -> None:
+    # (the default hooks, train.checkpoint's DCP functions, run in the distributed tests)
     fake = FakeTrainer()
     seen: list[tuple[str, Path]] = []
     hooks = RankHooks(
