@@ -1,14 +1,10 @@
 """The trainer: one synchronous ``step(batch) -> metrics`` per training step, on every rank.
 
 ```
-trainer = Trainer.from_config(cfg.model, cfg.tokenizer, algorithm=cfg.algorithm,
-                              optim=cfg.optim, trainer=cfg.trainer, seed=cfg.run.seed,
-                              max_new_tokens=cfg.rollout.max_new_tokens,
-                              total_steps=cfg.run.total_steps,
-                              temperature=cfg.rollout.sampling.temperature, base_dir=recipe_dir)
+trainer = Trainer.from_config(cfg.model, cfg.tokenizer, algorithm=cfg.algorithm, optim=cfg.optim,
+                              trainer=cfg.trainer, seed=cfg.run.seed, ..., groups=groups)
 metrics = await run_step(trainer, batch, limiter=torch_limiter)   # torch off the loop thread
 trainer.save_hf(run_dir / "weights" / f"v{batch.step + 1}")       # publication / export
-trainer.save_checkpoint(run_dir / "checkpoints" / f"step_{batch.step}")
 ```
 
 An RL step (``algorithm.mode = "rl"``):
@@ -25,14 +21,13 @@ An RL step (``algorithm.mode = "rl"``):
 
 An SFT step (``mode = "sft"``) trains the loss-masked tokens' NLL with steps 1, 4 and 5.
 
-At world size ``N > 1`` (``groups`` from :func:`~nexrl_async.train.topology.init_process_groups`)
-every rank builds the same trainer, which shards the policy (and a reference on the training
-device) with FSDP2 (:mod:`~nexrl_async.train.sharding`), and every rank calls the same methods
-in the same order with the same arguments (rank 0's :class:`~nexrl_async.train.distributed.
-DistributedTrainer` and the followers' loop see to that). Each rank computes the pre-step
+At world size ``N > 1`` (``groups``, see :mod:`~nexrl_async.train.topology`) every rank builds
+the same trainer, sharded with FSDP2 (:mod:`~nexrl_async.train.sharding`; the reference too
+unless it lives on CPU), and calls the same methods in the same order (rank 0's
+``DistributedTrainer`` and the followers' loop see to that). Each rank computes the pre-step
 log-probs of its share of the rows (assembled on every rank), builds the targets of the whole
-batch, and trains its share of each minibatch with global denominators: the update equals world
-size 1's on the same batch, and the metrics are the same on every rank (except ``train/step_s``).
+batch, and trains its share of each minibatch with global denominators: the update is world
+size 1's, and the metrics are the same on every rank (except ``train/step_s``).
 ``prepare_batch`` runs on every rank with the same inputs, so it must be deterministic.
 
 Everything here is blocking torch code; the engine calls it through :func:`run_step` (a worker
