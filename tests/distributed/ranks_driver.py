@@ -9,9 +9,10 @@ modules under pytest's importlib mode).
 ``make_trainer`` (a DistributedTrainer), every other rank runs ``run_follower``.
 
 Scenarios:
-- ``train``: two steps, log-probs, a checkpoint round trip (save, a third step, load), an HF
-  export and a weight sync, then shutdown. Rank 0 writes ``out/rank0.json`` (metrics,
-  log-probs, what the round trip restored) and ``out/sync.pt``; the HF folder is ``out/hf``.
+- ``train``: SIGTERM to rank 1 (which must ignore it), two steps, log-probs, a checkpoint round
+  trip (save, a third step, load), an HF export and a weight sync, then shutdown. Rank 0 writes
+  ``out/rank0.json`` (metrics, log-probs, what the round trip restored) and ``out/sync.pt``; the
+  HF folder is ``out/hf``.
 - ``fail``: one step whose ``prepare_batch`` raises on rank ``FAIL_RANK``; rank 0 records the
   error it got (``out/rank0.json``: type, message, seconds), then shuts down.
 - ``die``: rank 0 builds its trainer, writes ``out/died_at`` (``time.time()``), then its
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -205,6 +207,10 @@ def _rank0(scenario: str, cfg: RecipeConfig, work: Path, trainer: DistributedTra
         trainer.shutdown()
         (out / "rank0.json").write_text(json.dumps(result))
         return
+    # followers ignore SIGTERM: rank 0 decides when they stop (and may still need them)
+    follower = int((out / "pid1").read_text())
+    os.kill(follower, signal.SIGTERM)
+    time.sleep(0.5)
     metrics = [trainer.step(batch) for batch in steps]
     logprobs = trainer.compute_logprobs(steps[0])
     # a DCP checkpoint round trip: save, train on, load, the weights are back
@@ -229,6 +235,7 @@ def main(scenario: str, work: Path) -> int:
     torch.set_num_threads(1)
     cfg = msgspec.json.decode((work / "recipe.json").read_bytes(), type=RecipeConfig)
     (work / "out").mkdir(exist_ok=True)
+    (work / "out" / f"pid{os.environ.get('RANK', '0')}").write_text(str(os.getpid()))
     with open_process_groups(cfg.trainer) as groups:
         if groups.rank != 0:
             return run_follower(cfg, work, groups)

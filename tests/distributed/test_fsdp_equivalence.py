@@ -1,7 +1,8 @@
 """FSDP2 over two gloo ranks trains exactly like one rank.
 
 ``torchrun --standalone --nproc-per-node 2 ranks_driver.py train`` runs rank 0's
-DistributedTrainer and rank 1's follower loop for two RL steps (KL to a sharded reference,
+DistributedTrainer and rank 1's follower loop (which first gets a SIGTERM it must ignore: rank 0
+decides when followers stop) for two RL steps (KL to a sharded reference,
 entropy bonus, three minibatches of which one holds a single row, so one rank trains filler
 micro-batches only; activation checkpointing; clipped gradients), then log-probs, a DCP
 checkpoint round trip (save, a third step, load), an HF export and a weight sync. This test

@@ -12,10 +12,18 @@ A follower has no event loop and no control plane: it builds its :class:`Trainer
 rank 0's), reports whether that worked, then receives a command, runs it and reports, in the
 order rank 0 sends them. It returns 0 after ``Shutdown`` and 1 when any rank failed (its own
 error or another's, logged with the failing rank) or rank 0 went away.
+
+While it serves, SIGINT and SIGTERM are ignored (when it runs in the main thread): rank 0
+decides when the ranks stop, and on a graceful SIGTERM it still needs every rank for the final
+checkpoint. A follower still never outlives rank 0: rank 0's exit closes the connections its
+wait is blocked on.
 """
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from loguru import logger
@@ -54,6 +62,11 @@ def run_follower(
         hooks: the same checkpoint hooks rank 0's trainer was given; ``sync_weights`` may
             consume the gathered weights here too (by default they are discarded).
     """
+    with _rank0_owns_signals():
+        return _serve(cfg, base_dir, groups, hooks or RankHooks())
+
+
+def _serve(cfg: RecipeConfig, base_dir: Path, groups: ProcessGroups, hooks: RankHooks) -> int:
     channel = RankChannel(groups)
     rank = groups.rank
     try:
@@ -61,7 +74,6 @@ def run_follower(
     except RankFailure as err:
         logger.error("rank {}: stopping: {}", rank, err)
         return EXIT_FAILED
-    hooks = hooks or RankHooks()
     while True:
         try:
             command = channel.receive()
@@ -99,3 +111,19 @@ def _build(
     channel.agree(error, what="building the trainer")
     assert trainer is not None
     return trainer
+
+
+@contextmanager
+def _rank0_owns_signals() -> Iterator[None]:
+    """Ignore SIGINT and SIGTERM meanwhile (only possible in the main thread)."""
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[signum] = signal.signal(signum, signal.SIG_IGN)
+        except ValueError:  # not the main thread: leave the handlers alone
+            break
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
