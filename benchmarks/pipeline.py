@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -291,6 +292,7 @@ def summarise_mode(records: Sequence[Mapping[str, Any]], warmup: int) -> dict[st
         "steps_measured": len(kept),
         "step_s": mean(steps),
         "step_s_std": stdev(steps),
+        "step_s_median": statistics.median(steps),
         "steps_per_s": len(kept) / sum(steps),
         "tokens_per_s": tokens / sum(steps),
         "batch_wait_s": wait,
@@ -337,6 +339,7 @@ def analyse(modes: dict[str, dict[str, Any]], train_s: float) -> dict[str, Any]:
     ideal, serial = max(t_gen, train_s), t_gen + train_s
     for summary in modes.values():
         summary["efficiency"] = ideal / summary["step_s"]
+        summary["efficiency_of_median_step"] = ideal / summary["step_s_median"]
     acceptance: dict[str, Any] = {}
     if "k1" in modes:
         eff = modes["k1"]["efficiency"]

@@ -65,12 +65,12 @@ def _line(ax: Any, y: float, label: str, color: str, style: str) -> None:
 
 def print_summary(results: dict[str, Any]) -> None:
     analysis = results["analysis"]
-    headers = ["mode", "step s", "steps/s", "tokens/s", "batch wait s", "publish s", "pause s",
-               "group s", "floor s", "staleness", "vs ideal"]  # fmt: skip
+    headers = ["mode", "step s", "median s", "steps/s", "tokens/s", "batch wait s",
+               "publish s", "pause s", "group s", "floor s", "staleness", "vs ideal"]  # fmt: skip
     rows = [
-        [m["label"], m["step_s"], m["steps_per_s"], m["tokens_per_s"], m["batch_wait_s"],
-         m["publish_s"], m["pause_s"], m["group_latency_s"], m["group_floor_s"],
-         m["staleness_mean"], m["efficiency"]]
+        [m["label"], m["step_s"], m["step_s_median"], m["steps_per_s"], m["tokens_per_s"],
+         m["batch_wait_s"], m["publish_s"], m["pause_s"], m["group_latency_s"],
+         m["group_floor_s"], m["staleness_mean"], m["efficiency"]]
         for m in results["modes"].values()
     ]  # fmt: skip
     print(table(headers, rows))

@@ -91,6 +91,7 @@ def test_summaries_skip_the_warmup_steps(bench: ModuleType):
     summary = bench.summarise_mode(records, warmup=1)
     assert summary["steps_measured"] == 2
     assert summary["step_s"] == pytest.approx(3.0)
+    assert summary["step_s_median"] == pytest.approx(3.0)
     assert summary["steps_per_s"] == pytest.approx(2 / 6)
     assert summary["tokens_per_s"] == pytest.approx((200 + 200) / 6)
     assert summary["batch_wait_s"] == pytest.approx(1.0)
@@ -101,12 +102,16 @@ def test_summaries_skip_the_warmup_steps(bench: ModuleType):
 
 
 def test_analysis_measures_against_t_gen_of_the_sync_run(bench: ModuleType):
-    modes = {"sync": {"batch_wait_s": 1.0, "step_s": 2.1}, "k1": {"step_s": 1.25}}
+    modes = {
+        "sync": {"batch_wait_s": 1.0, "step_s": 2.1, "step_s_median": 2.0},
+        "k1": {"step_s": 1.25, "step_s_median": 1.0},
+    }
     analysis = bench.analyse(modes, train_s=0.8)
     assert analysis["t_gen_s"] == 1.0
     assert analysis["ideal_step_s"] == 1.0
     assert analysis["serial_step_s"] == pytest.approx(1.8)
     assert modes["k1"]["efficiency"] == pytest.approx(0.8)
+    assert modes["k1"]["efficiency_of_median_step"] == pytest.approx(1.0)
     assert analysis["batch_async_k1_passed"] is False
     assert analysis["sync_step_over_serial"] == pytest.approx(2.1 / 1.8)
     modes["k1"]["step_s"] = 1.05
