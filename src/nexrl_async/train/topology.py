@@ -28,7 +28,6 @@ every rank computes the same split without talking).
 
 from __future__ import annotations
 
-import heapq
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -44,6 +43,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from nexrl_async.config.training import TrainerConfig
 from nexrl_async.core.errors import ConfigError, TrainError
 from nexrl_async.core.records import TrainBatch
+from nexrl_async.pipeline.packing import balance_ranks
 from nexrl_async.train.model import resolve_device
 
 IDLE_TIMEOUT_S = 7 * 24 * 3600.0
@@ -251,21 +251,12 @@ def open_process_groups(
 
 
 def split_rows(lengths: Sequence[int], world_size: int) -> list[list[int]]:
-    """Deal rows to ``world_size`` ranks with nearly equal token totals.
-
-    Longest row first, each to the rank with the fewest tokens so far (ties: fewer rows, then
-    the lower rank). Every index ``0..len(lengths)-1`` lands on exactly one rank; each rank's
-    indices are ascending. With fewer rows than ranks some ranks get none.
+    """Deal rows (token counts, each >= 1) to ``world_size`` ranks with nearly equal token
+    totals: :func:`nexrl_async.pipeline.packing.balance_ranks` (longest row first, to the
+    lightest rank, lower rank on ties; ascending indices per rank; some ranks get none when
+    rows are fewer than ranks). The one place the trainer splits rows over ranks.
     """
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1; got {world_size}")
-    shares: list[list[int]] = [[] for _ in range(world_size)]
-    heap = [(0, 0, rank) for rank in range(world_size)]
-    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        tokens, rows, rank = heapq.heappop(heap)
-        shares[rank].append(index)
-        heapq.heappush(heap, (tokens + lengths[index], rows + 1, rank))
-    return [sorted(share) for share in shares]
+    return balance_ranks(lengths, world_size)
 
 
 def split_for_ranks(batch: TrainBatch, world_size: int) -> list[list[int]]:

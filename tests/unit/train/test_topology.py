@@ -85,7 +85,7 @@ def test_cuda_without_cuda_is_a_config_error() -> None:
 
 
 def test_rows_are_dealt_longest_first_to_the_lightest_rank() -> None:
-    # 9 -> r0, 7 -> r1, 5 -> r1 (7 < 9), 3 -> r0 (12 > 9), 1 -> r0 (12 == 12: fewer rows)
+    # 9 -> r0, 7 -> r1, 5 -> r1 (7 < 9), 3 -> r0 (12 > 9), 1 -> r0 (12 == 12: lower rank)
     assert split_rows([5, 9, 1, 7, 3], 2) == [[1, 2, 4], [0, 3]]
 
 
@@ -94,6 +94,8 @@ def test_fewer_rows_than_ranks_leave_ranks_empty() -> None:
     assert split_rows([], 2) == [[], []]
     with pytest.raises(ValueError, match="world_size"):
         split_rows([1], 0)
+    with pytest.raises(ValueError, match="at least one token"):
+        split_rows([3, 0], 2)
 
 
 @given(
