@@ -28,7 +28,8 @@ alone would start collectives the followers never join. Checkpoint through
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ from nexrl_async.train.ranks import (
     encode_batch,
     execute,
 )
-from nexrl_async.train.topology import ProcessGroups
+from nexrl_async.train.topology import ProcessGroups, status_timeout_s
 from nexrl_async.train.trainer import StepMetrics, Trainer
 
 
@@ -85,18 +86,29 @@ class DistributedTrainer:
         trainer: rank 0's own (sharded) trainer.
         channel: the command/status channel to the followers.
         hooks: checkpoint hooks (the followers must be given the same ones).
+        busy_timeout_s: how long a call waits for the one before it (e.g. a weight sync still
+            being consumed) before failing with :class:`TrainError`.
     """
 
-    def __init__(self, trainer: Trainer, channel: RankChannel, hooks: RankHooks | None = None):
+    def __init__(
+        self,
+        trainer: Trainer,
+        channel: RankChannel,
+        hooks: RankHooks | None = None,
+        *,
+        busy_timeout_s: float = 3600.0,
+    ) -> None:
         self.trainer = trainer
         self.channel = channel
         self.hooks = hooks or RankHooks()
         self.tokenizer: Any = trainer.tokenizer
         self.model = trainer.model
+        self.busy_timeout_s = busy_timeout_s
+        # a plain Lock (not an RLock): a weight sync takes it in one worker thread and may
+        # release it in another, whichever advances the stream last
         self._lock = threading.Lock()
         self._failure: TrainError | None = None
         self._closed = False
-        self._streaming = False
 
     @property
     def world_size(self) -> int:
@@ -145,13 +157,16 @@ class DistributedTrainer:
         Nothing happens until the first item is asked for. Every rank takes part in each
         gather, so then iterate it to the end, or close it (``contextlib.closing``; dropping
         the last reference closes it too): closing drains the remaining gathers and exchanges
-        the ranks' status. No other call may run until then. Tensors are on rank 0's training
-        device.
+        the ranks' status. Other calls wait until then (up to ``busy_timeout_s``). Tensors are
+        on rank 0's training device.
         """
-        with self._lock:
+        self._take()
+        try:
             self._check_open()
             self._send(SyncWeights())
-            self._streaming = True
+        except BaseException:
+            self._lock.release()
+            raise
         params = self.trainer.named_parameters_for_sync()
         error: Exception | None = None
         try:
@@ -162,18 +177,16 @@ class DistributedTrainer:
             error = err
             raise
         finally:
-            if error is None:
-                try:
-                    drain(params)
-                except Exception as err:  # noqa: BLE001 - reported to every rank
-                    error = err
-            with self._lock:
-                self._streaming = False
+            try:
+                if error is None:
+                    error = _drained(params)
                 self._agree(error, what="sync_weights")
+            finally:
+                self._lock.release()
 
     def shutdown(self, reason: str = "") -> None:
         """Tell the followers to leave their loop (idempotent; a no-op after a failure)."""
-        with self._lock:
+        with self._exclusive():
             if self._closed or self._failure is not None:
                 return
             self._closed = True
@@ -185,7 +198,7 @@ class DistributedTrainer:
     # ---- internals ----------------------------------------------------------------------------
 
     def _run(self, command: Command) -> object:
-        with self._lock:
+        with self._exclusive():
             self._check_open()
             self._send(command)
             error: Exception | None = None
@@ -202,8 +215,21 @@ class DistributedTrainer:
             raise TrainError(f"the training ranks stopped after a failure: {self._failure}")
         if self._closed:
             raise TrainError("the distributed trainer was shut down")
-        if self._streaming:
-            raise TrainError("a weight sync is in progress: finish or close it first")
+
+    def _take(self) -> None:
+        if not self._lock.acquire(timeout=self.busy_timeout_s):
+            raise TrainError(
+                f"the training ranks stayed busy for {self.busy_timeout_s:.0f} s "
+                "(a weight sync that was never finished or closed?)"
+            )
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        self._take()
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def _send(self, command: Command) -> None:
         try:
@@ -218,6 +244,14 @@ class DistributedTrainer:
         except RankFailure as err:
             self._failure = err
             raise
+
+
+def _drained(params: Iterator[tuple[str, Tensor]]) -> Exception | None:
+    try:
+        drain(params)
+    except Exception as err:  # noqa: BLE001 - reported to every rank
+        return err
+    return None
 
 
 def make_trainer(
@@ -248,7 +282,7 @@ def make_trainer(
         error = err
     channel.agree(error, what="building the trainer")
     assert trainer is not None
-    return DistributedTrainer(trainer, channel, hooks)
+    return DistributedTrainer(trainer, channel, hooks, busy_timeout_s=status_timeout_s(cfg.trainer))
 
 
 def trainer_factory(

@@ -231,7 +231,7 @@ def _handle() -> tuple[DistributedTrainer, FakeTrainer, FakeChannel]:
     fake.tokenizer = "tok"  # type: ignore[attr-defined]
     for name in ("model", "optimizer", "scheduler"):
         setattr(fake, name, name)
-    handle = DistributedTrainer(cast(Trainer, fake), cast(RankChannel, channel))
+    handle = DistributedTrainer(cast(Trainer, fake), cast(RankChannel, channel), busy_timeout_s=0.2)
     return handle, fake, channel
 
 
@@ -272,7 +272,7 @@ def test_a_weight_sync_closed_early_drains_and_reports() -> None:
     name, tensor = next(stream)
     assert name == "p0"
     assert torch.equal(tensor, torch.zeros(2))
-    with pytest.raises(TrainError, match="weight sync is in progress"):
+    with pytest.raises(TrainError, match="stayed busy"):  # it waited, then gave up
         handle.save_hf("/w/v5")
     stream.close()
     assert fake.gathered == 4
