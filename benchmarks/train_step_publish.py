@@ -1,0 +1,194 @@
+"""Part (3) of the train-step benchmark: weight publication by ``disk`` and ``distributed``.
+
+A ~100M-parameter Qwen2 is built, saved, and served by one local server (``python -m nexrl_async
+serve --model DIR --port N --torch-threads 1``, a subprocess). A :class:`weights.Publisher`
+per transport publishes the trainer's weights into it through an attached fleet
+(``inference.fleet.open_fleet``), alternating disk, distributed, disk, ...; every publication is
+timed end to end by the publisher (:class:`weights.PublishStats`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+
+from harness import free_port, stop_process
+from nexrl_async.config.inference import AttachInference, WeightsConfig
+from nexrl_async.config.model import BuiltModel, CharTokenizer
+from nexrl_async.config.training import AlgorithmConfig, OptimConfig, TrainerConfig
+from nexrl_async.inference.client import SGLangClient
+from nexrl_async.inference.fleet import open_fleet
+from nexrl_async.train.broadcast import WeightSender
+from nexrl_async.train.build import build_char_tokenizer, build_model, save_model_dir
+from nexrl_async.train.trainer import Trainer
+from nexrl_async.weights import DiskTransport, DistributedTransport, Publisher
+
+
+@dataclass
+class PublishSetup:
+    """The publishing trainer (its model saved in ``work``) and the server started on it."""
+
+    trainer: Trainer
+    work: Path
+    process: subprocess.Popen[bytes]
+    url: str
+    argv: list[str]
+    started: float
+
+    def wait_ready(self, timeout_s: float = 600.0) -> float:
+        """Wait for ``GET /health`` = 200; returns the seconds since the server was started."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                log = (self.work / "server.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{log}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                    return time.perf_counter() - self.started
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.url} not healthy after {timeout_s} s")
+
+
+@contextmanager
+def publication_setup(args: argparse.Namespace) -> Iterator[PublishSetup]:
+    """Build and save the publication model, start a server on it (not waiting for it), and
+    stop the server by its handle on exit."""
+    tokenizer = build_char_tokenizer(CharTokenizer())
+    cfg = BuiltModel(
+        hidden_size=args.publish_hidden,
+        intermediate_size=args.publish_intermediate,
+        num_hidden_layers=args.publish_layers,
+        num_attention_heads=args.publish_heads,
+        dtype=args.publish_dtype,
+    )
+    model = build_model(
+        cfg, vocab_size=args.publish_vocab, seed=0, pad_token_id=0, bos_token_id=1, eos_token_id=2
+    )
+    trainer = Trainer(
+        model,
+        tokenizer,
+        algorithm=AlgorithmConfig(),
+        optim=OptimConfig(),
+        trainer=TrainerConfig(device="cpu"),
+        max_new_tokens=16,
+    )
+    with tempfile.TemporaryDirectory(prefix="bench-train-step-") as tmp:
+        work = Path(tmp)
+        model_dir = save_model_dir(model, tokenizer, work / "model")
+        port = free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            "nexrl_async",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--torch-threads",
+            "1",
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        with (work / "server.log").open("wb") as sink:
+            process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=env)
+        try:
+            yield PublishSetup(
+                trainer, work, process, f"http://127.0.0.1:{port}", argv, time.perf_counter()
+            )
+        finally:
+            stop_process(process)
+
+
+async def publish_rounds(setup: PublishSetup, args: argparse.Namespace) -> dict[str, list[Any]]:
+    """``--publish-rounds`` publications by each transport, alternating, through an attached
+    fleet of the one server; each publication's :class:`PublishStats` as a dict."""
+    fleet_cfg = AttachInference(urls=[setup.url], retries=0, health_interval_s=60.0)
+    disk_cfg = WeightsConfig(transport="disk", keep_versions=1, step_timeout_s=600.0, retries=0)
+    dist_cfg = WeightsConfig(
+        transport="distributed", bucket_mb=args.bucket_mb, step_timeout_s=600.0, retries=0
+    )
+    trainer, out = setup.trainer, {"disk": [], "distributed": []}  # type: ignore[var-annotated]
+    async with (
+        httpx.AsyncClient(timeout=None) as http,
+        open_fleet(fleet_cfg, model_dir=setup.work, log_dir=setup.work, http=http) as fleet,
+    ):
+        clients = {u: SGLangClient(u, http=http, retries=0) for u in fleet.urls}
+        disk = DiskTransport(
+            disk_cfg, clients=clients, weights_dir=setup.work / "weights", export=trainer.save_hf
+        )
+        dist = DistributedTransport(
+            dist_cfg,
+            clients=clients,
+            sender_factory=WeightSender,
+            params=trainer.named_parameters_for_sync,
+        )
+        publishers = {
+            "disk": Publisher(disk_cfg, fleet=fleet, clients=clients, transport=disk),
+            "distributed": Publisher(dist_cfg, fleet=fleet, clients=clients, transport=dist),
+        }
+        try:
+            for i in range(args.publish_rounds):
+                for k, (name, publisher) in enumerate(publishers.items()):
+                    stats = await publisher.publish(2 * i + k + 1)
+                    out[name].append({f: float(getattr(stats, f)) for f in stats.__struct_fields__})
+                    print(
+                        f"  publish {i + 1}/{args.publish_rounds} {name}: {stats.total_s:.2f} s",
+                        flush=True,
+                    )
+        finally:
+            await publishers["distributed"].aclose()
+    return out
+
+
+def summarise_publications(runs: list[dict[str, float]]) -> dict[str, Any]:
+    """Medians over the publications after the first (all of them if there is only one)."""
+    steady = runs[1:] or runs
+    keys = ("export_s", "pause_s", "transfer_s", "total_s")
+    summary: dict[str, Any] = {f"median_{k}": statistics.median(r[k] for r in steady) for k in keys}
+    summary.update({"first_total_s": runs[0]["total_s"], "measured": len(steady), "runs": runs})
+    summary["gbytes_per_s"] = runs[0]["bytes"] / summary["median_total_s"] / 1e9
+    return summary
+
+
+def measure_publish(args: argparse.Namespace, setup: PublishSetup) -> dict[str, Any]:
+    params = list(setup.trainer.model.parameters())
+    nbytes = sum(p.numel() * p.element_size() for p in params)
+    print(
+        f"publish: {sum(p.numel() for p in params) / 1e6:.1f}M params, {args.publish_dtype}, "
+        f"{nbytes / 1e6:.0f} MB",
+        flush=True,
+    )
+    ready_s = setup.wait_ready()
+    runs = anyio.run(publish_rounds, setup, args)
+    disk, dist = summarise_publications(runs["disk"]), summarise_publications(runs["distributed"])
+    return {
+        "model": {
+            "architecture": "qwen2",
+            "params": sum(p.numel() for p in params),
+            "dtype": args.publish_dtype,
+            "bytes": nbytes,
+            "hidden": args.publish_hidden,
+            "layers": args.publish_layers,
+            "vocab": args.publish_vocab,
+        },
+        "server": {"argv": setup.argv[1:], "ready_s": ready_s},
+        "bucket_mb": args.bucket_mb,
+        "disk": disk,
+        "distributed": dist,
+        "distributed_speedup": disk["median_total_s"] / dist["median_total_s"],
+    }
