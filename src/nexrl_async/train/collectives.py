@@ -20,13 +20,6 @@ def world_size() -> int:
     return 1
 
 
-def rank() -> int:
-    """This process's rank in the default group (0 when torch.distributed is not initialised)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return 0
-
-
 def all_reduce_sum(value: Tensor) -> Tensor:
     """``value`` summed over all ranks (a new tensor; the input is not modified)."""
     total = value.detach().clone()

@@ -8,14 +8,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import cast
 
+import msgspec
 import pytest
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from nexrl_async.config.schema import RecipeConfig
 from nexrl_async.core.errors import TrainError
 from nexrl_async.core.records import TrainBatch, Trajectory
-from nexrl_async.train.distributed import DistributedTrainer
+from nexrl_async.train.distributed import DistributedTrainer, make_trainer, trainer_factory
 from nexrl_async.train.lockstep import rank_rows
 from nexrl_async.train.loss import MicroResult
 from nexrl_async.train.ranks import (
@@ -278,6 +280,35 @@ def test_a_weight_sync_closed_early_drains_and_reports() -> None:
     assert fake.gathered == 4
     assert channel.agreed == [("sync_weights", None)]
     assert handle.save_hf("/w/v5") == Path("/w/v5")
+
+
+def _recipe() -> RecipeConfig:
+    return msgspec.convert(
+        {
+            "model": {"kind": "build", "hidden_size": 16, "intermediate_size": 32},
+            "tokenizer": {"kind": "chars"},
+            "data": {"kind": "jsonl", "path": "unused.jsonl"},
+            "rollout": {"evaluator": "unused.py:Evaluator"},
+            "trainer": {"device": "cpu", "threads": 1},
+        },
+        RecipeConfig,
+    )
+
+
+def test_world_size_one_gets_a_plain_trainer(tmp_path: Path) -> None:
+    groups = ProcessGroups(topology=Topology(), device=torch.device("cpu"))
+    trainer = trainer_factory(groups)(_recipe(), tmp_path)
+    assert type(trainer) is Trainer
+    assert not trainer.groups.distributed
+
+
+def test_make_trainer_is_rank_0s() -> None:
+    groups = ProcessGroups(
+        topology=Topology(rank=1, world_size=2, local_rank=1, local_world_size=2),
+        device=torch.device("cpu"),
+    )
+    with pytest.raises(TrainError, match="rank 1 runs run_follower"):
+        make_trainer(_recipe(), Path("."), groups)
 
 
 # ---- a real channel at world size 1 -----------------------------------------------------------
