@@ -43,6 +43,7 @@ from nexrl_async.core.errors import CheckpointError
 from nexrl_async.engine.flow import Flow, FlowState
 from nexrl_async.obs.ledger import Checkpointed, RunLedger
 from nexrl_async.train.checkpoint import CheckpointableTrainer, rng_state, save_trainer
+from nexrl_async.train.distributed import DistributedTrainer
 
 ENGINE_FILE = "engine.msgpack"
 STATE_FORMAT = 1
@@ -101,6 +102,10 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+def _checkpointable(trainer: object) -> bool:
+    return isinstance(trainer, CheckpointableTrainer | DistributedTrainer)
+
+
 class Checkpointer:
     """Saves checkpoints into ``root`` on the engine's schedule; see the module docstring.
 
@@ -127,7 +132,7 @@ class Checkpointer:
     ) -> None:
         self.cfg = cfg
         self.root = root
-        self.trainer = trainer if isinstance(trainer, CheckpointableTrainer) else None
+        self.trainer = trainer if _checkpointable(trainer) else None
         self.export = export
         self.flow = flow
         self.ledger = ledger
@@ -182,7 +187,9 @@ class Checkpointer:
         try:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
-            if self.trainer is not None:
+            if isinstance(self.trainer, DistributedTrainer):
+                self.trainer.save_checkpoint(staging)  # every rank writes its shards
+            elif isinstance(self.trainer, CheckpointableTrainer):
                 save_trainer(self.trainer, staging)
             _write_synced(staging / ENGINE_FILE, _encode(state))
             remove_tree(final)  # a checkpoint of this step from an abandoned timeline

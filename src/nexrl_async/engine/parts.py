@@ -209,6 +209,7 @@ async def open_parts(
         finally:
             with anyio.CancelScope(shield=True):
                 await publisher.aclose()
+                await _shutdown(trainer, limiter)
 
 
 def _transport(
@@ -236,6 +237,13 @@ def _transport(
         cfg.weights, clients=clients, params=params, sender_factory=WeightSender,
         limiter=limiter, backend="nccl" if isinstance(cfg.inference, SGLangInference) else "gloo",
     )  # fmt: skip
+
+
+async def _shutdown(trainer: TrainerLike, limiter: anyio.CapacityLimiter) -> None:
+    """Release the other ranks of a distributed trainer (they wait for rank 0's commands)."""
+    shutdown = getattr(trainer, "shutdown", None)
+    if shutdown is not None:
+        await anyio.to_thread.run_sync(shutdown, limiter=limiter)
 
 
 def build_trainer(cfg: RecipeConfig, base_dir: Path) -> Trainer:

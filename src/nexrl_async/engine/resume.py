@@ -74,6 +74,7 @@ from nexrl_async.train.checkpoint import (
     load_trainer,
     set_rng_state,
 )
+from nexrl_async.train.distributed import DistributedTrainer
 
 AUTO = "auto"
 
@@ -128,12 +129,15 @@ def abandon_newer(checkpoints_dir: Path, step: int) -> None:
 
 def restore_trainer(trainer: object, resume: Resume) -> None:
     """Step 1 (blocking): load the trainer state; steps done must match the checkpoint."""
-    if not isinstance(trainer, CheckpointableTrainer):
+    if not isinstance(trainer, CheckpointableTrainer | DistributedTrainer):
         logger.warning("the trainer has no checkpointable state; only the engine is restored")
         return
     if not resume.state.trainer or not has_state(resume.path):
         raise CheckpointError(f"{resume.path} holds no trainer state")
-    load_trainer(trainer, resume.path)
+    if isinstance(trainer, DistributedTrainer):
+        trainer.load_checkpoint(resume.path)  # every rank loads its shards
+    else:
+        load_trainer(trainer, resume.path)
     if trainer.steps_done != resume.step:
         raise CheckpointError(
             f"{resume.path}: trainer state after {trainer.steps_done} steps, "

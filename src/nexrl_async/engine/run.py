@@ -22,12 +22,17 @@ from loguru import logger
 
 from nexrl_async.config.loader import LoadedRecipe
 from nexrl_async.config.preflight import preflight
+from nexrl_async.core.errors import TrainError
 from nexrl_async.engine.context import RunContext, open_run, output_dir
 from nexrl_async.engine.loop import StopRequest, run_engine
 from nexrl_async.engine.parts import TrainerFactory
 from nexrl_async.engine.resume import Resume, abandon_newer, find_checkpoint
 from nexrl_async.obs.ledger import RunFinished, RunResumed, RunStarted, Trained, read_events
+from nexrl_async.obs.logs import setup_logging
 from nexrl_async.obs.rundir import RunDir
+from nexrl_async.train.distributed import trainer_factory as distributed_factory
+from nexrl_async.train.follower import run_follower
+from nexrl_async.train.topology import Topology, open_process_groups
 
 
 def run_recipe(
@@ -37,7 +42,32 @@ def run_recipe(
     trainer_factory: TrainerFactory | None = None,
     resume: str | None = None,
 ) -> str:
-    """Run ``recipe`` to its end and return why it ended; raises on failure."""
+    """Run ``recipe`` to its end and return why it ended; raises on failure.
+
+    Under ``torchrun`` with more than one process, rank 0 runs the engine with a trainer handle
+    that drives every rank, and the other ranks serve its commands until it shuts them down
+    (they return ``"follower"``).
+    """
+    topology = Topology.from_env()
+    if not topology.distributed:
+        return _run_rank0(recipe, output, trainer_factory, resume)
+    with open_process_groups(recipe.config.trainer) as groups:
+        if groups.rank != 0:
+            setup_logging(level="WARNING", rank=groups.rank, world_size=groups.world_size)
+            code = run_follower(recipe.config, recipe.base_dir, groups)
+            if code != 0:
+                raise TrainError(f"rank {groups.rank} stopped after a failure (see rank 0)")
+            return "follower"
+        factory = trainer_factory or distributed_factory(groups)
+        return _run_rank0(recipe, output, factory, resume)
+
+
+def _run_rank0(
+    recipe: LoadedRecipe,
+    output: Path | None,
+    trainer_factory: TrainerFactory | None,
+    resume: str | None,
+) -> str:
     preflight(recipe)
     checkpoints = RunDir(output_dir(recipe, output)).checkpoints_dir
     found = find_checkpoint(checkpoints, resume) if resume is not None else None
