@@ -3,7 +3,7 @@ and the seconds one weight publication takes by ``disk`` and by ``distributed``.
 
 Run::
 
-    python benchmarks/train_step.py            # full (about 5 minutes on 2 busy cores)
+    python benchmarks/train_step.py            # full (about 4 minutes on 2 busy cores)
     python benchmarks/train_step.py --quick    # tiny sizes (smoke run)
     python benchmarks/train_step.py --parts step --steps 9 --profile
 
@@ -13,12 +13,12 @@ Writes ``benchmarks/results/train_step.json`` and ``benchmarks/results/train_ste
 (1) ``step``: tokens/s of ``train.Trainer.step`` (RL, GRPO, default config: old log-probs
 recomputed, token-mean, clip 0.2, grad-norm 1.0, packing on, SDPA) on a :class:`TrainBatch` of
 synthetic trajectories (a prompt per group, log-normal response lengths with a long tail to
-``--max-len``) and a Qwen2 built with ``train/build.py``. Baselines run on models built with the
-same config and seed, over the SAME micro-batches: the trainer's own plan of the rows,
-the same packed ids and positions, and a block-diagonal causal mask built independently
-(``torch.block_diag``); per micro-batch logits → log-softmax gather → ``-(A·exp(lp - old)·m).sum()
-/ D`` → backward, then clip and AdamW with the trainer's ``[optim]``. Their tensors are prepared
-before timing.
+``--max-len``) and a Qwen2 built with ``train/build.py``; also with ``trainer.packing = false``
+for reference. Baselines run on models of the same config and seed over the SAME micro-batches
+(the trainer's plan of the rows, the same packed ids and positions, a block-diagonal causal mask
+built independently with ``torch.block_diag``): per micro-batch logits → log-softmax gather →
+``-(A·exp(lp - old)·m).sum() / D`` → backward, then clip and AdamW with the trainer's
+``[optim]``. Their tensors are prepared before timing.
 
 - ``baseline``: that step (old = the rollout log-probs): what the 0.9 target compares to.
 - ``baseline+recompute``: a no-grad forward over the micro-batches first (old log-probs
@@ -26,24 +26,22 @@ before timing.
 
 First the baseline's log-probs are checked against ``Trainer.compute_logprobs`` (same weights
 and tokens; the max difference is reported). Then ``--warmup`` untimed and ``--steps`` timed
-rounds, each running every runner once in a rotating order. The machine is shared, so each step
-is timed by this process's CPU time (torch on ``--threads`` 1: CPU time is the work done) and
-by wall time; tokens/s = real tokens per step / median seconds. Target: ours >= 0.9 x baseline.
+rounds, each running every runner once in a rotating order. The machine is shared, so a step is
+timed by this process's CPU time (torch on ``--threads`` 1: CPU time is the work done) and by
+wall time; tokens/s = real tokens per step / median seconds. Target: ours >= 0.9 x baseline.
 
-(2) ``padding``: the share of token slots without a real token over ``--padding-batches``
-batches of ``--padding-rows`` rows from the same length mix, per token budget: packed
+(2) ``padding``: the share of token slots without a real token, over ``--padding-batches``
+batches of ``--padding-rows`` rows, per token budget, for an RL length mix (``--padding-*``:
+prompts of 32-256 tokens, log-normal responses) and for part (1)'s short mix: packed
 micro-batches (first-fit decreasing; ``max(budget, tokens)`` slots each, as
-``pipeline/packing.py`` counts), padded micro-batches (``rows · longest <= budget``) and the
-batch padded to its longest row. Target: packed <= 5 % at the trainer's default budget.
+``pipeline/packing.py`` counts: the budget a last, partly filled micro-batch leaves unused),
+the least any packing can reach (``ceil(tokens / budget)`` micro-batches), padded micro-batches
+(``rows · longest <= budget``), one batch padded to its longest row. Target: packed <= 5 % on
+the RL mix at the trainer's default budget.
 
-(3) ``publish``: wall seconds of ``weights.Publisher.publish`` end to end (prepare, hold,
-transfer, verify ``weight_version``, flush) for a ~100M-parameter Qwen2 (``--publish-*``) into
-one local server (``python -m nexrl_async serve --model DIR --port N --torch-threads 1``, a
-subprocess) attached through ``inference.fleet.open_fleet``: ``disk`` (``Trainer.save_hf`` to
-safetensors, ``/update_weights_from_disk``) and ``distributed`` (gloo broadcast by
-``train.broadcast.WeightSender``, ``/update_weights_from_distributed``), alternating. The first
-publication of each (distributed: it opens the group) is reported apart from the median of the
-rest. With ``--quick`` the server starts before part (1) so its start-up overlaps.
+(3) ``publish`` (``train_step_publish.py``): wall seconds of ``weights.Publisher.publish`` for
+a ~100M-parameter Qwen2 into one local server, by ``disk`` and by ``distributed`` at each
+``--bucket-mb``. With ``--quick`` the server starts before part (1), so its start-up overlaps.
 """
 
 from __future__ import annotations
@@ -291,28 +289,33 @@ def summarise_runs(times: dict[str, dict[str, list[float]]], tokens: int) -> dic
 
 @dataclass
 class StepSetup:
-    """Part (1)'s batch, our trainer and the baselines' prepared micro-batches."""
+    """Part (1)'s batch, our trainers (packing on, off) and the baselines."""
 
     batch: TrainBatch
     seq: SequenceBatch
     plan: list[list[int]]
     trainer: Trainer
+    unpacked: Trainer
     bases: dict[str, BaselineStep]
 
 
 def step_setup(args: argparse.Namespace, optim: OptimConfig | None = None) -> StepSetup:
-    """Our trainer and the two baselines, each on its own model of the same config and seed,
-    all optimising with ``optim`` (default ``OptimConfig()``)."""
+    """Our trainers (packing on and off) and the two baselines, each on its own model of the
+    same config and seed, all optimising with ``optim`` (default ``OptimConfig()``)."""
     cfg = BuiltModel(
         hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
         num_attention_heads=args.heads, max_position_embeddings=max(2048, 2 * args.max_len),
     )  # fmt: skip
     optim = optim or OptimConfig()
     batch = synthetic_batch(args, vocab_size=args.vocab, seed=args.seed)
-    trainer = Trainer(
-        new_model(cfg, args.vocab), build_char_tokenizer(CharTokenizer()),
-        algorithm=AlgorithmConfig(), optim=optim, max_new_tokens=args.max_len,
-        trainer=TrainerConfig(device="cpu", micro_batch_tokens=args.micro_batch_tokens),
+    trainer, unpacked = (
+        Trainer(
+            new_model(cfg, args.vocab), build_char_tokenizer(CharTokenizer()),
+            algorithm=AlgorithmConfig(), optim=optim, max_new_tokens=args.max_len,
+            trainer=TrainerConfig(device="cpu", micro_batch_tokens=args.micro_batch_tokens,
+                                  packing=packing),
+        )
+        for packing in (True, False)
     )  # fmt: skip
     seq = sequences_from_batch(batch, pad_token_id=0)
     plan = plan_micro_batches(seq.lengths, range(seq.size), args.micro_batch_tokens)
@@ -321,7 +324,7 @@ def step_setup(args: argparse.Namespace, optim: OptimConfig | None = None) -> St
         name: BaselineStep(new_model(cfg, args.vocab), micro, optim, recompute=recompute)
         for name, recompute in (("baseline", False), ("baseline+recompute", True))
     }
-    return StepSetup(batch, seq, plan, trainer, bases)
+    return StepSetup(batch, seq, plan, trainer, unpacked, bases)
 
 
 def measure_step(args: argparse.Namespace) -> dict[str, Any]:
@@ -332,7 +335,10 @@ def measure_step(args: argparse.Namespace) -> dict[str, Any]:
     tokens, params = sum(lengths), sum(p.numel() for p in trainer.model.parameters())
     print(f"step: {params / 1e6:.2f}M params, {seq.size} rows, {tokens} tokens, "
           f"{len(plan)} micro-batches, log-prob gap {gap:.1e}", flush=True)  # fmt: skip
-    runners: dict[str, Callable[[], object]] = {"ours": lambda: trainer.step(setup.batch)}
+    runners: dict[str, Callable[[], object]] = {
+        "ours": lambda: trainer.step(setup.batch),
+        "ours, packing off": lambda: setup.unpacked.step(setup.batch),
+    }
     runners.update({name: base.step for name, base in setup.bases.items()})
     runs = summarise_runs(timed_rounds(runners, args.warmup, args.steps), tokens)
     ratios = {
@@ -394,35 +400,62 @@ def profile_steps(runners: dict[str, Callable[[], object]], out_dir: Path) -> di
 # ---- (2) padding ----------------------------------------------------------------------------
 
 
-def measure_padding(args: argparse.Namespace) -> dict[str, Any]:
-    rng = random.Random(args.seed + 1)
-    layouts = ("packed", "padded", "pad_to_longest")
-    fractions = {b: {k: [] for k in layouts} for b in args.budgets}  # type: ignore[var-annotated]
-    for _ in range(args.padding_batches):
-        lengths = [
-            rng.randint(8, 32) + response_length(rng, args.median_len, args.sigma, args.max_len)
-            for _ in range(args.padding_rows)
-        ]
-        for budget, out in fractions.items():
-            packed = plans.plan_micro_batches(lengths, budget)
-            padded = plans.plan_padded_micro_batches(lengths, budget)
-            out["packed"].append(
-                plans.padding_fraction(lengths, packed, packed=True, budget=budget)
-            )
-            out["padded"].append(plans.padding_fraction(lengths, padded, packed=False))
-            whole = [list(range(len(lengths)))]
-            out["pad_to_longest"].append(plans.padding_fraction(lengths, whole, packed=False))
-    budgets = {
-        str(b): {k: {"mean": statistics.fmean(v), "max": max(v)} for k, v in out.items()}
-        for b, out in fractions.items()
-    }
-    at_default = budgets.get(str(args.default_budget), {}).get("packed", {}).get("max", math.nan)
+def row_lengths(rng: random.Random, mix: dict[str, Any], rows: int) -> list[int]:
+    """Prompt (uniform) plus response (log-normal) tokens of ``rows`` rows of a length mix."""
+    low, high = mix["prompt"]
+    return [
+        rng.randint(low, high) + response_length(rng, mix["median"], mix["sigma"], mix["max"])
+        for _ in range(rows)
+    ]
+
+
+def packing_bound(lengths: Sequence[int], budget: int) -> float:
+    """The least packed padding fraction any plan can reach: rows over the budget alone, the
+    rest in ``ceil(tokens / budget)`` micro-batches (only the last one partly empty)."""
+    rest = sum(n for n in lengths if n <= budget)
+    slots = sum(n for n in lengths if n > budget) + math.ceil(rest / budget) * budget
+    return 1.0 - sum(lengths) / slots
+
+
+def padding_fractions(lengths: list[int], budget: int) -> dict[str, float]:
+    packed = plans.plan_micro_batches(lengths, budget)
+    padded = plans.plan_padded_micro_batches(lengths, budget)
     return {
-        "rows": args.padding_rows, "batches": args.padding_batches, "budgets": budgets,
-        "length_mix": {"prompt": "uniform 8..32", "response": "log-normal",
-                       "median": args.median_len, "sigma": args.sigma, "max": args.max_len},
-        "default_budget": args.default_budget, "packed_max_at_default": at_default,
-        "target": PADDING_TARGET, "passed": at_default <= PADDING_TARGET,
+        "packed": plans.padding_fraction(lengths, packed, packed=True, budget=budget),
+        "packed_bound": packing_bound(lengths, budget),
+        "padded": plans.padding_fraction(lengths, padded, packed=False),
+        "pad_to_longest": plans.padding_fraction(
+            lengths, [list(range(len(lengths)))], packed=False
+        ),
+    }
+
+
+def _mean_max(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    return {k: {"mean": statistics.fmean(r[k] for r in runs), "max": max(r[k] for r in runs)}
+            for k in runs[0]}  # fmt: skip
+
+
+def measure_padding(args: argparse.Namespace) -> dict[str, Any]:
+    """Padding fractions of the RL mix (``--padding-*``; the target) and of part (1)'s mix."""
+    rl = {"prompt": [32, 256], "median": args.padding_median_len, "sigma": args.padding_sigma,
+          "max": args.padding_max_len}  # fmt: skip
+    short = {"prompt": [8, 32], "median": args.median_len, "sigma": args.sigma, "max": args.max_len}
+    rng = random.Random(args.seed + 1)
+    mixes: dict[str, Any] = {}
+    for name, mix in (("rl", rl), ("step", short)):
+        found: dict[int, list[dict[str, float]]] = {b: [] for b in args.budgets}
+        for _ in range(args.padding_batches):
+            lengths = row_lengths(rng, mix, args.padding_rows)
+            for budget in args.budgets:
+                found[budget].append(padding_fractions(lengths, budget))
+        budgets = {str(b): _mean_max(runs) for b, runs in found.items()}
+        mixes[name] = {"length_mix": mix, "budgets": budgets}
+    at_default = mixes["rl"]["budgets"].get(str(args.default_budget), {})
+    worst = at_default.get("packed", {}).get("max", math.nan)
+    return {
+        "rows": args.padding_rows, "batches": args.padding_batches, "mixes": mixes,
+        "default_budget": args.default_budget, "packed_max_at_default": worst,
+        "target": PADDING_TARGET, "passed": worst <= PADDING_TARGET,
     }  # fmt: skip
 
 
@@ -434,7 +467,7 @@ QUICK = {
     "micro_batch_tokens": 128, "padding_rows": 64, "padding_batches": 3, "budgets": [512, 1024],
     "default_budget": 1024, "publish_hidden": 64, "publish_intermediate": 128,
     "publish_layers": 2, "publish_heads": 2, "publish_vocab": 256, "publish_rounds": 2,
-    "bucket_mb": 1,
+    "bucket_mb": [1],
 }  # fmt: skip
 """``--quick`` overrides: tiny sizes."""
 
@@ -465,6 +498,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     step("--micro-batch-tokens", type=int, default=1024, help="trainer.micro_batch_tokens")
     pad = parser.add_argument_group("(2) padding").add_argument
     pad("--padding-rows", type=int, default=512, help="rows per batch")
+    pad("--padding-median-len", type=int, default=400, help="median response of the RL mix")
+    pad("--padding-sigma", type=float, default=1.0, help="log-normal sigma of the RL mix")
+    pad("--padding-max-len", type=int, default=4096, help="longest response of the RL mix")
     pad("--padding-batches", type=int, default=20)
     pad("--budgets", type=int, nargs="+", default=[4096, 8192, 16384])
     pad("--default-budget", type=int, default=8192, help="the trainer's default budget")
@@ -476,7 +512,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     pub("--publish-vocab", type=int, default=16384)
     pub("--publish-dtype", choices=["float32", "bfloat16"], default="float32")
     pub("--publish-rounds", type=int, default=5, help="publications per transport")
-    pub("--bucket-mb", type=int, default=256, help="weights.bucket_mb")
+    pub("--bucket-mb", type=int, nargs="+", default=[256, 32], help="weights.bucket_mb values")
     args = parser.parse_args(argv)
     if args.quick:
         for key, value in QUICK.items():

@@ -1,10 +1,15 @@
 """Part (3) of the train-step benchmark: weight publication by ``disk`` and ``distributed``.
 
-A ~100M-parameter Qwen2 is built, saved, and served by one local server (``python -m nexrl_async
-serve --model DIR --port N --torch-threads 1``, a subprocess). A :class:`weights.Publisher`
-per transport publishes the trainer's weights into it through an attached fleet
-(``inference.fleet.open_fleet``), alternating disk, distributed, disk, ...; every publication is
-timed end to end by the publisher (:class:`weights.PublishStats`).
+A Qwen2 of ~100M parameters (``--publish-*``) is built, saved, and served by one local server
+(``python -m nexrl_async serve --model DIR --port N --torch-threads 1``, a subprocess). One
+:class:`weights.Publisher` per transport publishes the trainer's weights into it through an
+attached fleet (``inference.fleet.open_fleet``): ``disk`` (``Trainer.save_hf`` to safetensors,
+then ``/update_weights_from_disk``) and ``distributed_<n>mb`` per ``--bucket-mb`` (gloo broadcast
+by ``train.broadcast.WeightSender`` in buckets of ``n`` MiB, ``/update_weights_from_distributed``,
+each transport its own group). Rounds publish once by each, in turn. Every publication is timed
+end to end by the publisher (:class:`weights.PublishStats`: prepare, hold, transfer, verify
+``weight_version``, flush); the first by each (distributed: it opens the group) is reported
+apart from the median of the rest. Wall time: two processes share the machine.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from nexrl_async.inference.fleet import open_fleet
 from nexrl_async.train.broadcast import WeightSender
 from nexrl_async.train.build import build_char_tokenizer, build_model, save_model_dir
 from nexrl_async.train.trainer import Trainer
-from nexrl_async.weights import DiskTransport, DistributedTransport, Publisher
+from nexrl_async.weights import DiskTransport, DistributedTransport, Publisher, Transport
 
 
 @dataclass
@@ -114,44 +119,53 @@ def publication_setup(args: argparse.Namespace) -> Iterator[PublishSetup]:
             stop_process(process)
 
 
+def transports(
+    setup: PublishSetup, clients: dict[str, SGLangClient], args: argparse.Namespace
+) -> dict[str, tuple[WeightsConfig, Transport]]:
+    """``disk``, then ``distributed_<n>mb`` per ``--bucket-mb`` (each its own group)."""
+    common: dict[str, Any] = {"step_timeout_s": 600.0, "retries": 0}
+    disk_cfg = WeightsConfig(transport="disk", keep_versions=1, **common)
+    export = setup.trainer.save_hf
+    out: dict[str, tuple[WeightsConfig, Transport]] = {
+        "disk": (disk_cfg, DiskTransport(disk_cfg, clients=clients,
+                                         weights_dir=setup.work / "weights", export=export)),
+    }  # fmt: skip
+    for mb in args.bucket_mb:
+        cfg = WeightsConfig(transport="distributed", bucket_mb=mb, **common)
+        transport = DistributedTransport(
+            cfg, clients=clients, sender_factory=WeightSender, group_name=f"bench_{mb}mb",
+            params=setup.trainer.named_parameters_for_sync,
+        )  # fmt: skip
+        out[f"distributed_{mb}mb"] = (cfg, transport)
+    return out
+
+
 async def publish_rounds(setup: PublishSetup, args: argparse.Namespace) -> dict[str, list[Any]]:
-    """``--publish-rounds`` publications by each transport, alternating, through an attached
-    fleet of the one server; each publication's :class:`PublishStats` as a dict."""
+    """``--publish-rounds`` rounds of one publication by each transport (in turn), through an
+    attached fleet of the one server; each publication's :class:`PublishStats` as a dict."""
     fleet_cfg = AttachInference(urls=[setup.url], retries=0, health_interval_s=60.0)
-    disk_cfg = WeightsConfig(transport="disk", keep_versions=1, step_timeout_s=600.0, retries=0)
-    dist_cfg = WeightsConfig(
-        transport="distributed", bucket_mb=args.bucket_mb, step_timeout_s=600.0, retries=0
-    )
-    trainer, out = setup.trainer, {"disk": [], "distributed": []}  # type: ignore[var-annotated]
     async with (
         httpx.AsyncClient(timeout=None) as http,
         open_fleet(fleet_cfg, model_dir=setup.work, log_dir=setup.work, http=http) as fleet,
     ):
         clients = {u: SGLangClient(u, http=http, retries=0) for u in fleet.urls}
-        disk = DiskTransport(
-            disk_cfg, clients=clients, weights_dir=setup.work / "weights", export=trainer.save_hf
-        )
-        dist = DistributedTransport(
-            dist_cfg,
-            clients=clients,
-            sender_factory=WeightSender,
-            params=trainer.named_parameters_for_sync,
-        )
         publishers = {
-            "disk": Publisher(disk_cfg, fleet=fleet, clients=clients, transport=disk),
-            "distributed": Publisher(dist_cfg, fleet=fleet, clients=clients, transport=dist),
+            name: Publisher(cfg, fleet=fleet, clients=clients, transport=transport)
+            for name, (cfg, transport) in transports(setup, clients, args).items()
         }
+        out: dict[str, list[Any]] = {name: [] for name in publishers}
+        version = 0
         try:
             for i in range(args.publish_rounds):
-                for k, (name, publisher) in enumerate(publishers.items()):
-                    stats = await publisher.publish(2 * i + k + 1)
+                for name, publisher in publishers.items():
+                    version += 1
+                    stats = await publisher.publish(version)
                     out[name].append({f: float(getattr(stats, f)) for f in stats.__struct_fields__})
-                    print(
-                        f"  publish {i + 1}/{args.publish_rounds} {name}: {stats.total_s:.2f} s",
-                        flush=True,
-                    )
+                    print(f"  publish {i + 1}/{args.publish_rounds} {name}: "
+                          f"{stats.total_s:.2f} s", flush=True)  # fmt: skip
         finally:
-            await publishers["distributed"].aclose()
+            for publisher in publishers.values():
+                await publisher.aclose()
     return out
 
 
@@ -167,28 +181,20 @@ def summarise_publications(runs: list[dict[str, float]]) -> dict[str, Any]:
 
 def measure_publish(args: argparse.Namespace, setup: PublishSetup) -> dict[str, Any]:
     params = list(setup.trainer.model.parameters())
-    nbytes = sum(p.numel() * p.element_size() for p in params)
-    print(
-        f"publish: {sum(p.numel() for p in params) / 1e6:.1f}M params, {args.publish_dtype}, "
-        f"{nbytes / 1e6:.0f} MB",
-        flush=True,
+    count, nbytes = (
+        sum(p.numel() for p in params),
+        sum(p.numel() * p.element_size() for p in params),
     )
+    print(f"publish: {count / 1e6:.1f}M params, {args.publish_dtype}, {nbytes / 1e6:.0f} MB",
+          flush=True)  # fmt: skip
     ready_s = setup.wait_ready()
     runs = anyio.run(publish_rounds, setup, args)
-    disk, dist = summarise_publications(runs["disk"]), summarise_publications(runs["distributed"])
+    summaries = {name: summarise_publications(r) for name, r in runs.items()}
+    disk_s = summaries["disk"]["median_total_s"]
     return {
-        "model": {
-            "architecture": "qwen2",
-            "params": sum(p.numel() for p in params),
-            "dtype": args.publish_dtype,
-            "bytes": nbytes,
-            "hidden": args.publish_hidden,
-            "layers": args.publish_layers,
-            "vocab": args.publish_vocab,
-        },
-        "server": {"argv": setup.argv[1:], "ready_s": ready_s},
-        "bucket_mb": args.bucket_mb,
-        "disk": disk,
-        "distributed": dist,
-        "distributed_speedup": disk["median_total_s"] / dist["median_total_s"],
-    }
+        "model": {"architecture": "qwen2", "params": count, "dtype": args.publish_dtype,
+                  "bytes": nbytes, "hidden": args.publish_hidden, "layers": args.publish_layers,
+                  "vocab": args.publish_vocab},
+        "server": {"argv": setup.argv[1:], "ready_s": ready_s}, "transports": summaries,
+        "speedup_vs_disk": {n: disk_s / s["median_total_s"] for n, s in summaries.items()},
+    }  # fmt: skip

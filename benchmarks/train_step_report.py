@@ -8,77 +8,91 @@ from typing import Any
 
 from harness import save_figure, table, use_agg_backend
 
+LAYOUTS = ("packed", "packed_bound", "padded", "pad_to_longest")
+
 
 def _verdict(passed: bool) -> str:
     return "PASS" if passed else "FAIL"
 
 
 def print_summary(results: dict[str, Any]) -> None:
-    step, padding, publish = (results.get(k) for k in ("step", "padding", "publish"))
-    if step:
-        base = step["runs"]["baseline"]["tokens_per_cpu_s"]
-        rows = [
-            [
-                n,
-                r["median_cpu_s"],
-                r["median_wall_s"],
-                r["tokens_per_cpu_s"],
-                r["tokens_per_cpu_s"] / base,
-            ]
-            for n, r in step["runs"].items()
+    for part, printer in (("step", _print_step), ("padding", _print_padding)):
+        if results.get(part):
+            printer(results[part])
+    if results.get("publish"):
+        _print_publish(results["publish"])
+
+
+def _print_step(step: dict[str, Any]) -> None:
+    base = step["runs"]["baseline"]["tokens_per_cpu_s"]
+    rows = [
+        [
+            n,
+            r["median_cpu_s"],
+            r["median_wall_s"],
+            r["tokens_per_cpu_s"],
+            r["tokens_per_cpu_s"] / base,
         ]
-        print(
-            f"\n(1) train step: {step['model']['params'] / 1e6:.2f}M params, "
-            f"{step['batch']['tokens']} tokens/step, {step['batch']['micro_batches']} "
-            f"micro-batches (log-prob gap {step['logprob_max_abs_diff']:.1e})"
-        )
-        print(table(["runner", "cpu s", "wall s", "tokens/cpu-s", "x baseline"], rows))
-        r = step["ratios"]
-        print(
-            f"ours / baseline: {r['baseline_cpu']:.3f} by CPU, {r['baseline_wall']:.3f} by "
-            f"wall (target >= {step['target']}: {_verdict(step['passed'])}); ours / "
-            f"baseline+recompute: {r['baseline+recompute_cpu']:.3f} by CPU, "
-            f"{r['baseline+recompute_wall']:.3f} by wall"
-        )
-        if step["phases_cpu_s"]:
-            phases = step["phases_cpu_s"]
-            labels = list(dict.fromkeys(label for found in phases.values() for label in found))
-            rows = [[label, *(phases[n].get(label, math.nan) for n in phases)] for label in labels]
-            print(table(["one profiled step, CPU s", *phases], rows))
-    if padding:
-        rows = [
-            [
-                b,
-                *(out[k]["mean"] for k in ("packed", "padded", "pad_to_longest")),
-                out["packed"]["max"],
-            ]
-            for b, out in padding["budgets"].items()
-        ]
-        print(f"\n(2) padding fraction: {padding['batches']} batches x {padding['rows']} rows")
-        print(table(["budget", "packed", "padded mb", "pad to longest", "packed max"], rows))
-        print(
-            f"packed max at budget {padding['default_budget']}: "
-            f"{padding['packed_max_at_default']:.2%} (target <= {padding['target']:.0%}: "
-            f"{_verdict(padding['passed'])})"
-        )
-    if publish:
-        model = publish["model"]
-        print(
-            f"\n(3) publication: {model['params'] / 1e6:.1f}M params, {model['dtype']}, "
-            f"{model['bytes'] / 1e6:.0f} MB, one local server"
-        )
-        keys = (
-            "median_total_s",
-            "median_export_s",
-            "median_transfer_s",
-            "median_pause_s",
-            "first_total_s",
-            "gbytes_per_s",
-        )
-        rows = [[t, *(publish[t][k] for k in keys)] for t in ("disk", "distributed")]
-        headers = ["transport", "total s", "prepare s", "transfer s", "paused s", "first s", "GB/s"]
-        print(table(headers, rows))
-        print(f"distributed: {publish['distributed_speedup']:.2f}x the speed of disk")
+        for n, r in step["runs"].items()
+    ]
+    batch = step["batch"]
+    print(
+        f"\n(1) train step: {step['model']['params'] / 1e6:.2f}M params, {batch['rows']} rows, "
+        f"{batch['tokens']} tokens/step, {batch['micro_batches']} micro-batches of <= "
+        f"{batch['micro_batch_tokens']} tokens (log-prob gap {step['logprob_max_abs_diff']:.1e})"
+    )
+    print(table(["runner", "cpu s", "wall s", "tokens/cpu-s", "x baseline"], rows))
+    r = step["ratios"]
+    print(
+        f"ours / baseline: {r['baseline_cpu']:.3f} by CPU, {r['baseline_wall']:.3f} by wall "
+        f"(target >= {step['target']}: {_verdict(step['passed'])})\nours / baseline+recompute: "
+        f"{r['baseline+recompute_cpu']:.3f} by CPU, {r['baseline+recompute_wall']:.3f} by wall"
+    )
+    phases = step.get("phases_cpu_s")
+    if phases:
+        labels = list(dict.fromkeys(label for found in phases.values() for label in found))
+        rows = [[label, *(phases[n].get(label, math.nan) for n in phases)] for label in labels]
+        print(table(["one profiled step, CPU s", *phases], rows))
+
+
+def _print_padding(padding: dict[str, Any]) -> None:
+    print(
+        f"\n(2) padding fraction, {padding['batches']} batches x {padding['rows']} rows (mean; max)"
+    )
+    rows = []
+    for name, mix in padding["mixes"].items():
+        m = mix["length_mix"]
+        label = f"{name} (median {m['median']}, max {m['max']})"
+        for budget, out in mix["budgets"].items():
+            rows.append([label, budget, *(out[k]["mean"] for k in LAYOUTS), out["packed"]["max"]])
+    print(table(["mix", "budget", "packed", "bound", "padded", "to longest", "packed max"], rows))
+    print(
+        f"packed max, RL mix, budget {padding['default_budget']}: "
+        f"{padding['packed_max_at_default']:.2%} (target <= {padding['target']:.0%}: "
+        f"{_verdict(padding['passed'])})"
+    )
+
+
+def _print_publish(publish: dict[str, Any]) -> None:
+    model = publish["model"]
+    print(
+        f"\n(3) publication: {model['params'] / 1e6:.1f}M params, {model['dtype']}, "
+        f"{model['bytes'] / 1e6:.0f} MB, one local server (wall s, median after the first)"
+    )
+    keys = (
+        "median_total_s",
+        "median_export_s",
+        "median_transfer_s",
+        "median_pause_s",
+        "first_total_s",
+        "gbytes_per_s",
+    )
+    rows = [
+        [name, *(s[k] for k in keys), publish["speedup_vs_disk"][name]]
+        for name, s in publish["transports"].items()
+    ]
+    headers = ["transport", "total", "prepare", "transfer", "paused", "first", "GB/s", "x disk"]
+    print(table(headers, rows))
 
 
 def plot(results: dict[str, Any], out_dir: Path, name: str) -> Path:
@@ -88,7 +102,7 @@ def plot(results: dict[str, Any], out_dir: Path, name: str) -> Path:
 
     drawers = {"step": _plot_step, "padding": _plot_padding, "publish": _plot_publish}
     parts = [k for k in drawers if results.get(k)]
-    fig, axes = plt.subplots(1, len(parts), figsize=(5.6 * len(parts), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(parts), figsize=(6.2 * len(parts), 5.0), squeeze=False)
     for ax, part in zip(axes[0], parts, strict=True):
         drawers[part](ax, results[part])
     load = results["machine"]["load_avg"]
@@ -111,7 +125,7 @@ def _plot_step(ax: Any, step: dict[str, Any]) -> None:
             ax.scatter([x] * len(points), points, color="black", s=8, zorder=3)
     target = step["target"] * step["runs"]["baseline"]["tokens_per_cpu_s"]
     ax.axhline(target, color="tab:red", ls="--", label=f"{step['target']} x baseline (CPU)")
-    ax.set_xticks(range(len(names)), names)
+    ax.set_xticks(range(len(names)), [n.replace(", ", ",\n").replace("+", "\n+") for n in names])
     ax.set_ylabel("tokens / s (bars: median, dots: steps)")
     ax.set_title(
         f"(1) train step: ours = {step['ratio_vs_baseline']:.2f} x baseline (CPU)\n"
@@ -121,49 +135,69 @@ def _plot_step(ax: Any, step: dict[str, Any]) -> None:
 
 
 def _plot_padding(ax: Any, padding: dict[str, Any]) -> None:
-    budgets = list(padding["budgets"])
-    for j, layout in enumerate(("packed", "padded", "pad_to_longest")):
-        means = [100 * padding["budgets"][b][layout]["mean"] for b in budgets]
-        xs = [i + (j - 1) * 0.27 for i in range(len(budgets))]
-        bars = ax.bar(xs, means, 0.27, label=layout.replace("_", " "))
+    labels, groups = [], []
+    for name, mix in padding["mixes"].items():
+        for budget, out in mix["budgets"].items():
+            labels.append(f"{name}\n{budget}")
+            groups.append(out)
+    xs = range(len(groups))
+    for j, layout in enumerate(("packed", "padded")):
+        means = [100 * g[layout]["mean"] for g in groups]
+        bars = ax.bar([x + (j - 0.5) * 0.4 for x in xs], means, 0.4, label=f"{layout} (mean)")
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.scatter(
+        [x - 0.2 for x in xs],
+        [100 * g["packed"]["max"] for g in groups],
+        marker="v",
+        color="black",
+        zorder=3,
+        label="packed (max)",
+    )
+    ax.scatter(
+        [x - 0.2 for x in xs],
+        [100 * g["packed_bound"]["mean"] for g in groups],
+        marker="_",
+        s=200,
+        color="tab:green",
+        zorder=3,
+        label="least possible (mean)",
+    )
     target = 100 * padding["target"]
     ax.axhline(target, color="tab:red", ls="--", label=f"{target:g} % target")
-    ax.set_xticks(range(len(budgets)), budgets)
-    ax.set_xlabel("token budget per micro-batch")
-    ax.set_ylabel("padding (% of token slots), mean")
-    ax.set_title(
-        f"(2) padding: {padding['rows']} rows x {padding['batches']} batches, long-tailed lengths"
-    )
+    ax.set_xticks(list(xs), labels)
+    ax.set_xlabel("length mix and token budget per micro-batch")
+    ax.set_ylabel("padding (% of token slots)")
+    ax.set_title(f"(2) padding: {padding['rows']} rows x {padding['batches']} batches")
     ax.legend(fontsize=8)
 
 
 def _plot_publish(ax: Any, publish: dict[str, Any]) -> None:
-    names = ("disk", "distributed")
-    medians = [publish[n] for n in names]
-    prepare = [m["median_export_s"] for m in medians]
-    transfer = [m["median_transfer_s"] for m in medians]
-    rest = [m["median_total_s"] - p - t for m, p, t in zip(medians, prepare, transfer, strict=True)]
-    ax.bar(names, prepare, label="prepare (disk: save_hf)")
-    ax.bar(names, transfer, bottom=prepare, label="transfer")
+    names = list(publish["transports"])
+    stats = [publish["transports"][n] for n in names]
+    prepare = [s["median_export_s"] for s in stats]
+    transfer = [s["median_transfer_s"] for s in stats]
+    rest = [s["median_total_s"] - p - t for s, p, t in zip(stats, prepare, transfer, strict=True)]
+    labels = [n.replace("_", "\n") for n in names]
+    ax.bar(labels, prepare, label="prepare (disk: save_hf)")
+    ax.bar(labels, transfer, bottom=prepare, label="transfer")
     ax.bar(
-        names,
+        labels,
         rest,
         bottom=[p + t for p, t in zip(prepare, transfer, strict=True)],
-        label="hold, verify, flush, other",
+        label="hold, verify, flush",
     )
     ax.scatter(
-        names,
-        [m["first_total_s"] for m in medians],
+        labels,
+        [s["first_total_s"] for s in stats],
         color="black",
         marker="x",
         label="first publication",
         zorder=3,
     )
     model = publish["model"]
-    ax.set_ylabel("wall seconds per publication (median)")
+    ax.set_ylabel("wall seconds per publication (median after the first)")
     ax.set_title(
         f"(3) publish {model['params'] / 1e6:.0f}M params "
-        f"({model['dtype']}, {model['bytes'] / 1e6:.0f} MB)"
+        f"({model['dtype']}, {model['bytes'] / 1e6:.0f} MB) into one server"
     )
     ax.legend(fontsize=8)

@@ -107,16 +107,25 @@ def test_timed_rounds_rotate_and_drop_the_warmup(bench: ModuleType):
     assert runs["a"]["tokens_per_wall_s"] == 25.0
 
 
-def test_packing_pads_less_than_padded_micro_batches(bench: ModuleType):
+def test_padding_fractions_of_both_mixes_per_budget(bench: ModuleType):
     args = bench.parse_args(["--padding-rows", "256", "--padding-batches", "2",
-                             "--budgets", "2048", "8192", "--default-budget", "2048"])  # fmt: skip
+                             "--budgets", "2048", "8192", "--default-budget", "8192"])  # fmt: skip
     padding = bench.measure_padding(args)
-    for budget in ("2048", "8192"):
-        out = padding["budgets"][budget]
-        assert 0 <= out["packed"]["mean"] <= out["packed"]["max"] < 1
-        assert out["packed"]["mean"] < out["padded"]["mean"] < out["pad_to_longest"]["mean"]
-    assert padding["packed_max_at_default"] == padding["budgets"]["2048"]["packed"]["max"]
-    assert padding["passed"] == (padding["packed_max_at_default"] <= 0.05)
+    assert set(padding["mixes"]) == {"rl", "step"}
+    for mix in padding["mixes"].values():
+        for out in mix["budgets"].values():
+            packed = out["packed"]["mean"]
+            assert 0 <= out["packed_bound"]["mean"] <= packed <= out["packed"]["max"] < 1
+            assert max(packed, out["padded"]["mean"]) < out["pad_to_longest"]["mean"]
+    worst = padding["mixes"]["rl"]["budgets"]["8192"]["packed"]["max"]
+    assert padding["packed_max_at_default"] == worst
+    assert padding["passed"] == (worst <= 0.05)
+
+
+def test_the_packing_bound_counts_whole_micro_batches(bench: ModuleType):
+    assert bench.packing_bound([6, 6], 10) == pytest.approx(1 - 12 / 20)
+    assert bench.packing_bound([5, 5], 10) == 0.0
+    assert bench.packing_bound([25, 5], 10) == pytest.approx(1 - 30 / 35)  # 25 goes alone
 
 
 def test_publication_summaries_leave_the_first_out(load_benchmark: Loader):
@@ -138,19 +147,20 @@ def test_a_quick_run_measures_all_three_and_writes_json_and_plot(bench: ModuleTy
     results = bench.main(["--quick", "--out-dir", str(tmp_path)])
     saved = json.loads((tmp_path / "train_step.json").read_text())
     step, padding, publish = saved["step"], saved["padding"], saved["publish"]
-    assert set(step["runs"]) == {"ours", "baseline", "baseline+recompute"}
+    assert set(step["runs"]) == {"ours", "ours, packing off", "baseline", "baseline+recompute"}
     assert all(len(r["cpu_s"]) == 2 and r["tokens_per_cpu_s"] > 0 for r in step["runs"].values())
     assert step["logprob_max_abs_diff"] < 1e-5
     assert math.isfinite(step["ratio_vs_baseline"])
     assert step["ratio_vs_baseline"] > 0
     assert step["passed"] == (step["ratio_vs_baseline"] >= 0.9)
-    assert set(padding["budgets"]) == {"512", "1024"}
+    assert set(padding["mixes"]["rl"]["budgets"]) == {"512", "1024"}
     model_bytes = publish["model"]["bytes"]
-    for transport in ("disk", "distributed"):
-        runs = publish[transport]["runs"]
-        assert len(runs) == 2
-        assert all(r["total_s"] > 0 for r in runs)
-    assert {r["bytes"] for r in publish["distributed"]["runs"]} == {model_bytes}
-    assert all(r["bytes"] > model_bytes for r in publish["disk"]["runs"])  # + config, tokenizer
-    assert results["publish"]["distributed_speedup"] > 0
+    transports = publish["transports"]
+    assert set(transports) == {"disk", "distributed_1mb"}
+    for summary in transports.values():
+        assert len(summary["runs"]) == 2
+        assert all(r["total_s"] > 0 for r in summary["runs"])
+    assert {r["bytes"] for r in transports["distributed_1mb"]["runs"]} == {model_bytes}
+    assert all(r["bytes"] > model_bytes for r in transports["disk"]["runs"])  # + config, tokenizer
+    assert results["publish"]["speedup_vs_disk"]["disk"] == 1.0
     assert (tmp_path / "train_step.png").stat().st_size > 10_000
