@@ -110,14 +110,12 @@ async def test_chat_template_prompt_with_system_prompt(
 ) -> None:
     worker, _ = make_worker(tok, cfg(system_prompt="Be brief."))
     traj = await run_one(worker, item("1+1?", answer="2"))
-    expected = tok.apply_chat_template(
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"}],
-        add_generation_prompt=True,
-        tokenize=True,
+    expected = encode(
+        tok,
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n1+1?<|im_end|>\n"
+        "<|im_start|>assistant\n",
     )
-    if isinstance(expected, dict) or hasattr(expected, "keys"):
-        expected = expected["input_ids"]
-    assert traj.turns[0].token_ids == list(expected)
+    assert traj.turns[0].token_ids == expected
     assert traj.turns[1].token_ids == [*encode(tok, "2"), tok.eos_token_id]
     assert traj.loss_mask == [0] * len(expected) + [1, 1]
 

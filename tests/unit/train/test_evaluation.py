@@ -82,7 +82,7 @@ def test_model_mode_grads_and_weights_are_untouched(
     first = validation_loss(trainer, batch)
     assert tiny_model.training
     assert all(p.grad is None for p in tiny_model.parameters())
-    tiny_model.eval()
+    tiny_model.train(False)
     assert validation_loss(trainer, batch) == first  # deterministic: dropout was off both times
     assert not tiny_model.training
     after = tiny_model.state_dict()
