@@ -106,10 +106,9 @@ def plot(results: dict[str, Any], out_dir: Path, name: str) -> Path:
     for ax, part in zip(axes[0], parts, strict=True):
         drawers[part](ax, results[part])
     load = results["machine"]["load_avg"]
-    fig.suptitle(
-        f"train_step benchmark{' (--quick)' if results['quick'] else ''}: "
-        f"{results['machine']['cpus']} CPUs, load avg {load[0] if load else '?'}"
-    )
+    quick = " (--quick)" if results["quick"] else ""
+    load_text = f", load average {load[0]:.1f}" if load else ""
+    fig.suptitle(f"train_step benchmark{quick}: {results['machine']['cpus']} CPUs{load_text}")
     fig.tight_layout()
     return save_figure(fig, out_dir, name)
 
@@ -131,7 +130,7 @@ def _plot_step(ax: Any, step: dict[str, Any]) -> None:
         f"(1) train step: ours = {step['ratio_vs_baseline']:.2f} x baseline (CPU)\n"
         f"{step['model']['params'] / 1e6:.1f}M params, {tokens} tokens/step"
     )
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
 
 
 def _plot_padding(ax: Any, padding: dict[str, Any]) -> None:
@@ -195,6 +194,7 @@ def _plot_publish(ax: Any, publish: dict[str, Any]) -> None:
         zorder=3,
     )
     model = publish["model"]
+    ax.set_ylim(bottom=0)
     ax.set_ylabel("wall seconds per publication (median after the first)")
     ax.set_title(
         f"(3) publish {model['params'] / 1e6:.0f}M params "
