@@ -3,7 +3,7 @@ and the seconds one weight publication takes by ``disk`` and by ``distributed``.
 
 Run::
 
-    python benchmarks/train_step.py            # full (about 4 minutes on 2 busy cores)
+    python benchmarks/train_step.py            # full (2-3 minutes on 2 busy cores)
     python benchmarks/train_step.py --quick    # tiny sizes (smoke run)
     python benchmarks/train_step.py --parts step --steps 9 --profile
 
