@@ -198,8 +198,9 @@ async def _validate(ctx: RunContext, parts: Parts, *, step: int, final: bool) ->
         return {}
     metrics = await validate(
         parts.val_worker, parts.val_items, version=parts.flow.gate.version,
-        concurrency=ctx.cfg.rollout.workers,
+        concurrency=ctx.cfg.rollout.workers, loss=parts.validation_loss(),
     )  # fmt: skip
     ctx.ledger.emit(Validated(step=step, metrics=dict(metrics)))
-    logger.info("validation at step {}: reward {:.3f}", step, metrics["val/reward_mean"])
+    shown = {k: round(v, 4) for k, v in metrics.items() if k in ("val/reward_mean", "val/loss")}
+    logger.info("validation at step {}: {}", step, shown)
     return metrics

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import anyio
 import httpx
 import msgspec
+from loguru import logger
 
 from nexrl_async.config.inference import AttachInference, SGLangInference
 from nexrl_async.config.model import PretrainedModel
@@ -38,7 +39,7 @@ from nexrl_async.engine.resume import (
 )
 from nexrl_async.engine.samples import write_samples
 from nexrl_async.engine.stats import CountingEvents, StepClock
-from nexrl_async.engine.validator import validation_rollout
+from nexrl_async.engine.validator import LossFn, validation_rollout
 from nexrl_async.inference.client import SGLangClient
 from nexrl_async.inference.fleet import Fleet, open_fleet
 from nexrl_async.inference.router import ServerHandle
@@ -49,6 +50,7 @@ from nexrl_async.pipeline.staleness import StalenessGate
 from nexrl_async.rollout.loading import load_worker
 from nexrl_async.rollout.worker import RolloutWorker
 from nexrl_async.train.broadcast import WeightSender
+from nexrl_async.train.evaluation import run_validation_loss
 from nexrl_async.train.trainer import Trainer
 from nexrl_async.weights import DiskTransport, DistributedTransport, Publisher, Transport
 
@@ -92,6 +94,20 @@ class Parts:
             self.trainer.step, batch, limiter=self.torch_limiter
         )
         return dict(result)
+
+    def validation_loss(self) -> LossFn | None:
+        """SFT validates by the loss of the held-out completions (world size 1 trainers)."""
+        if self.cfg.algorithm.mode != "sft":
+            return None
+        trainer = self.trainer
+        if not isinstance(trainer, Trainer):
+            logger.warning("val/loss needs a world-size-1 trainer; validation reports rewards")
+            return None
+
+        async def loss(batch: TrainBatch) -> dict[str, float]:
+            return await run_validation_loss(trainer, batch, limiter=self.torch_limiter)
+
+        return loss
 
     def pipeline_metrics(self, clock: StepClock) -> dict[str, float]:
         flow = self.flow

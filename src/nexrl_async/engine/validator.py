@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 
 import anyio
 import msgspec
 
 from nexrl_async.config.schema import RecipeConfig, ValidationConfig
-from nexrl_async.core.records import DataItem, Group, VersionToken
+from nexrl_async.core.records import DataItem, Group, TrainBatch, VersionToken
 from nexrl_async.rollout.worker import RolloutWorker
+
+LossFn = Callable[[TrainBatch], Awaitable[dict[str, float]]]
+"""Scores a batch of validation groups by the trainer's loss (SFT's ``val/loss``)."""
 
 
 def validation_rollout(cfg: RecipeConfig) -> RecipeConfig:
@@ -32,8 +36,12 @@ async def validate(
     *,
     version: int,
     concurrency: int,
+    loss: LossFn | None = None,
 ) -> dict[str, float]:
-    """Run every item once and average rewards and evaluator metrics."""
+    """Run every item once and average rewards and evaluator metrics.
+
+    ``loss`` (SFT) scores the groups' trained tokens instead: ``val/loss`` and ``val/ppl``.
+    """
     groups: list[Group] = []
     limiter = anyio.CapacityLimiter(concurrency)
     token = VersionToken(lease_id=0, version=version)
@@ -45,7 +53,14 @@ async def validate(
     async with anyio.create_task_group() as tg:
         for index, item in enumerate(items):
             tg.start_soon(one, index, item)
+    if loss is not None:
+        return {**await loss(TrainBatch(step=version, groups=groups)), **_failed(groups)}
     return summarize(groups)
+
+
+def _failed(groups: list[Group]) -> dict[str, float]:
+    trajs = [t for g in groups for t in g.trajectories]
+    return {"val/samples": float(len(trajs)), "val/failed": float(sum(not t.ok for t in trajs))}
 
 
 def summarize(groups: list[Group]) -> dict[str, float]:

@@ -86,3 +86,15 @@ def test_distributed_weight_sync_serves_the_trainers_weights(run_small) -> None:
     published = [e for e in read_events(run / "events.jsonl") if isinstance(e, Published)]
     assert [e.transport for e in published] == ["distributed"] * 3
     assert all(e.bytes > 0 and e.transfer_s > 0 for e in published)
+
+
+def test_sft_recipe_lowers_validation_loss(run_small) -> None:
+    recipe = Path(__file__).parents[3] / "recipes" / "reverse_digits" / "sft.toml"
+    run = run_small(
+        "run.total_steps=20", "rollout.group_size=1", "pool.batch_groups=16",
+        "validation.before_training=true", "validation.at_end=true", "validation.max_items=32",
+        recipe=recipe,
+    )  # fmt: skip
+    losses = [row["val/loss"] for row in read_metrics(run / "metrics.jsonl") if "val/loss" in row]
+    assert len(losses) == 2
+    assert losses[-1] < losses[0] - 0.1, losses
