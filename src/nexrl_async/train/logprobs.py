@@ -29,27 +29,40 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def forward_logprobs(
-    model: PreTrainedModel, mb: MicroBatch, *, temperature: float, with_entropy: bool
+    model: PreTrainedModel,
+    mb: MicroBatch,
+    *,
+    temperature: float,
+    with_entropy: bool,
+    entropy_grad: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs ``[b, W]`` of the micro-batch's tokens and, if asked, entropies ``[b, W]``.
 
     ``entropy[:, t]`` is the entropy of the (temperature-scaled) distribution that token ``t``
-    was drawn from. Both are differentiable when grad mode is on; float32 for half-precision
-    models. Packed micro-batches run padding-free; the result is the same.
+    was drawn from. Both are differentiable when grad mode is on (the entropy only with
+    ``entropy_grad``; without it the entropy is computed under no-grad, e.g. for a metric);
+    float32 for half-precision models. Packed micro-batches run padding-free; the result is the
+    same.
     """
     if mb.packed is not None:
         logits = packed_logits(model, mb.packed)
-        logprobs, entropy = _shifted(logits, mb.packed.input_ids, temperature, with_entropy)
+        logprobs, entropy = _shifted(
+            logits, mb.packed.input_ids, temperature, with_entropy, entropy_grad
+        )
         return unpack(logprobs, mb.packed), None if entropy is None else unpack(entropy, mb.packed)
     out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
-    logprobs, entropy = _shifted(out.logits, mb.input_ids, temperature, with_entropy)
+    logprobs, entropy = _shifted(out.logits, mb.input_ids, temperature, with_entropy, entropy_grad)
     real = mb.attention_mask != 0
     logprobs = torch.where(real, logprobs, 0.0)
     return logprobs, None if entropy is None else torch.where(real, entropy, 0.0)
 
 
 def _shifted(
-    logits: Tensor, input_ids: Tensor, temperature: float, with_entropy: bool
+    logits: Tensor,
+    input_ids: Tensor,
+    temperature: float,
+    with_entropy: bool,
+    entropy_grad: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Column ``t`` from the logits at ``t - 1``: ``[n, L]`` log-probs (entropies), column 0 = 0."""
     logits = logits[:, :-1, :]
@@ -58,8 +71,9 @@ def _shifted(
     )
     if not with_entropy:
         return logprobs, None
-    scaled = logits if temperature == 1.0 else logits / temperature
-    return logprobs, F.pad(entropy_from_logits(scaled), (1, 0))
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        scaled = logits if temperature == 1.0 else logits / temperature
+        return logprobs, F.pad(entropy_from_logits(scaled), (1, 0))
 
 
 @torch.no_grad()

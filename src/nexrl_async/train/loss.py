@@ -11,6 +11,10 @@ RL (per token, ``l_pg`` from :func:`policy_loss`, ``kl`` the estimator against t
 
 SFT: ``loss = agg(-log p)`` over the loss-masked tokens.
 
+Without old log-probs in the targets (the trainer skipped its pre-pass) the RL loss takes its
+forward's own log-probs, detached, as the old ones (ratio 1, the same gradient), and records
+that forward's log-probs and entropies (no-grad) in a :class:`ForwardCapture` for the metrics.
+
 ``seq-mean-token-sum-norm`` divides by a constant (Dr. GRPO), the trainer's ``norm_constant``
 (``rollout.max_new_tokens``), never by a micro-batch's padded width.
 """
@@ -20,11 +24,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
 from nexrl_async.algorithms import aggregate, kl_estimate, policy_loss, sft_loss
 from nexrl_async.config.training import AlgorithmConfig, LossAgg
+from nexrl_async.train.collectives import all_reduce_sum
 from nexrl_async.train.logprobs import forward_logprobs
 from nexrl_async.train.microbatch import MicroBatch
 from nexrl_async.train.targets import UpdateTargets
@@ -65,6 +71,41 @@ class MicroLoss(Protocol):
 
 
 @dataclass
+class ForwardCapture:
+    """Detached log-probs and entropies of the loss forwards, ``[B, T]`` float32 on CPU.
+
+    Only micro-batches of this rank's ``owned`` rows are recorded (a lockstep filler of another
+    rank's row is not), so a sum over ranks assembles the whole batch (:meth:`gathered`).
+    """
+
+    logprobs: Tensor
+    entropy: Tensor
+    owned: Tensor
+    """``[B]`` bool: the rows this rank trains."""
+
+    @classmethod
+    def for_rows(cls, shape: torch.Size, rows: list[int]) -> ForwardCapture:
+        """An empty capture of a ``shape`` = ``[B, T]`` batch whose ``rows`` this rank owns."""
+        owned = torch.zeros(shape[0], dtype=torch.bool)
+        owned[torch.tensor(rows, dtype=torch.int64)] = True
+        logprobs = torch.zeros(shape, dtype=torch.float32)
+        return cls(logprobs=logprobs, entropy=torch.zeros_like(logprobs), owned=owned)
+
+    def record(self, mb: MicroBatch, logprobs: Tensor, entropy: Tensor | None) -> None:
+        """Store one micro-batch's results (skipped unless this rank owns all its rows)."""
+        if len(mb.rows) == 0 or not bool(self.owned[mb.rows].all()):
+            return
+        with torch.no_grad():
+            self.logprobs[mb.rows, : mb.width] = logprobs.detach().float().cpu()
+            if entropy is not None:
+                self.entropy[mb.rows, : mb.width] = entropy.detach().float().cpu()
+
+    def gathered(self) -> tuple[Tensor, Tensor]:
+        """Log-probs and entropies of every row, summed over ranks (identity at world size 1)."""
+        return all_reduce_sum(self.logprobs), all_reduce_sum(self.entropy)
+
+
+@dataclass
 class RLLoss:
     """PPO-clip policy loss plus optional KL-to-reference and entropy terms."""
 
@@ -73,6 +114,8 @@ class RLLoss:
     temperature: float
     kl_coef: float
     norm_constant: float
+    capture: ForwardCapture | None = None
+    """Record the forwards' log-probs and entropies (the trainer's skipped pre-pass)."""
 
     @property
     def loss_mask(self) -> Tensor:
@@ -84,13 +127,12 @@ class RLLoss:
 
     def __call__(self, model: PreTrainedModel, mb: MicroBatch, denominator: Tensor) -> MicroResult:
         algo = self.algo
-        logprobs, entropy = forward_logprobs(
-            model, mb, temperature=self.temperature, with_entropy=algo.entropy_coef > 0
-        )
+        logprobs, entropy = self._forward(model, mb)
         mask = mb.take(self.targets.loss_mask)
+        old = self.targets.old_logprobs
         pg, stats = policy_loss(
             logprobs,
-            mb.take(self.targets.old_logprobs),
+            logprobs.detach() if old is None else mb.take(old),
             mb.take(self.targets.advantages),
             mask,
             clip_low=algo.clip_low,
@@ -108,11 +150,25 @@ class RLLoss:
             kl_term = self._agg(kl, mask, denominator)
             result.loss = result.loss + self.kl_coef * kl_term
             result.sums["kl_loss"] = float(kl_term.detach())
-        if entropy is not None:
+        if entropy is not None and algo.entropy_coef > 0:
             entropy_term = self._agg(entropy, mask, denominator)
             result.loss = result.loss - algo.entropy_coef * entropy_term
             result.sums["entropy_bonus"] = float(entropy_term.detach())
         return result
+
+    def _forward(self, model: PreTrainedModel, mb: MicroBatch) -> tuple[Tensor, Tensor | None]:
+        """Log-probs and, for the entropy bonus or the capture, entropies of ``mb``."""
+        bonus = self.algo.entropy_coef > 0
+        logprobs, entropy = forward_logprobs(
+            model,
+            mb,
+            temperature=self.temperature,
+            with_entropy=bonus or self.capture is not None,
+            entropy_grad=bonus,
+        )
+        if self.capture is not None:
+            self.capture.record(mb, logprobs, entropy)
+        return logprobs, entropy
 
     def _agg(self, values: Tensor, mask: Tensor, denominator: Tensor) -> Tensor:
         return aggregate(

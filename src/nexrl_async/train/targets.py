@@ -23,6 +23,13 @@ pre-step policy and the reference at token ``t``:
 
 Old log-probs are the trainer's pre-step log-probs (``old_logprobs = "recompute"``) or the
 server's (``"server"``, which needs a server log-prob on every loss token).
+
+When the only optimizer step of the training step comes first (one minibatch, one epoch) and
+neither KL in the reward, the hook nor TIS needs them before training, the trainer skips the
+policy's pre-pass: the pre-step log-probs are then the training forward's own
+(``PrePass.trainer_logprobs`` and ``UpdateTargets.old_logprobs`` are ``None``: the loss uses its
+forward's detached log-probs), and :func:`forward_metrics` runs after the update on what that
+forward captured.
 """
 
 from __future__ import annotations
@@ -47,9 +54,12 @@ from nexrl_async.train.tensors import SequenceBatch
 
 @dataclass(frozen=True)
 class PrePass:
-    """No-grad results with the weights before the step, ``[B, T]`` float32 on CPU."""
+    """No-grad results with the weights before the step, ``[B, T]`` float32 on CPU.
 
-    trainer_logprobs: Tensor
+    ``trainer_logprobs`` is ``None`` when the policy's pre-pass is skipped (module docstring).
+    """
+
+    trainer_logprobs: Tensor | None
     entropy: Tensor | None
     ref_logprobs: Tensor | None
 
@@ -60,7 +70,8 @@ class UpdateTargets:
 
     loss_mask: Tensor
     advantages: Tensor
-    old_logprobs: Tensor
+    old_logprobs: Tensor | None
+    """``None``: the loss forward's own log-probs, detached (pre-pass skipped)."""
     ref_logprobs: Tensor | None
 
 
@@ -156,9 +167,15 @@ def build_targets(
 
 
 def _kl(prepass: PrePass, algo: AlgorithmConfig) -> Tensor | None:
-    if prepass.ref_logprobs is None:
+    if prepass.ref_logprobs is None or prepass.trainer_logprobs is None:
         return None
     return kl_estimate(prepass.trainer_logprobs, prepass.ref_logprobs, algo.kl.kind)
+
+
+def _trainer_logprobs(prepass: PrePass, why: str) -> Tensor:
+    if prepass.trainer_logprobs is None:
+        raise ValueError(f"{why} needs the pre-step log-probs, but the pre-pass was skipped")
+    return prepass.trainer_logprobs
 
 
 def _per_token(advantages: Tensor, width: int) -> Tensor:
@@ -180,7 +197,7 @@ def _apply_tis(
 ) -> tuple[UpdateTargets, float]:
     _require_rollout(seq, targets.loss_mask, "algorithm.tis")
     weights = tis_weights(
-        prepass.trainer_logprobs,
+        _trainer_logprobs(prepass, "algorithm.tis"),
         seq.rollout_logprobs,
         targets.loss_mask,
         cap=algo.tis.cap,
@@ -192,8 +209,15 @@ def _apply_tis(
 
 
 def _hook_inputs(
-    seq: SequenceBatch, prepass: PrePass, *, rewards: Tensor, old: Tensor, adv: Tensor, step: int
+    seq: SequenceBatch,
+    prepass: PrePass,
+    *,
+    rewards: Tensor,
+    old: Tensor | None,
+    adv: Tensor,
+    step: int,
 ) -> dict[str, Tensor]:
+    trainer = _trainer_logprobs(prepass, "algorithm.prepare_batch")
     inputs = {
         "input_ids": seq.input_ids,
         "attention_mask": seq.attention_mask,
@@ -202,10 +226,10 @@ def _hook_inputs(
         "raw_rewards": seq.rewards,
         "group_ids": seq.group_index,
         "response_lengths": seq.response_lengths,
-        "trainer_logprobs": prepass.trainer_logprobs,
+        "trainer_logprobs": trainer,
         "rollout_logprobs": seq.rollout_logprobs,
         "rollout_mask": seq.rollout_mask,
-        "old_logprobs": old,
+        "old_logprobs": trainer if old is None else old,
         "advantages": adv,
         "step": torch.tensor(step, dtype=torch.int64),
     }
@@ -235,11 +259,34 @@ def batch_metrics(
             zero_variance_groups(seq.rewards, seq.group_index).float().mean()
         ),
     }
+    if prepass.trainer_logprobs is not None:
+        metrics.update(forward_metrics(seq, mask, prepass.trainer_logprobs, prepass.entropy, kl))
+    return metrics
+
+
+def prepass_metrics(
+    seq: SequenceBatch, prepass: PrePass, mask: Tensor, algo: AlgorithmConfig
+) -> dict[str, float]:
+    """:func:`forward_metrics` of a pre-pass whose ``trainer_logprobs`` are set."""
+    logprobs = _trainer_logprobs(prepass, "prepass_metrics")
+    return forward_metrics(seq, mask, logprobs, prepass.entropy, _kl(prepass, algo))
+
+
+def forward_metrics(
+    seq: SequenceBatch,
+    mask: Tensor,
+    trainer_logprobs: Tensor,
+    entropy: Tensor | None,
+    kl: Tensor | None,
+) -> dict[str, float]:
+    """``train/logprob_mismatch`` (trainer vs server log-probs where the server gave one),
+    ``train/entropy`` and ``train/kl`` (means over ``mask``) of the pre-step weights."""
+    metrics: dict[str, float] = {}
     if bool(seq.rollout_mask.any()):
-        gap = (prepass.trainer_logprobs - seq.rollout_logprobs).abs()
+        gap = (trainer_logprobs - seq.rollout_logprobs).abs()
         metrics["train/logprob_mismatch"] = masked_mean(gap, seq.rollout_mask)
-    if prepass.entropy is not None:
-        metrics["train/entropy"] = masked_mean(prepass.entropy, mask)
+    if entropy is not None:
+        metrics["train/entropy"] = masked_mean(entropy, mask)
     if kl is not None:
         metrics["train/kl"] = masked_mean(kl, mask)
     return metrics

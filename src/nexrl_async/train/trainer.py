@@ -12,7 +12,10 @@ An RL step (``algorithm.mode = "rl"``):
 1. the batch becomes ``[B, T]`` tensors (:mod:`~nexrl_async.train.tensors`);
 2. one no-grad pass with the pre-step weights gives the trainer's log-probs (old log-probs for
    ``recompute``, the ``train/logprob_mismatch`` against the server's, TIS) and entropies, and
-   the reference model's log-probs when KL is on;
+   the reference model's log-probs when KL is on. The policy's part is skipped when nothing
+   needs it before training (one minibatch, one epoch, no KL in the reward, no TIS, no
+   ``prepare_batch``, no dropout): its log-probs are then the training forward's own, and
+   the mismatch, entropy and KL metrics come from that forward (the weights are the same);
 3. rewards, advantages, KL in the reward, the ``prepare_batch`` hook and TIS weights give the
    per-token targets (:mod:`~nexrl_async.train.targets`);
 4. ``minibatches × epochs`` AdamW steps with gradient accumulation over micro-batches and
@@ -43,6 +46,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -68,9 +72,9 @@ from nexrl_async.train.export import (
     save_state_file,
 )
 from nexrl_async.train.hook import PrepareBatchHook
-from nexrl_async.train.lockstep import rank_logprobs
+from nexrl_async.train.lockstep import rank_logprobs, rank_rows
 from nexrl_async.train.logprobs import model_device
-from nexrl_async.train.loss import RLLoss, SFTLoss
+from nexrl_async.train.loss import ForwardCapture, RLLoss, SFTLoss
 from nexrl_async.train.model import DTYPES, frozen_copy, load_policy, set_torch_threads
 from nexrl_async.train.schedule import build_optimizer, build_scheduler
 from nexrl_async.train.sharding import (
@@ -80,7 +84,7 @@ from nexrl_async.train.sharding import (
     shard_model,
 )
 from nexrl_async.train.step import UpdateSettings, run_updates
-from nexrl_async.train.targets import PrePass, build_targets
+from nexrl_async.train.targets import PrePass, build_targets, prepass_metrics
 from nexrl_async.train.tensors import SequenceBatch, sequences_from_batch
 from nexrl_async.train.topology import ProcessGroups, Topology, training_device
 
@@ -156,6 +160,7 @@ class Trainer:
         self._hook = None
         if algorithm.mode == "rl" and algorithm.prepare_batch is not None:
             self._hook = PrepareBatchHook.load(algorithm.prepare_batch, base_dir or Path.cwd())
+        self._skip_policy_pre_pass = _pre_pass_optional(algorithm) and not _has_dropout(model)
         self._settings = UpdateSettings(
             epochs=algorithm.epochs,
             minibatches=algorithm.minibatches,
@@ -252,7 +257,8 @@ class Trainer:
         return metrics
 
     def _rl_step(self, seq: SequenceBatch, step: int) -> StepMetrics:
-        prepass = self._pre_pass(seq)
+        skip = self._skip_policy_pre_pass
+        prepass = self._pre_pass(seq, policy=not skip)
         coef = self.kl_controller.coef if self.kl_controller is not None else 0.0
         targets, metrics = build_targets(
             seq,
@@ -269,8 +275,13 @@ class Trainer:
             temperature=self.temperature,
             kl_coef=coef,
             norm_constant=float(self.max_new_tokens),
+            capture=self._capture(seq) if skip else None,
         )
         metrics.update(run_updates(self.model, self.optimizer, seq, loss, self._settings))
+        if loss.capture is not None:
+            logprobs, entropy = loss.capture.gathered()
+            captured = replace(prepass, trainer_logprobs=logprobs, entropy=entropy)
+            metrics.update(prepass_metrics(seq, captured, targets.loss_mask, self.algorithm))
         if self.kl_controller is not None:
             metrics["train/kl_coef"] = coef
             horizon = getattr(self.kl_controller, "horizon", math.inf)
@@ -288,12 +299,21 @@ class Trainer:
         metrics["train/loss_tokens"] = float((seq.loss_mask != 0).sum())
         return metrics
 
-    def _pre_pass(self, seq: SequenceBatch) -> PrePass:
-        logprobs, entropy = self._logprobs(self.model, seq, with_entropy=True)
+    def _pre_pass(self, seq: SequenceBatch, *, policy: bool = True) -> PrePass:
+        """No-grad log-probs before the step: the policy's (unless ``policy=False``, when the
+        training forward provides them) and the reference's."""
+        logprobs, entropy = None, None
+        if policy:
+            logprobs, entropy = self._logprobs(self.model, seq, with_entropy=True)
         ref = None
         if self.reference is not None:
             ref, _ = self._logprobs(self.reference, seq, with_entropy=False)
         return PrePass(trainer_logprobs=logprobs, entropy=entropy, ref_logprobs=ref)
+
+    def _capture(self, seq: SequenceBatch) -> ForwardCapture:
+        groups = self.groups
+        rows = rank_rows(seq.lengths, range(seq.size), groups.rank, groups.world_size)
+        return ForwardCapture.for_rows(seq.input_ids.shape, rows)
 
     def _logprobs(
         self, model: PreTrainedModel, seq: SequenceBatch, *, with_entropy: bool
@@ -406,6 +426,25 @@ def _pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
         if isinstance(candidate, int):
             return candidate
     return 0
+
+
+def _pre_pass_optional(algo: AlgorithmConfig) -> bool:
+    """Whether nothing needs the policy's pre-step log-probs before its one optimizer step."""
+    return (
+        algo.minibatches == 1
+        and algo.epochs == 1
+        and algo.kl.placement != "reward"
+        and not algo.tis.enabled
+        and algo.prepare_batch is None
+    )
+
+
+def _has_dropout(model: torch.nn.Module) -> bool:
+    """Active dropout makes the training forward differ from the eval-mode pre-pass."""
+    config = getattr(model, "config", None)
+    rates = [getattr(config, "attention_dropout", 0.0) or 0.0]
+    rates += [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    return any(float(rate) > 0 for rate in rates)
 
 
 def _kl_controller(cfg: KLConfig) -> KLController:
