@@ -37,6 +37,6 @@ class ReverseEvaluator:
         reward = positional_accuracy(answer, response)
         return EvalResult(
             reward=reward,
-            metrics={"exact": float(response == answer)},
+            metrics={"exact": float(response[: len(answer)] == answer)},
             ground_truth=answer,
         )

@@ -93,6 +93,15 @@ def _check_algorithm(cfg: RecipeConfig) -> Iterator[Problem]:
             f"algorithm.minibatches = {algo.minibatches}: more than the "
             f"{cfg.pool.batch_groups * cfg.rollout.group_size} samples of a batch",
         )
+    if algo.mode == "sft" and (algo.dynamic_sampling or cfg.pool.filter_zero_variance):
+        field = (
+            "algorithm.dynamic_sampling" if algo.dynamic_sampling else "pool.filter_zero_variance"
+        )
+        yield (
+            field,
+            f'{field} = true: with algorithm.mode = "sft" groups have no reward variance, so the '
+            "zero-variance filter would drop every one of them",
+        )
     if algo.kl.controller == "adaptive" and algo.kl.coef == 0:
         yield (
             "algorithm.kl.coef",

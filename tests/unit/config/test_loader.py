@@ -108,6 +108,12 @@ def test_dump_round_trips(write, recipe_dir: Path) -> None:
             "staleness.max_staleness = 2: must be 0",
         ),
         ('extends = "base.toml"\n[model]\nkind = "nope"\n', [], "recipe.toml", "model.kind"),
+        (
+            'extends = "base.toml"\n[algorithm]\nmode = "sft"\ndynamic_sampling = true\n',
+            [],
+            "recipe.toml",
+            "algorithm.dynamic_sampling",
+        ),
     ],
 )
 def test_errors_name_file_path_value_and_expectation(
