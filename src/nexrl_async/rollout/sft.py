@@ -40,7 +40,7 @@ import anyio
 from loguru import logger
 
 from nexrl_async.config.rollout import RolloutConfig
-from nexrl_async.core.errors import DataError, RolloutError, UserCodeError
+from nexrl_async.core.errors import DataError, UserCodeError
 from nexrl_async.core.records import (
     DataItem,
     EvalResult,
@@ -57,8 +57,8 @@ from nexrl_async.rollout.events import RolloutEvents
 from nexrl_async.rollout.faults import SampleFailed, classify
 from nexrl_async.rollout.generation import TurnGenerator
 from nexrl_async.rollout.rendering import Tokenizer, as_token_ids
-from nexrl_async.rollout.tools import Message, Tool
-from nexrl_async.rollout.worker import RolloutWorker
+from nexrl_async.rollout.tools import Tool
+from nexrl_async.rollout.worker import RolloutWorker, _as_messages
 
 DEFAULT_COMPLETION_FIELD = "answer"
 
@@ -189,7 +189,7 @@ class SFTWorker(RolloutWorker):
 
     async def _build(self, item: DataItem, ep: Episode) -> None:
         ep.stage = "format"
-        messages = _with_system(_query_messages(self.format_query(item)), self.cfg.system_prompt)
+        messages = self._with_system_prompt(_as_messages(self.format_query(item)))
         text = self.format_completion(item)
         ep.messages = messages
         ep.stage = "render"
@@ -209,7 +209,7 @@ class SFTWorker(RolloutWorker):
         ep.append(_reference_turn(answer, text, ep.token.version, finish))
         ep.messages.append({"role": "assistant", "content": text})
         ep.stage = "hooks"
-        ep.turns = _checked(self.loss_mask(list(ep.turns)), ep.turns)
+        ep.turns = self._checked_masks(ep.turns)
 
 
 def _reference_turn(ids: list[int], text: str, version: int, finish: str) -> Turn:
@@ -222,32 +222,3 @@ def _reference_turn(ids: list[int], text: str, version: int, finish: str) -> Tur
         text=text,
         finish_reason=finish,
     )
-
-
-def _checked(masked: list[Turn], turns: list[Turn]) -> list[Turn]:
-    """The ``loss_mask`` hook's turns, if it kept every token and returned 0/1 masks."""
-    if [t.token_ids for t in masked] != [t.token_ids for t in turns]:
-        raise RolloutError("the loss_mask hook changed turns or token ids")
-    for t in masked:
-        if len(t.loss_mask) != len(t.token_ids) or any(m not in (0, 1) for m in t.loss_mask):
-            raise RolloutError(f"the loss_mask hook returned a bad mask for a {t.role} turn")
-    return masked
-
-
-def _query_messages(query: Any) -> list[Message]:
-    """``format_query``'s result as a fresh list of messages (a string is one user message)."""
-    if isinstance(query, str):
-        return [{"role": "user", "content": query}]
-    if isinstance(query, list) and all(isinstance(m, dict) and "role" in m for m in query):
-        return [dict(m) for m in query]
-    raise SampleFailed(
-        FailureReason.FORMAT_ERROR,
-        f"format_query returned {type(query).__name__}, expected a string or message dicts",
-    )
-
-
-def _with_system(messages: list[Message], system: str | None) -> list[Message]:
-    """``rollout.system_prompt`` in front, unless the query starts with a system message."""
-    if system is not None and (not messages or messages[0]["role"] != "system"):
-        messages.insert(0, {"role": "system", "content": system})
-    return messages
