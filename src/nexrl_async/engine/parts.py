@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
-import httpx
 import msgspec
 from loguru import logger
 
@@ -42,6 +41,7 @@ from nexrl_async.engine.stats import CountingEvents, StepClock
 from nexrl_async.engine.validator import LossFn, validation_rollout
 from nexrl_async.inference.client import SGLangClient
 from nexrl_async.inference.fleet import Fleet, open_fleet
+from nexrl_async.inference.http import open_http_pool
 from nexrl_async.inference.router import ServerHandle
 from nexrl_async.obs.ledger import RunResumed
 from nexrl_async.obs.progress import ProgressLine
@@ -172,9 +172,8 @@ async def open_parts(
         if "publisher" in holder:
             await holder["publisher"].on_restart(server)
 
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
     async with (
-        httpx.AsyncClient(limits=limits, timeout=None) as http,
+        open_http_pool() as http,
         open_fleet(
             inference, model_dir=model_dir, log_dir=ctx.run_dir.logs_dir, http=http,
             on_restart=on_restart,

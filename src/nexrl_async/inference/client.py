@@ -1,7 +1,7 @@
 """Async client for one SGLang server's native HTTP API (SGLANG_API.md is the contract).
 
-The run owns one ``httpx.AsyncClient`` and hands it to every :class:`SGLangClient` (one per
-server URL); the client never creates its own. Every call runs under a deadline; transport
+The run owns one HTTP pool (``inference.http``) and hands it to every :class:`SGLangClient`
+(one per server URL); the client never creates its own. Every call runs under a deadline; transport
 errors and 502/503/504 are retried (bounded, jittered); 4xx raise :class:`RequestRejected` with
 the server's message; broken streams raise :class:`GenerationError` (see ``transport``).
 

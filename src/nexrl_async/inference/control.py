@@ -22,6 +22,7 @@ from loguru import logger
 
 from nexrl_async.config.inference import InferenceConfig
 from nexrl_async.core.errors import GenerationError, InferenceError, RequestRejected
+from nexrl_async.inference.http import Http
 from nexrl_async.inference.retry import RetryPolicy
 from nexrl_async.inference.transport import Transport
 from nexrl_async.inference.types import (
@@ -59,7 +60,7 @@ class ServerControl:
         self,
         base_url: str,
         *,
-        http: httpx.AsyncClient,
+        http: Http,
         api_key: str | None = None,
         request_timeout_s: float = 300.0,
         control_timeout_s: float = 60.0,
@@ -87,9 +88,7 @@ class ServerControl:
         """Whether the server has ``/begin_weight_update`` (``None`` until first asked)."""
 
     @classmethod
-    def from_config(
-        cls, base_url: str, config: InferenceConfig, *, http: httpx.AsyncClient
-    ) -> Self:
+    def from_config(cls, base_url: str, config: InferenceConfig, *, http: Http) -> Self:
         """A client with the ``[inference]`` section's key, deadlines and retry budget."""
         return cls(
             base_url,

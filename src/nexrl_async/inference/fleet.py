@@ -39,6 +39,7 @@ from loguru import logger
 
 from nexrl_async.config.inference import AttachInference, InferenceConfig
 from nexrl_async.core.errors import EngineUnavailable, NexRLError
+from nexrl_async.inference.http import Http, as_pool
 from nexrl_async.inference.launch import ServerProcess, ServerSpec, build_specs, log_tail
 from nexrl_async.inference.router import Router, ServerHandle
 
@@ -57,7 +58,7 @@ class Fleet:
         cfg: InferenceConfig,
         servers: list[ServerHandle],
         *,
-        http: httpx.AsyncClient,
+        http: Http,
         specs: list[ServerSpec] | None = None,
         on_restart: RestartHook | None = None,
     ) -> None:
@@ -117,7 +118,7 @@ async def open_fleet(
     *,
     model_dir: Path,
     log_dir: Path,
-    http: httpx.AsyncClient,
+    http: Http,
     on_restart: RestartHook | None = None,
 ) -> AsyncIterator[Fleet]:
     """Launch or attach the servers, wait for health, yield the fleet; stop everything on exit."""
@@ -146,7 +147,7 @@ def _build(
     *,
     model_dir: Path,
     log_dir: Path,
-    http: httpx.AsyncClient,
+    http: Http,
     on_restart: RestartHook | None,
 ) -> Fleet:
     cap = cfg.max_concurrency_per_server
@@ -305,8 +306,10 @@ class _Supervisor:
         """HTTP status of ``GET path``, ``None`` on a transport error or past the probe deadline."""
         with anyio.move_on_after(self.probe_timeout_s):
             try:
-                response = await self.fleet.http.get(
-                    self.server.url + path, headers=self.headers, timeout=self.probe_timeout_s
+                response = (
+                    await as_pool(self.fleet.http)
+                    .pick()
+                    .get(self.server.url + path, headers=self.headers, timeout=self.probe_timeout_s)
                 )
             except httpx.HTTPError:
                 return None

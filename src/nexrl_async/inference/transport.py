@@ -18,6 +18,7 @@ import msgspec
 from loguru import logger
 
 from nexrl_async.core.errors import EngineUnavailable, InferenceError, RequestRejected
+from nexrl_async.inference.http import Http, as_pool
 from nexrl_async.inference.retry import RETRYABLE_STATUS, RetryPolicy
 from nexrl_async.inference.wire import error_message
 
@@ -26,20 +27,20 @@ BodyFor = Callable[[int], Any]
 
 
 class Transport:
-    """Sends requests to one server through the run's shared ``httpx.AsyncClient``."""
+    """Sends requests to one server through the run's shared HTTP pool (``inference.http``)."""
 
     def __init__(
         self,
         base_url: str,
         *,
-        http: httpx.AsyncClient,
+        http: Http,
         api_key: str | None,
         connect_timeout_s: float,
         retry: RetryPolicy,
         rng: random.Random,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self._http = http
+        self._http = as_pool(http)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._connect_timeout_s = connect_timeout_s
         self.retry = retry
@@ -119,7 +120,8 @@ class Transport:
         if payload is not None:
             content = msgspec.json.encode(payload)
             headers["Content-Type"] = "application/json"
-        request = self._http.build_request(
+        http = self._http.pick()
+        request = http.build_request(
             method,
             url,
             content=content,
@@ -128,7 +130,7 @@ class Transport:
             timeout=httpx.Timeout(None, connect=self._connect_timeout_s),
         )
         try:
-            response = await self._http.send(request, stream=stream)
+            response = await http.send(request, stream=stream)
         except httpx.UnsupportedProtocol as err:
             raise _unavailable(f"{method} {url}: {err}", retryable=False) from err
         except httpx.TransportError as err:
