@@ -15,6 +15,7 @@ import typer
 
 from nexrl_async.__about__ import __version__
 from nexrl_async.core.errors import ConfigError, NexRLError
+from nexrl_async.core.process import exit_process
 
 app = typer.Typer(
     name="nexrl-async",
@@ -121,7 +122,7 @@ def serve(
 def _fail(code: int, lines: list[str]) -> NoReturn:
     for line in lines:
         typer.echo(f"error: {line}", err=True)
-    raise SystemExit(code)
+    exit_process(code)
 
 
 def _causes(err: BaseException) -> list[BaseException]:
@@ -134,8 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the typer app and map errors to exit codes and one-line messages."""
     try:
         app(args=argv, standalone_mode=True)
-    except SystemExit:
-        raise
+    except SystemExit as done:
+        exit_process(_exit_code(done))
     except KeyboardInterrupt:
         _fail(130, ["interrupted"])
     except BaseException as err:
@@ -144,6 +145,16 @@ def main(argv: list[str] | None = None) -> None:
         causes = _causes(err)
         code = 2 if all(isinstance(c, ConfigError) for c in causes) else 1
         _fail(code, [_describe(c) for c in causes])
+    exit_process(0)
+
+
+def _exit_code(done: SystemExit) -> int:
+    if done.code is None:
+        return 0
+    if isinstance(done.code, int):
+        return done.code
+    typer.echo(str(done.code), err=True)
+    return 1
 
 
 def _describe(err: BaseException) -> str:

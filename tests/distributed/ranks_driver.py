@@ -39,6 +39,7 @@ import torch
 
 from nexrl_async.config.schema import RecipeConfig
 from nexrl_async.core.errors import TrainError
+from nexrl_async.core.process import exit_process
 from nexrl_async.core.records import Group, TrainBatch, Trajectory, Turn, VersionToken
 from nexrl_async.train.distributed import DistributedTrainer, make_trainer
 from nexrl_async.train.follower import run_follower
@@ -249,4 +250,4 @@ if __name__ == "__main__":
     work_dir = Path(sys.argv[2])
     code = main(sys.argv[1], work_dir)
     (work_dir / "out" / f"exit{os.environ.get('RANK', '0')}").write_text(str(code))
-    sys.exit(code)
+    exit_process(code)  # as the CLI ends

@@ -57,11 +57,9 @@ def test_a_failure_on_one_rank_stops_both_with_its_error(
     (rank0_code, rank0_out), (rank1_code, rank1_out) = driver.launch(
         "fail", tmp_path, timeout=180, FAIL_RANK=str(fail_rank)
     )
-    # Known issue: after a failure raised on rank 0 itself, gloo sometimes aborts the process
-    # at interpreter exit ("terminate called without an active exception", SIGABRT) — after
-    # rank 0 has recorded its result. The contract checked here is that result.
-    teardown_abort = fail_rank == 0 and rank0_code == -6
-    assert rank0_code == 0 or teardown_abort, rank0_out[-4000:]
+    # no "terminate called without an active exception" (SIGABRT) from gloo's teardown after
+    # the timed-out collective: the processes end through core.process.exit_process
+    assert rank0_code == 0, rank0_out[-4000:]
     assert rank1_code == 1, rank1_out[-4000:]  # the follower left its loop, reporting failure
     result = json.loads((tmp_path / "out" / "rank0.json").read_text())
     assert result["error"] == "RankFailure"

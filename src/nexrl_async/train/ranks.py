@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from nexrl_async.core.errors import TrainError
+from nexrl_async.core.process import mark_unsafe_teardown
 from nexrl_async.core.records import TrainBatch
 from nexrl_async.train.checkpoint import load_trainer, save_trainer
 from nexrl_async.train.topology import ProcessGroups
@@ -130,11 +131,16 @@ def describe(command: Command) -> str:
 
 
 class RankFailure(TrainError):
-    """A command failed on some rank; every rank raises this, naming that rank."""
+    """A command failed on some rank; every rank raises this, naming that rank.
+
+    A collective may have timed out on the way, so the process's gloo state is suspect: making
+    one marks native teardown unsafe (:mod:`nexrl_async.core.process`).
+    """
 
     def __init__(self, message: str, *, rank: int) -> None:
         super().__init__(message)
         self.rank = rank
+        mark_unsafe_teardown(message)
 
 
 class RankStatus(msgspec.Struct, frozen=True):
