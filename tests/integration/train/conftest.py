@@ -2,90 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-import torch
-from transformers import PreTrainedModel
+from tiny_train import TINY, _one_thread, make_batch, make_traj, tiny_model
 
-from nexrl_async.config.model import BuiltModel, CharTokenizer
+from nexrl_async.config.model import CharTokenizer
 from nexrl_async.config.training import AlgorithmConfig, OptimConfig, TrainerConfig
-from nexrl_async.core.records import Group, TrainBatch, Trajectory, Turn, VersionToken
-from nexrl_async.train.build import build_char_tokenizer, build_model
 from nexrl_async.train.trainer import Trainer
 
-TOKEN = VersionToken(lease_id=0, version=0)
-TINY = BuiltModel(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-
-
-@pytest.fixture
-def tiny_model() -> PreTrainedModel:
-    tok = build_char_tokenizer(CharTokenizer())
-    return build_model(
-        TINY,
-        vocab_size=len(tok),
-        seed=0,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-
-
-def _traj(
-    group: str,
-    index: int,
-    prompt: Sequence[int],
-    response: Sequence[int],
-    *,
-    reward: float = 0.0,
-    logprobs: Sequence[float] | None = None,
-) -> Trajectory:
-    """A single-turn trajectory: a user prompt, then one assistant response."""
-    return Trajectory(
-        group_id=group,
-        item_key=group,
-        sample_index=index,
-        token=TOKEN,
-        reward=reward,
-        turns=[
-            Turn(role="user", token_ids=list(prompt), loss_mask=[0] * len(prompt)),
-            Turn(
-                role="assistant",
-                token_ids=list(response),
-                loss_mask=[1] * len(response),
-                logprobs=None if logprobs is None else list(logprobs),
-            ),
-        ],
-    )
-
-
-def _batch(*groups: Sequence[Trajectory], step: int = 0) -> TrainBatch:
-    """A batch with one group per argument (group ids taken from the trajectories)."""
-    return TrainBatch(
-        step=step,
-        groups=[
-            Group(group_id=g[0].group_id, item_key=g[0].item_key, token=TOKEN, trajectories=list(g))
-            for g in groups
-        ],
-    )
-
-
-@pytest.fixture
-def make_traj() -> Callable[..., Trajectory]:
-    """``make_traj(group, index, prompt, response, reward=..., logprobs=...)``."""
-    return _traj
-
-
-@pytest.fixture
-def make_batch() -> Callable[..., TrainBatch]:
-    """``make_batch([traj, ...], [traj, ...], step=0)``: one group per list."""
-    return _batch
+__all__ = ["_one_thread", "make_batch", "make_trainer", "make_traj", "tiny_model"]
 
 
 @pytest.fixture
