@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from nexrl_async.config.inference import AttachInference, SGLangInference
+from nexrl_async.config.inference import AttachInference, NoInference, SGLangInference
 from nexrl_async.config.model import BuiltModel, PretrainedModel
 from nexrl_async.config.schema import RecipeConfig
 
@@ -119,6 +119,18 @@ def _check_inference(cfg: RecipeConfig) -> Iterator[Problem]:
     inf = cfg.inference
     if isinstance(inf, AttachInference) and not inf.urls:
         yield "inference.urls", "inference.urls = []: attach needs at least one server URL"
+    if isinstance(inf, NoInference) and cfg.algorithm.mode != "sft":
+        yield (
+            "inference.backend",
+            f'inference.backend = "none" with algorithm.mode = "{cfg.algorithm.mode}": RL '
+            'generates its samples; only algorithm.mode = "sft" can run without servers',
+        )
+    if isinstance(inf, NoInference) and cfg.rollout.worker is None:
+        yield (
+            "inference.backend",
+            'inference.backend = "none": the default rollout worker generates; name one that '
+            'does not, e.g. rollout.worker = "nexrl_async.rollout.sft:SFTWorker"',
+        )
     if isinstance(inf, SGLangInference) and inf.model_path is None:
         if not isinstance(cfg.model, PretrainedModel):
             yield (

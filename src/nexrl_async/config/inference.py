@@ -80,7 +80,15 @@ class AttachInference(_InferenceCommon, frozen=True, kw_only=True, tag="attach")
     """Base URLs, e.g. ``http://10.0.0.5:30000``."""
 
 
-InferenceConfig = LocalInference | SGLangInference | AttachInference
+class NoInference(_InferenceCommon, frozen=True, kw_only=True, tag="none"):
+    """No servers: for runs whose rollout worker never generates (SFT on the data's answers).
+
+    Nothing is launched and publications only advance the policy version; the shared fields
+    above are accepted and unused.
+    """
+
+
+InferenceConfig = LocalInference | SGLangInference | AttachInference | NoInference
 
 
 class WeightsConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -22,6 +22,7 @@ from nexrl_async.config.schema import RecipeConfig
 from nexrl_async.config.tree import (
     check_override_path,
     field_map,
+    pick_variant,
     resolve_paths,
     struct_variants,
 )
@@ -132,9 +133,13 @@ def _merge(
             _mark_children(value, dotted, provenance, source)
 
 
+_TAGS = ("kind", "backend")
+"""Keys that select a section's variant."""
+
+
 def _tag_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
     """A section switching variant (``kind``/``backend``) starts from scratch, not a mix."""
-    return any(tag in new and tag in old and new[tag] != old[tag] for tag in ("kind", "backend"))
+    return any(tag in new and tag in old and new[tag] != old[tag] for tag in _TAGS)
 
 
 def _mark_children(value: Any, dotted: str, provenance: Provenance, source: str) -> None:
@@ -160,12 +165,30 @@ def _apply_override(merged: dict[str, Any], item: str, provenance: Provenance) -
         if not isinstance(child, dict):
             child = node[part] = {}
         node = child
+    if parts[-1] in _TAGS and _current_tag(node, parts[:-1], parts[-1]) not in (None, value):
+        node.clear()  # switching variant starts the section from scratch, as ``extends`` does
     if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
         _merge(node[parts[-1]], value, provenance, f"--set {key}", prefix=f"{key}.")
     else:
         node[parts[-1]] = value
         provenance[key] = f"--set {key}"
         _mark_children(value, key, provenance, f"--set {key}")
+
+
+def _current_tag(node: dict[str, Any], section: list[str], tag: str) -> Any:
+    """The variant tag the section at ``section`` has now: set in ``node``, else its default."""
+    if tag in node:
+        return node[tag]
+    st: mi.StructType = _ROOT
+    field: mi.Field | None = None
+    for part in section:
+        field = field_map(st).get(part)
+        variants = [] if field is None else struct_variants(field.type)
+        if field is None or not variants:
+            return None
+        st = variants[0]
+    config = getattr(type(field.default), "__struct_config__", None) if field else None
+    return config.tag if config is not None and config.tag_field == tag else None
 
 
 def _parse_literal(text: str) -> Any:
@@ -197,7 +220,7 @@ def _config_error(
     if unknown := _UNKNOWN.match(msg):
         dotted = f"{at}.{unknown['name']}" if at else unknown["name"]
         what = f"unknown section [{dotted}]" if not at else f"unknown key {dotted}"
-        hint = _suggest(unknown["name"], at)
+        hint = _suggest(unknown["name"], at, merged)
         return ConfigError(f"{what}{hint}", file=_source(provenance, dotted, recipe), path=dotted)
     if missing := _MISSING.match(msg):
         dotted = f"{at}.{missing['name']}" if at else missing["name"]
@@ -233,15 +256,20 @@ def _show(value: Any) -> str:
         return repr(value)
 
 
-def _suggest(name: str, at: str) -> str:
-    st: Any = _ROOT
+def _suggest(name: str, at: str, merged: dict[str, Any]) -> str:
+    st: mi.StructType = _ROOT
+    data: Any = merged
+    variants: list[mi.StructType] = [st]
     for part in at.split(".") if at else []:
-        fields = field_map(st)
-        sub = fields.get(part)
+        sub = field_map(st).get(part)
         variants = [] if sub is None else struct_variants(sub.type)
-        if not variants:
+        if sub is None or not variants:
             return ""
-        st = variants[0]
+        data = data.get(part) if isinstance(data, dict) else None
+        st = pick_variant(sub.type, data) or variants[0]
+    if st.tag_field is not None and isinstance(data, dict) and st.tag_field in data:
+        if any(name in field_map(v) for v in variants):  # a key of another variant
+            return f" (not a key of {at}.{st.tag_field} = {data[st.tag_field]!r})"
     close = difflib.get_close_matches(name, list(field_map(st)), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 

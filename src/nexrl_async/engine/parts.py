@@ -19,7 +19,7 @@ import anyio
 import msgspec
 from loguru import logger
 
-from nexrl_async.config.inference import AttachInference, SGLangInference
+from nexrl_async.config.inference import AttachInference, NoInference, SGLangInference
 from nexrl_async.config.model import PretrainedModel
 from nexrl_async.config.schema import RecipeConfig
 from nexrl_async.core.errors import ConfigError
@@ -205,15 +205,17 @@ async def open_parts(
             "required": list(cfg.data.required), "events": events,
             "context_length": _context_length(trainer),
         }  # fmt: skip
+        worker = load_worker(cfg.rollout, **common)
+        # its own tokenizer copy: a fast tokenizer must not run in two threads at once
+        val_worker = load_worker(
+            validation_rollout(cfg).rollout,
+            **{**common, "tokenizer": copy.deepcopy(trainer.tokenizer)},
+        )
+        _check_serverless(cfg, worker)
         parts = Parts(
             cfg=cfg, ctx=ctx, trainer=trainer, flow=flow, fleet=fleet, publisher=publisher,
             generator=generator, events=events, val_items=val_items,
-            worker=load_worker(cfg.rollout, **common),
-            # its own tokenizer copy: a fast tokenizer must not run in two threads at once
-            val_worker=load_worker(
-                validation_rollout(cfg).rollout,
-                **{**common, "tokenizer": copy.deepcopy(trainer.tokenizer)},
-            ),
+            worker=worker, val_worker=val_worker,
             progress_line=ProgressLine(
                 cfg.run.total_steps, terminal=ctx.terminal, enabled=cfg.logging.progress
             ),
@@ -293,6 +295,17 @@ async def _resume_publisher(publisher: Publisher, fleet: Fleet, resume: Resume) 
     if isinstance(fleet.cfg, AttachInference):
         for server in fleet.servers:
             await publisher.on_restart(server)
+
+
+def _check_serverless(cfg: RecipeConfig, worker: RolloutWorker) -> None:
+    """``inference.backend = "none"`` needs a worker that never generates."""
+    if isinstance(cfg.inference, NoInference) and getattr(worker, "generates", True):
+        name = cfg.rollout.worker or "RolloutWorker"
+        raise ConfigError(
+            f'inference.backend = "none": rollout.worker = {name!r} generates its samples '
+            "(set generates = False on a worker that does not, e.g. "
+            '"nexrl_async.rollout.sft:SFTWorker")'
+        )
 
 
 def _context_length(trainer: TrainerLike) -> int | None:

@@ -37,7 +37,13 @@ import httpx
 from anyio.abc import TaskGroup
 from loguru import logger
 
-from nexrl_async.config.inference import AttachInference, InferenceConfig
+from nexrl_async.config.inference import (
+    AttachInference,
+    InferenceConfig,
+    LocalInference,
+    NoInference,
+    SGLangInference,
+)
 from nexrl_async.core.errors import EngineUnavailable, NexRLError
 from nexrl_async.inference.http import Http, as_pool
 from nexrl_async.inference.launch import ServerProcess, ServerSpec, build_specs, log_tail
@@ -133,7 +139,8 @@ async def open_fleet(
                     # Only a failing supervisor fails the router, and its own EngineUnavailable
                     # is about to cancel this group: wait for that instead of raising a copy.
                     await anyio.sleep_forever()
-                logger.info("inference fleet ready: {}", ", ".join(fleet.urls))
+                if fleet.servers:
+                    logger.info("inference fleet ready: {}", ", ".join(fleet.urls))
                 yield fleet
             finally:
                 fleet.router.fail("the inference fleet is closed")
@@ -151,6 +158,8 @@ def _build(
     on_restart: RestartHook | None,
 ) -> Fleet:
     cap = cfg.max_concurrency_per_server
+    if isinstance(cfg, NoInference):
+        return Fleet(cfg, [], http=http, on_restart=on_restart)
     if isinstance(cfg, AttachInference):
         servers = [
             ServerHandle(i, url.rstrip("/"), max_concurrency=cap) for i, url in enumerate(cfg.urls)
@@ -188,7 +197,7 @@ class _Supervisor:
 
     async def run_launched(self, spec: ServerSpec) -> None:
         cfg = self.fleet.cfg
-        assert not isinstance(cfg, AttachInference)  # launched servers only
+        assert isinstance(cfg, LocalInference | SGLangInference)  # launched servers only
         attempt = 0
         while True:
             reason = await self._life(spec, attempt, grace_s=cfg.stop_grace_s)

@@ -142,6 +142,8 @@ class Router:
             )
 
     async def _acquire(self, key: str | None) -> ServerHandle:
+        if not self.servers:
+            raise EngineUnavailable("this run has no inference servers (inference.backend = none)")
         while True:
             changed, is_open = self._changed, self._open
             self._raise_if_failed()

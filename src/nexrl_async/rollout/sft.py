@@ -75,6 +75,7 @@ class SFTWorker(RolloutWorker):
 
     completion_field: str = DEFAULT_COMPLETION_FIELD
     append_eos: bool = True
+    generates = False
 
     def __init__(
         self,

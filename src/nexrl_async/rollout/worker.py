@@ -70,6 +70,10 @@ class RolloutWorker:
     ``max_resumes``: re-submissions of one turn after aborts before it fails.
     """
 
+    generates: bool = True
+    """Whether :meth:`run_group` calls the generator; a worker that never does (SFT on the
+    data's answers) can run with ``inference.backend = "none"`` (no servers launched)."""
+
     def __init__(
         self,
         cfg: RolloutConfig,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from nexrl_async.config.loader import load_recipe
+from nexrl_async.core.errors import ConfigError
 from nexrl_async.obs.ledger import (
     Admitted,
     Published,
@@ -98,3 +101,24 @@ def test_sft_recipe_lowers_validation_loss(run_small) -> None:
     losses = [row["val/loss"] for row in read_metrics(run / "metrics.jsonl") if "val/loss" in row]
     assert len(losses) == 2
     assert losses[-1] < losses[0] - 0.1, losses
+    # inference.backend = "none": no server was launched, publications only advanced the version
+    assert not list((run / "logs").glob("server*"))
+    published = [e for e in read_events(run / "events.jsonl") if isinstance(e, Published)]
+    assert [e.version for e in published] == list(range(1, 21))
+    assert all(e.bytes == 0 and e.servers == [] for e in published)
+
+
+@pytest.mark.parametrize("generates", [True, False])
+def test_a_serverless_run_needs_a_worker_that_never_generates(generates: bool) -> None:
+    from types import SimpleNamespace
+
+    from nexrl_async.engine.parts import _check_serverless
+
+    recipe = Path(__file__).parents[3] / "recipes" / "reverse_digits" / "sft.toml"
+    cfg = load_recipe(recipe, ['rollout.worker="my_worker.py:Agent"']).config
+    worker: Any = SimpleNamespace(generates=generates)
+    if not generates:
+        _check_serverless(cfg, worker)
+        return
+    with pytest.raises(ConfigError, match=r"rollout.worker = '.*my_worker.py:Agent' generates"):
+        _check_serverless(cfg, worker)

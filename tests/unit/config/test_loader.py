@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from nexrl_async.config.data import JsonlData
+from nexrl_async.config.inference import AttachInference
 from nexrl_async.config.loader import dump_recipe, load_recipe
 from nexrl_async.config.model import BuiltModel
 from nexrl_async.core.errors import ConfigError
@@ -64,6 +65,13 @@ def test_override_can_switch_a_variant(write) -> None:
     assert cfg.inference.urls == ["http://h:1"]  # type: ignore[union-attr]
 
 
+def test_override_switching_a_variant_drops_the_old_variants_keys(write) -> None:
+    path = write('extends = "base.toml"\n[inference]\nservers = 2\nmax_batch = 8\n')
+    cfg = load_recipe(path, ['inference.backend="attach"', 'inference.urls=["http://h:1"]']).config
+    assert isinstance(cfg.inference, AttachInference)
+    assert cfg.inference.urls == ["http://h:1"]
+
+
 def test_override_into_free_form_dict(write) -> None:
     cfg = load_recipe(write('extends = "base.toml"\n'), ['data.fields.prompt="question"']).config
     assert cfg.data.fields == {"prompt": "question"}
@@ -113,6 +121,24 @@ def test_dump_round_trips(write, recipe_dir: Path) -> None:
             [],
             "recipe.toml",
             "algorithm.dynamic_sampling",
+        ),
+        (
+            'extends = "base.toml"\n[inference]\nbackend = "none"\n',
+            [],
+            "recipe.toml",
+            'inference.backend = "none" with algorithm.mode = "rl"',
+        ),
+        (
+            'extends = "base.toml"\n[inference]\nbackend = "none"\n[algorithm]\nmode = "sft"\n',
+            [],
+            "recipe.toml",
+            "the default rollout worker generates",
+        ),
+        (
+            'extends = "base.toml"\n[inference]\nbackend = "none"\nservers = 2\n',
+            [],
+            "recipe.toml",
+            "unknown key inference.servers (not a key of inference.backend = 'none')",
         ),
     ],
 )
