@@ -9,7 +9,6 @@ body the ``{"object": "error", ...}`` envelope.
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -21,6 +20,12 @@ from msgspec import Struct
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from nexrl_async.inference.sglang_schema import (
+    SamplingParamsBody,
+    length_error,
+    min_new_error,
+    range_error,
+)
 from nexrl_async.inference.simulated_engine import SamplingSpec, SimRequest, SimulatedEngine
 from nexrl_async.inference.simulated_responses import (
     bad_request,
@@ -31,63 +36,6 @@ from nexrl_async.inference.simulated_responses import (
     value_error,
 )
 from nexrl_async.inference.sse import DONE, encode_event
-
-
-class SimSampling(Struct, kw_only=True, forbid_unknown_fields=True):
-    """Every ``sampling_params`` key SGLang accepts, with its defaults; others are rejected."""
-
-    max_new_tokens: int | None = 128
-    min_new_tokens: int = 0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    stop_regex: str | list[str] | None = None
-    ignore_eos: bool = False
-    skip_special_tokens: bool = True
-    spaces_between_special_tokens: bool = True
-    no_stop_trim: bool = False
-    n: int = 1
-    json_schema: str | None = None
-    regex: str | None = None
-    ebnf: str | None = None
-    structural_tag: str | None = None
-    logit_bias: dict[str, float] | None = None
-    sampling_seed: int | None = None
-    stream_interval: int | None = None
-    custom_params: dict[str, Any] | None = None
-    beam_width: int | None = None
-
-
-def sampling_error(s: SimSampling) -> str | None:
-    """SGLang's value check message for the first bad value, or ``None``."""
-    mnt = s.max_new_tokens
-    checks = (
-        (not (math.isfinite(s.temperature) and s.temperature >= 0), "temperature", ">= 0"),
-        (not 0 < s.top_p <= 1, "top_p", "in (0, 1]"),
-        (s.top_k < 1 and s.top_k != -1, "top_k", "-1 (disable) or at least 1"),
-        (not 0 <= s.min_p <= 1, "min_p", "in [0, 1]"),
-        (not -2 <= s.frequency_penalty <= 2, "frequency_penalty", "in [-2, 2]"),
-        (not -2 <= s.presence_penalty <= 2, "presence_penalty", "in [-2, 2]"),
-        (not 0 < s.repetition_penalty <= 2, "repetition_penalty", "in (0, 2]"),
-        (mnt is not None and mnt < 0, "max_new_tokens", "at least 0"),
-        (s.min_new_tokens < 0 or (mnt is not None and s.min_new_tokens > mnt), "min_new_tokens",
-         "in [0, max_new_tokens]"),
-        (s.n < 1, "n", "at least 1"),
-        (s.stream_interval is not None and s.stream_interval < 1, "stream_interval", "at least 1"),
-    )  # fmt: skip
-    for bad, name, expected in checks:
-        if bad:
-            value = getattr(s, name)
-            if name == "top_k":
-                return f"top_k must be {expected}, got {value}."
-            return f"{name} must be {expected}, got {value}."
-    return None
 
 
 class GenerateJob(Struct, kw_only=True):
@@ -145,12 +93,19 @@ def parse_generate(body: dict[str, Any], engine: SimulatedEngine) -> GenerateJob
     if len(raw_list) != len(prompts):
         return "The number of sampling_params must match the batch size."
     try:
-        samplings = [msgspec.convert(raw, SimSampling) for raw in raw_list]
+        samplings = [msgspec.convert(raw, SamplingParamsBody) for raw in raw_list]
         prompt_ids = msgspec.convert(prompts, list[list[int]])
     except msgspec.ValidationError as err:
         return schema_error(f"Invalid request: {err}")
     for sampling, prompt in zip(samplings, prompt_ids, strict=True):
-        message = sampling_error(sampling) or _length_error(prompt, sampling, config.context_length)
+        message = (
+            range_error(sampling)
+            or length_error(len(prompt), sampling.max_new_tokens, config.context_length)
+            or min_new_error(
+                sampling.min_new_tokens,
+                _max_new(sampling, len(prompt), config.context_length),
+            )
+        )
         if message:
             return message
     n = samplings[0].n
@@ -174,25 +129,11 @@ def parse_generate(body: dict[str, Any], engine: SimulatedEngine) -> GenerateJob
     )
 
 
-def _length_error(prompt: Sequence[int], s: SimSampling, context: int) -> str | None:
-    if len(prompt) >= context:
-        return (
-            f"The input ({len(prompt)} tokens) is longer than the model's context length "
-            f"({context} tokens)."
-        )
-    if s.max_new_tokens is not None and len(prompt) + s.max_new_tokens > context:
-        total = len(prompt) + s.max_new_tokens
-        return (
-            f"Requested token count exceeds the model's maximum context length of {context} "
-            f"tokens. You requested a total of {total} tokens: {len(prompt)} tokens from the "
-            f"input messages and {s.max_new_tokens} tokens for the completion. Please reduce "
-            "the number of tokens in the input messages or the completion to fit within the "
-            "limit."
-        )
-    return None
+def _max_new(s: SamplingParamsBody, prompt_len: int, context: int) -> int:
+    return context - prompt_len if s.max_new_tokens is None else s.max_new_tokens
 
 
-def _spec(s: SimSampling, prompt: Sequence[int], config: Any) -> SamplingSpec:
+def _spec(s: SamplingParamsBody, prompt: Sequence[int], config: Any) -> SamplingSpec:
     limit = config.context_length - len(prompt)
     return SamplingSpec(
         max_new_tokens=limit if s.max_new_tokens is None else s.max_new_tokens,

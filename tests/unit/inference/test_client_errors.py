@@ -28,7 +28,7 @@ FAST = RetryPolicy(base_delay_s=0.001, max_delay_s=0.002)
     [
         (SamplingParams(top_p=0.0), "top_p must be in (0, 1], got 0.0."),
         (SamplingParams(top_k=0), "top_k must be -1 (disable) or at least 1, got 0."),
-        (SamplingParams(temperature=-1.0), "temperature must be >= 0, got -1.0."),
+        (SamplingParams(temperature=-1.0), "temperature must be non-negative, got -1.0."),
         (SamplingParams(repetition_penalty=0.0), "repetition_penalty must be in (0, 2]"),
         (SamplingParams(max_new_tokens=-1), "max_new_tokens must be at least 0, got -1."),
     ],

@@ -11,11 +11,11 @@ from nexrl_async.inference.local.detokenizer import IncrementalText, final_text,
 from nexrl_async.inference.local.protocol import (
     GenerateRequest,
     Limits,
-    SamplingParams,
     check_prompt,
     logprob_request,
     sampling_spec,
 )
+from nexrl_async.inference.sglang_schema import SamplingParamsBody as SamplingParams
 
 LIMITS = Limits(context_length=32, vocab_size=20)
 

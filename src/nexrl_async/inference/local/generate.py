@@ -27,7 +27,6 @@ from nexrl_async.inference.local.errors import (
 )
 from nexrl_async.inference.local.protocol import (
     GenerateRequest,
-    SamplingParams,
     check_prompt,
     logprob_request,
     new_rid,
@@ -42,6 +41,7 @@ from nexrl_async.inference.local.streaming import (
     sse,
     updates,
 )
+from nexrl_async.inference.sglang_schema import SamplingParamsBody
 
 
 def _per_item(value: Any, count: int, name: str) -> list[Any]:
@@ -76,7 +76,7 @@ async def build_requests(body: GenerateRequest, ctx: ServerContext) -> tuple[lis
     """Validated scheduler requests (prompt-major) and whether to answer with a list."""
     prompts, batched = await _prompts(body, ctx)
     count = len(prompts)
-    params = _per_item(body.sampling_params or SamplingParams(), count, "sampling_params")
+    params = _per_item(body.sampling_params or SamplingParamsBody(), count, "sampling_params")
     if len({p.n for p in params}) > 1:
         raise RequestRejected(400, "n must be equal across the sampling_params of a batch.")
     n = params[0].n

@@ -34,7 +34,6 @@ from nexrl_async.inference.local.openai_format import (
     usage,
 )
 from nexrl_async.inference.local.protocol import (
-    SamplingParams,
     check_prompt,
     logprob_request,
     new_rid,
@@ -48,6 +47,7 @@ from nexrl_async.inference.local.streaming import (
     sse,
     updates,
 )
+from nexrl_async.inference.sglang_schema import SamplingParamsBody
 
 ChunkMaker = Callable[
     [AsyncIterator[list[Request]], list[Request], ServerContext, dict[str, Any], bool],
@@ -103,7 +103,7 @@ class CompletionRequest(_OpenAICommon, kw_only=True):
     echo: bool = False
 
 
-def _params(body: _OpenAICommon, max_new: int | None, ctx: ServerContext) -> SamplingParams:
+def _params(body: _OpenAICommon, max_new: int | None, ctx: ServerContext) -> SamplingParamsBody:
     if body.response_format and body.response_format.get("type") not in (None, "text"):
         raise RequestRejected(400, "response_format is not supported by the local server.")
     defaults = ctx.sampling_defaults
@@ -111,7 +111,7 @@ def _params(body: _OpenAICommon, max_new: int | None, ctx: ServerContext) -> Sam
     def pick(value: Any, name: str, fallback: Any) -> Any:
         return value if value is not None else defaults.get(name, fallback)
 
-    return SamplingParams(
+    return SamplingParamsBody(
         max_new_tokens=max_new,
         min_new_tokens=body.min_tokens,
         temperature=pick(body.temperature, "temperature", 1.0),
@@ -134,7 +134,7 @@ def _params(body: _OpenAICommon, max_new: int | None, ctx: ServerContext) -> Sam
 
 def _samples(
     prompts: list[list[int]],
-    params: SamplingParams,
+    params: SamplingParamsBody,
     ctx: ServerContext,
     *,
     rid: str | None,

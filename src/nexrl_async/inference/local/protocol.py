@@ -19,37 +19,12 @@ from msgspec import Struct
 from nexrl_async.core.errors import RequestRejected
 from nexrl_async.inference.local.sampling import SamplingSpec
 from nexrl_async.inference.local.step import LogprobRequest
-
-
-class SamplingParams(Struct, kw_only=True, forbid_unknown_fields=True):
-    """SGLang ``sampling_params`` (all keys SGLang accepts; see SGLANG_API.md §2.2)."""
-
-    max_new_tokens: int | None = 128
-    min_new_tokens: int = 0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    stop_regex: str | list[str] | None = None
-    ignore_eos: bool = False
-    skip_special_tokens: bool = True
-    spaces_between_special_tokens: bool = True
-    no_stop_trim: bool = False
-    n: int = 1
-    json_schema: str | None = None
-    regex: str | None = None
-    ebnf: str | None = None
-    structural_tag: str | None = None
-    logit_bias: dict[str, float] | None = None
-    sampling_seed: int | None = None
-    stream_interval: int | None = None
-    custom_params: dict[str, Any] | None = None
-    beam_width: int | None = None
+from nexrl_async.inference.sglang_schema import (
+    SamplingParamsBody,
+    length_error,
+    min_new_error,
+    range_error,
+)
 
 
 class GenerateRequest(Struct, kw_only=True):
@@ -58,7 +33,7 @@ class GenerateRequest(Struct, kw_only=True):
     text: str | list[str] | None = None
     input_ids: list[Any] | None = None
     input_embeds: Any = None
-    sampling_params: SamplingParams | list[SamplingParams] | None = None
+    sampling_params: SamplingParamsBody | list[SamplingParamsBody] | None = None
     rid: str | list[str] | None = None
     stream: bool = False
     return_logprob: bool | list[bool] = False
@@ -127,7 +102,7 @@ class Limits:
     vocab_size: int
 
 
-def _unsupported(params: SamplingParams) -> str | None:
+def _unsupported(params: SamplingParamsBody) -> str | None:
     for name in ("json_schema", "regex", "ebnf", "structural_tag", "stop_regex"):
         if getattr(params, name) is not None:
             return name
@@ -136,63 +111,26 @@ def _unsupported(params: SamplingParams) -> str | None:
     return None
 
 
-def _check_ranges(p: SamplingParams) -> None:
-    checks = [
-        (math.isfinite(p.temperature) and p.temperature >= 0.0, "temperature must be non-negative"),
-        (0.0 < p.top_p <= 1.0, "top_p must be in (0, 1]"),
-        (0.0 <= p.min_p <= 1.0, "min_p must be in [0, 1]"),
-        (-2.0 <= p.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
-        (-2.0 <= p.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
-        (0.0 < p.repetition_penalty <= 2.0, "repetition_penalty must be in (0, 2]"),
-    ]
-    values = [p.temperature, p.top_p, p.min_p, p.frequency_penalty, p.presence_penalty]
-    values.append(p.repetition_penalty)
-    for (ok, message), value in zip(checks, values, strict=True):
-        if not ok:
-            raise RequestRejected(400, f"{message}, got {value}.")
-    if p.top_k == 0 or p.top_k < -1:
-        raise RequestRejected(400, f"top_k must be -1 (disable) or at least 1, got {p.top_k}.")
-    if p.max_new_tokens is not None and p.max_new_tokens < 0:
-        raise RequestRejected(400, f"max_new_tokens must be at least 0, got {p.max_new_tokens}.")
-    if p.n < 1:
-        raise RequestRejected(400, f"n must be at least 1, got {p.n}.")
-    if p.stream_interval is not None and p.stream_interval < 1:
-        raise RequestRejected(400, f"stream_interval must be at least 1, got {p.stream_interval}.")
-
-
 def _check_length(prompt_len: int, max_new: int | None, limits: Limits) -> int:
     """SGLang's context checks; returns the effective ``max_new_tokens``."""
-    ctx = limits.context_length
-    if prompt_len >= ctx:
-        raise RequestRejected(
-            400,
-            f"The input ({prompt_len} tokens) is longer than the model's context length "
-            f"({ctx} tokens).",
-        )
-    if max_new is None:
-        return ctx - prompt_len
-    if prompt_len + max_new > ctx:
-        raise RequestRejected(
-            400,
-            f"Requested token count exceeds the model's maximum context length of {ctx} tokens. "
-            f"You requested a total of {prompt_len + max_new} tokens: {prompt_len} tokens from "
-            f"the input messages and {max_new} tokens for the completion. Please reduce the "
-            "number of tokens in the input messages or the completion to fit within the limit.",
-        )
-    return max_new
+    message = length_error(prompt_len, max_new, limits.context_length)
+    if message is not None:
+        raise RequestRejected(400, message)
+    return limits.context_length - prompt_len if max_new is None else max_new
 
 
-def sampling_spec(p: SamplingParams, prompt_len: int, limits: Limits) -> SamplingSpec:
+def sampling_spec(p: SamplingParamsBody, prompt_len: int, limits: Limits) -> SamplingSpec:
     """Validate ``p`` for a prompt of ``prompt_len`` tokens (raises ``RequestRejected``)."""
     feature = _unsupported(p)
     if feature is not None:
         raise RequestRejected(400, f"{feature} is not supported by the nexrl_async local server.")
-    _check_ranges(p)
+    message = range_error(p)
+    if message is not None:
+        raise RequestRejected(400, message)
     max_new = _check_length(prompt_len, p.max_new_tokens, limits)
-    if not 0 <= p.min_new_tokens <= max_new:
-        raise RequestRejected(
-            400, f"min_new_tokens must be in [0, max_new_tokens], got {p.min_new_tokens}."
-        )
+    message = min_new_error(p.min_new_tokens, max_new)
+    if message is not None:
+        raise RequestRejected(400, message)
     stops = [p.stop] if isinstance(p.stop, str) else list(p.stop or [])
     if len(stops) > 32:
         raise RequestRejected(400, "stop must have at most 32 entries.")
