@@ -122,6 +122,9 @@ class Parts:
         return out
 
     def progress(self, step: int, metrics: dict[str, float]) -> None:
+        if self.cfg.algorithm.mode == "sft":  # no rewards and no generated tokens: show the loss
+            self.progress_line.update(step, loss=metrics.get("train/loss"))
+            return
         self.progress_line.update(
             step,
             reward=metrics.get("rollout/reward_mean"),

@@ -54,6 +54,7 @@ class ProgressLine:
         reward: float | None = None,
         staleness: float | None = None,
         tokens_per_s: float | None = None,
+        loss: float | None = None,
     ) -> None:
         """Record that ``step`` steps are done (1-based count) with the latest figures."""
         if not self.enabled:
@@ -63,7 +64,7 @@ class ProgressLine:
             # ETA comes from the rate since the first update (a resumed run starts mid-way).
             self._first = (step, now)
         eta_s = self._eta_s(step, now)
-        line = format_progress(step, self.total, reward, staleness, tokens_per_s, eta_s)
+        line = format_progress(step, self.total, reward, staleness, tokens_per_s, eta_s, loss=loss)
         self._last_line = line
         done = self.total is not None and step >= self.total
         interval = self._redraw_s if self._terminal.isatty() else self._log_every_s
@@ -103,9 +104,14 @@ def format_progress(
     staleness: float | None,
     tokens_per_s: float | None,
     eta_s: float | None,
+    *,
+    loss: float | None = None,
 ) -> str:
-    """``step 12/100 | reward 0.532 | stale 1.5 | 1.2k tok/s | eta 3m04s`` (unknowns left out)."""
+    """``step 12/100 | reward 0.532 | stale 1.5 | 1.2k tok/s | eta 3m04s`` (unknowns left out;
+    ``loss 0.123`` after the step when given, as SFT runs show it instead of a reward)."""
     parts = [f"step {step}/{total}" if total is not None else f"step {step}"]
+    if loss is not None:
+        parts.append(f"loss {loss:.4g}")
     if reward is not None:
         parts.append(f"reward {reward:.3f}")
     if staleness is not None:

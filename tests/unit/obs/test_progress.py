@@ -22,6 +22,8 @@ def test_format_lists_what_is_known() -> None:
     assert line == "step 12/100 | reward 0.532 | stale 1.5 | 1.2k tok/s | eta 3m04s"
     assert format_progress(3, None, None, None, None, None) == "step 3"
     assert format_progress(1, 2, None, None, 12.0, 7300.0) == "step 1/2 | 12 tok/s | eta 2h01m"
+    line = format_progress(5, 10, None, None, None, 4.0, loss=0.012345)
+    assert line == "step 5/10 | loss 0.01235 | eta 4s"
 
 
 def test_tty_redraws_in_place_with_eta() -> None:
