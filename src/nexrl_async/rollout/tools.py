@@ -15,7 +15,8 @@ Calls are parsed from the model's text in the Qwen / Hermes format::
 
 Every problem with a call (malformed JSON, unknown tool, bad arguments, the tool raising) is
 reported back to the model as the tool message's content (``"error: ..."``); it never fails
-the sample.
+the sample. Tools that execute model-written code run it through
+:mod:`nexrl_async.rollout.sandbox` (``nexrl_async.rollout.sandbox:python`` is one ready-made).
 """
 
 from __future__ import annotations
