@@ -11,8 +11,8 @@ Writes ``benchmarks/results/inference.json`` and ``benchmarks/results/inference.
 (a) ``client``: requests/s of ``SGLangClient.generate`` against a zero-latency simulated SGLang
 server (``python -m nexrl_async.inference.simulated`` in its own process), versus bare httpx
 sending the same request bodies (same ``input_ids``, ``sampling_params``, ``return_logprob``,
-a fresh ``rid`` each) through an ``httpx.AsyncClient`` with the engine's settings (unbounded
-connections, 256 keep-alive, no client timeout), at the same concurrency, to the same server.
+a fresh ``rid`` each) through one ``httpx.AsyncClient`` each (unbounded connections, 256
+keep-alive, no client timeout), at the same concurrency, to the same server.
 The baseline encodes with msgspec and decodes the JSON untyped: it is the least a caller can
 do. Trials alternate A B B A ... on fresh clients; the ratio is median(client) /
 median(httpx) from this run. Target: >= 0.8. Client CPU per request (this process) is
@@ -20,7 +20,8 @@ reported too: it does not depend on how busy the server is.
 
 (b) ``local``: tokens/s of the local server (``python -m nexrl_async serve ... --torch-threads
 1``) on a tiny model built with ``train/build.py`` (``BuiltModel()`` defaults, char tokenizer)
-saved to a temp dir, at concurrency 1, 8 and 32; every request asks for 64 new tokens with
+saved to a temp dir, at concurrency 1, 8 and 32, through the engine's HTTP pool
+(``inference.http.open_http_pool``); every request asks for 64 new tokens with
 ``ignore_eos``. Target: tokens/s at the highest concurrency >= 5x that at the lowest.
 """
 
@@ -54,12 +55,13 @@ from harness import (
 )
 from inference_report import plot, print_summary
 from nexrl_async.inference.client import SamplingParams, SGLangClient
+from nexrl_async.inference.http import open_http_pool
 
 NAME = "inference"
 CLIENT_TARGET = 0.8
 BATCHING_TARGET = 5.0
 LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-"""The engine's ``httpx.AsyncClient`` limits (engine/parts.py)."""
+"""Limits of the single clients the client comparison uses (both sides alike)."""
 
 Send = Callable[[], Awaitable[int]]
 """Sends one request; returns the number of generated tokens."""
@@ -263,8 +265,9 @@ async def local_levels(url: str, args: argparse.Namespace, server_pid: int) -> l
     input_ids = [1, *range(4, 12)]  # <bos> then eight digits of the char tokenizer
     server = psutil.Process(server_pid)
     rows: list[dict[str, Any]] = []
-    async with httpx.AsyncClient(limits=LIMITS, timeout=None) as http:
-        client = SGLangClient(url, http=http)
+    async with open_http_pool() as pool:
+        client = SGLangClient(url, http=pool)
+        http = pool.pick()
 
         async def send() -> int:
             result = await client.generate(input_ids, sampling)
