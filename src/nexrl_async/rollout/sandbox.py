@@ -35,15 +35,22 @@ from anyio.abc import ByteReceiveStream, Process
 from msgspec import Struct
 
 _BOOT = """\
-import json, resource, runpy, sys
+import json, resource, sys, traceback
 limits = json.loads(sys.argv[1])
 for name, value in limits.items():
     if value is not None:
-        soft = value
         hard = value + 1 if name == "RLIMIT_CPU" else value
-        resource.setrlimit(getattr(resource, name), (soft, hard))
+        resource.setrlimit(getattr(resource, name), (value, hard))
 sys.argv = ["main.py"]
-runpy.run_path("main.py", run_name="__main__")
+with open("main.py", encoding="utf-8") as f:
+    source = f.read()
+try:
+    exec(compile(source, "main.py", "exec"), {"__name__": "__main__", "__file__": "main.py"})
+except SystemExit:
+    raise
+except BaseException as err:  # the program's own traceback, without this bootstrap's frame
+    traceback.print_exception(type(err), err, err.__traceback__.tb_next)
+    sys.exit(1)
 """
 
 _KILL_GRACE_S = 5.0

@@ -26,6 +26,7 @@ async def test_an_exception_is_a_failed_run_with_its_traceback() -> None:
     assert not result.ok
     assert result.exit_code == 1
     assert "ValueError: bad input" in result.stderr
+    assert result.stderr.startswith('Traceback (most recent call last):\n  File "main.py", line 1')
     assert result.describe() == "exit code 1"
 
 
