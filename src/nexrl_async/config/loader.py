@@ -25,6 +25,7 @@ from nexrl_async.config.tree import (
     pick_variant,
     resolve_paths,
     struct_variants,
+    tag_of,
 )
 from nexrl_async.core.errors import ConfigError
 
@@ -187,8 +188,10 @@ def _current_tag(node: dict[str, Any], section: list[str], tag: str) -> Any:
         if field is None or not variants:
             return None
         st = variants[0]
-    config = getattr(type(field.default), "__struct_config__", None) if field else None
-    return config.tag if config is not None and config.tag_field == tag else None
+    default = None if field is None else field.default
+    if isinstance(default, msgspec.Struct) and default.__struct_config__.tag_field == tag:
+        return tag_of(default)
+    return None
 
 
 def _parse_literal(text: str) -> Any:

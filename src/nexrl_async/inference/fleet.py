@@ -71,7 +71,7 @@ class Fleet:
         self.cfg = cfg
         self.servers = servers
         self.router = Router(servers)
-        self.http = http
+        self.http = as_pool(http)
         self.specs = specs
         self.on_restart = on_restart
         self.restart_count = 0
@@ -315,10 +315,8 @@ class _Supervisor:
         """HTTP status of ``GET path``, ``None`` on a transport error or past the probe deadline."""
         with anyio.move_on_after(self.probe_timeout_s):
             try:
-                response = (
-                    await as_pool(self.fleet.http)
-                    .pick()
-                    .get(self.server.url + path, headers=self.headers, timeout=self.probe_timeout_s)
+                response = await self.fleet.http.pick().get(
+                    self.server.url + path, headers=self.headers, timeout=self.probe_timeout_s
                 )
             except httpx.HTTPError:
                 return None
