@@ -104,9 +104,9 @@ def stop_process(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> Non
 
 
 def simulated_server_argv(port: int, **options: float | int | str) -> list[str]:
-    """``python -m nexrl_async.inference.simulated`` with ``--key value`` per option
+    """``python -m nexrl_async.testing.simulated`` with ``--key value`` per option
     (underscores become dashes)."""
-    argv = [sys.executable, "-m", "nexrl_async.inference.simulated", "--port", str(port)]
+    argv = [sys.executable, "-m", "nexrl_async.testing.simulated", "--port", str(port)]
     for key, value in options.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
     return argv

@@ -9,7 +9,7 @@ Run::
 Writes ``benchmarks/results/inference.json`` and ``benchmarks/results/inference.png``.
 
 (a) ``client``: requests/s of ``SGLangClient.generate`` against a zero-latency simulated SGLang
-server (``python -m nexrl_async.inference.simulated`` in its own process), versus bare httpx
+server (``python -m nexrl_async.testing.simulated`` in its own process), versus bare httpx
 sending the same request bodies (same ``input_ids``, ``sampling_params``, ``return_logprob``,
 a fresh ``rid`` each) through one ``httpx.AsyncClient`` each (unbounded connections, 256
 keep-alive, no client timeout), at the same concurrency, to the same server.
@@ -54,8 +54,8 @@ from harness import (
     write_json,
 )
 from inference_report import plot, print_summary
-from nexrl_async.inference.client import SamplingParams, SGLangClient
-from nexrl_async.inference.http import open_http_pool
+from nexrl_async.inference.client.http import open_http_pool
+from nexrl_async.inference.client.sglang import SamplingParams, SGLangClient
 
 NAME = "inference"
 CLIENT_TARGET = 0.8

@@ -11,7 +11,7 @@ Writes ``benchmarks/results/pipeline.json`` and ``benchmarks/results/pipeline.pn
 The engine is the one ``nexrl-async run`` uses (``run_recipe`` with a ``trainer_factory``). The
 recipe extends ``recipes/reverse_digits/recipe.toml`` (written to a temp dir with a small task
 file: random digit prompts, a random reward so that groups are never all equal), attaches to a
-simulated SGLang server (``python -m nexrl_async.inference.simulated``, a fresh subprocess per
+simulated SGLang server (``python -m nexrl_async.testing.simulated``, a fresh subprocess per
 mode, per-token latency and log-normal output lengths from the options), and trains with
 :class:`SimulatedTrainer`, whose ``step`` sleeps ``--train-s`` seconds. Validation, checkpoints
 and the progress line are off. Modes: ``sync``, ``batch-async`` with k = 1 and k = 2,

@@ -34,7 +34,7 @@ wall time; tokens/s = real tokens per step / median seconds. Target: ours >= 0.9
 batches of ``--padding-rows`` rows, per token budget, for an RL length mix (``--padding-*``:
 prompts of 32-256 tokens, log-normal responses) and for part (1)'s short mix: packed
 micro-batches (first-fit decreasing; ``max(budget, tokens)`` slots each, as
-``pipeline/packing.py`` counts: the budget a last, partly filled micro-batch leaves unused),
+``train/packing_plan.py`` counts: the budget a last, partly filled micro-batch leaves unused),
 the least any packing can reach (``ceil(tokens / budget)`` micro-batches), padded micro-batches
 (``rows · longest <= budget``), one batch padded to its longest row. Target: packed <= 5 % on
 the RL mix at the trainer's default budget.
@@ -64,7 +64,7 @@ from harness import RESULTS_DIR, machine, write_json
 from nexrl_async.config.model import BuiltModel, CharTokenizer
 from nexrl_async.config.training import AlgorithmConfig, OptimConfig, TrainerConfig
 from nexrl_async.core.records import Group, TrainBatch, Trajectory, Turn, VersionToken
-from nexrl_async.pipeline import packing as plans
+from nexrl_async.train import packing_plan as plans
 from nexrl_async.train.build import build_char_tokenizer, build_model
 from nexrl_async.train.microbatch import plan_micro_batches
 from nexrl_async.train.tensors import SequenceBatch, sequences_from_batch

@@ -34,12 +34,12 @@ from harness import free_port, stop_process
 from nexrl_async.config.inference import AttachInference, WeightsConfig
 from nexrl_async.config.model import BuiltModel, CharTokenizer
 from nexrl_async.config.training import AlgorithmConfig, OptimConfig, TrainerConfig
-from nexrl_async.inference.client import SGLangClient
-from nexrl_async.inference.fleet import open_fleet
-from nexrl_async.train.broadcast import WeightSender
+from nexrl_async.inference.client.sglang import SGLangClient
+from nexrl_async.inference.fleet.supervisor import open_fleet
 from nexrl_async.train.build import build_char_tokenizer, build_model, save_model_dir
 from nexrl_async.train.trainer import Trainer
 from nexrl_async.weights import DiskTransport, DistributedTransport, Publisher, Transport
+from nexrl_async.weights.sender import WeightSender
 
 
 @dataclass

@@ -41,9 +41,9 @@ from nexrl_async.config.schema import RecipeConfig
 from nexrl_async.core.errors import TrainError
 from nexrl_async.core.process import exit_process
 from nexrl_async.core.records import Group, TrainBatch, Trajectory, Turn, VersionToken
-from nexrl_async.train.distributed import DistributedTrainer, make_trainer
-from nexrl_async.train.follower import run_follower
-from nexrl_async.train.topology import open_process_groups
+from nexrl_async.train.ranks.follower import run_follower
+from nexrl_async.train.ranks.handle import DistributedTrainer, make_trainer
+from nexrl_async.train.ranks.topology import open_process_groups
 
 # ---- helpers for the tests --------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nexrl_async.train.distributed import build_rank_trainer
+from nexrl_async.train.ranks.handle import build_rank_trainer
 
 DRIVER = Path(__file__).with_name("ranks_driver.py")
 TOL = 1e-5

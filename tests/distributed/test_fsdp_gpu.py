@@ -25,8 +25,8 @@ from transformers import PreTrainedModel
 from nexrl_async.config.model import BuiltModel, CharTokenizer
 from nexrl_async.core.errors import TrainError
 from nexrl_async.train.build import build_char_tokenizer, build_model
-from nexrl_async.train.sharding import decoder_layers, mixed_precision, shard_model
-from nexrl_async.train.topology import ProcessGroups, Topology
+from nexrl_async.train.ranks.sharding import decoder_layers, mixed_precision, shard_model
+from nexrl_async.train.ranks.topology import ProcessGroups, Topology
 
 DRIVER = Path(__file__).with_name("ranks_driver.py")
 

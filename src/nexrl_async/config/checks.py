@@ -129,7 +129,7 @@ def _check_inference(cfg: RecipeConfig) -> Iterator[Problem]:
         yield (
             "inference.backend",
             'inference.backend = "none": the default rollout worker generates; name one that '
-            'does not, e.g. rollout.worker = "nexrl_async.rollout.sft:SFTWorker"',
+            'does not, e.g. rollout.worker = "nexrl_async.rollout.sft_worker:SFTWorker"',
         )
     if isinstance(inf, SGLangInference) and inf.model_path is None:
         if not isinstance(cfg.model, PretrainedModel):

@@ -43,7 +43,7 @@ from nexrl_async.core.errors import CheckpointError
 from nexrl_async.engine.flow import Flow, FlowState
 from nexrl_async.obs.ledger import Checkpointed, RunLedger
 from nexrl_async.train.checkpoint import CheckpointableTrainer, rng_state, save_trainer
-from nexrl_async.train.distributed import DistributedTrainer
+from nexrl_async.train.ranks.handle import DistributedTrainer
 
 ENGINE_FILE = "engine.msgpack"
 STATE_FORMAT = 1

@@ -27,8 +27,8 @@ from nexrl_async.core.records import DataItem, TrainBatch
 from nexrl_async.data import iterate_once, open_source
 from nexrl_async.engine.checkpointer import Checkpointer
 from nexrl_async.engine.context import RunContext
+from nexrl_async.engine.fleet_generator import FleetGenerator
 from nexrl_async.engine.flow import Flow
-from nexrl_async.engine.generation import FleetGenerator
 from nexrl_async.engine.resume import (
     Resume,
     restore_flow,
@@ -39,20 +39,20 @@ from nexrl_async.engine.resume import (
 from nexrl_async.engine.samples import write_samples
 from nexrl_async.engine.stats import CountingEvents, StepClock
 from nexrl_async.engine.validator import LossFn, validation_rollout
-from nexrl_async.inference.client import SGLangClient
-from nexrl_async.inference.fleet import Fleet, open_fleet
-from nexrl_async.inference.http import open_http_pool
-from nexrl_async.inference.router import ServerHandle
+from nexrl_async.inference.client.http import open_http_pool
+from nexrl_async.inference.client.sglang import SGLangClient
+from nexrl_async.inference.fleet.router import ServerHandle
+from nexrl_async.inference.fleet.supervisor import Fleet, open_fleet
 from nexrl_async.obs.ledger import RunResumed
 from nexrl_async.obs.progress import ProgressLine
 from nexrl_async.pipeline.pool import TrajectoryPool
 from nexrl_async.pipeline.staleness import StalenessGate
 from nexrl_async.rollout.loading import load_worker
 from nexrl_async.rollout.worker import RolloutWorker
-from nexrl_async.train.broadcast import WeightSender
 from nexrl_async.train.evaluation import run_validation_loss
 from nexrl_async.train.trainer import Trainer
 from nexrl_async.weights import DiskTransport, DistributedTransport, Publisher, Transport
+from nexrl_async.weights.sender import WeightSender
 
 
 class TrainerLike(Protocol):
@@ -307,7 +307,7 @@ def _check_serverless(cfg: RecipeConfig, worker: RolloutWorker) -> None:
         raise ConfigError(
             f'inference.backend = "none": rollout.worker = {name!r} generates its samples '
             "(set generates = False on a worker that does not, e.g. "
-            '"nexrl_async.rollout.sft:SFTWorker")'
+            '"nexrl_async.rollout.sft_worker:SFTWorker")'
         )
 
 

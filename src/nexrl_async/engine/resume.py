@@ -74,7 +74,7 @@ from nexrl_async.train.checkpoint import (
     load_trainer,
     set_rng_state,
 )
-from nexrl_async.train.distributed import DistributedTrainer
+from nexrl_async.train.ranks.handle import DistributedTrainer
 
 AUTO = "auto"
 

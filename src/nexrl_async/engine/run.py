@@ -30,9 +30,9 @@ from nexrl_async.engine.resume import Resume, abandon_newer, find_checkpoint
 from nexrl_async.obs.ledger import RunFinished, RunResumed, RunStarted, Trained, read_events
 from nexrl_async.obs.logs import setup_logging
 from nexrl_async.obs.rundir import RunDir
-from nexrl_async.train.distributed import trainer_factory as distributed_factory
-from nexrl_async.train.follower import run_follower
-from nexrl_async.train.topology import Topology, open_process_groups
+from nexrl_async.train.ranks.follower import run_follower
+from nexrl_async.train.ranks.handle import trainer_factory as distributed_factory
+from nexrl_async.train.ranks.topology import Topology, open_process_groups
 
 
 def run_recipe(

@@ -1,7 +1,7 @@
-"""Flow control between rollouts and the trainer: staleness gate, trajectory pool, batching plans.
+"""Flow control between rollouts and the trainer: staleness gate and trajectory pool.
 
-Owns: ``staleness`` (version-token admission, pure synchronous logic), ``pool`` (bounded
-trajectory pool), ``packing`` (token-balanced split and micro-batch plans).
-Must not import: torch at module level in ``staleness``/``pool``; ``inference``, ``rollout``,
+Owns: ``staleness`` (version-token admission, pure synchronous logic) and ``pool`` (bounded
+trajectory pool); both own no tasks, locks or clients.
+Must not import: torch; ``inference``, ``rollout``,
 ``train``, ``weights``, ``engine``.
 """

@@ -8,7 +8,7 @@ Must not import: ``inference``, ``rollout``, ``weights``, ``engine``.
 
 from __future__ import annotations
 
-from nexrl_async.train.model import load_policy, resolve_device
+from nexrl_async.train.model_loading import load_policy, resolve_device
 from nexrl_async.train.trainer import StepMetrics, SupportsStep, Trainer, run_step
 
 __all__ = [

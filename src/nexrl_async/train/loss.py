@@ -30,9 +30,9 @@ from transformers import PreTrainedModel
 
 from nexrl_async.algorithms import aggregate, kl_estimate, policy_loss, sft_loss
 from nexrl_async.config.training import AlgorithmConfig, LossAgg
-from nexrl_async.train.collectives import all_reduce_sum
 from nexrl_async.train.logprobs import forward_logprobs
 from nexrl_async.train.microbatch import MicroBatch
+from nexrl_async.train.ranks.collectives import all_reduce_sum
 from nexrl_async.train.targets import UpdateTargets
 
 NORM_MODE = "seq-mean-token-sum-norm"

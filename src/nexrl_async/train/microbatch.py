@@ -3,7 +3,7 @@
 Two steps, so the layout can change without touching the step:
 
 1. :func:`plan_micro_batches` turns row lengths and a token budget into a *plan*: a list of row
-   index lists (:mod:`nexrl_async.pipeline.packing`). Packed (the default, ``trainer.packing``):
+   index lists (:mod:`nexrl_async.train.packing_plan`). Packed (the default, ``trainer.packing``):
    a micro-batch holds rows totalling at most the budget (first-fit decreasing). Padded: ``b``
    rows padded to their longest ``L`` cost ``b · L``. A row longer than the budget goes alone.
 2. :func:`collate` gathers a plan entry's rows into a :class:`MicroBatch` on the device, trimmed
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from nexrl_async.pipeline import packing as plans
+from nexrl_async.train import packing_plan as plans
 from nexrl_async.train.packing import PackedRows, pack_rows
 from nexrl_async.train.tensors import SequenceBatch
 
@@ -100,7 +100,8 @@ def padding_frac(
     """The share of ``plan``'s token slots without a real token (``train/padding_frac``).
 
     Padded: padding to each micro-batch's longest row. Packed: the budget left unused (the
-    padding-free forward computes none; see :func:`nexrl_async.pipeline.packing.padding_fraction`).
+    padding-free forward computes none; see
+    :func:`nexrl_async.train.packing_plan.padding_fraction`).
     """
     return plans.padding_fraction(
         [int(n) for n in lengths.tolist()], plan, packed=packing, budget=token_budget

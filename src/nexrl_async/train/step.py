@@ -8,8 +8,8 @@ Gradients are clipped by global norm (the pre-clip norm is reported); a step who
 finite is skipped (counted in ``train/skipped_steps``), never applied.
 
 At world size ``N > 1`` every rank holds the whole batch but trains only its share of each
-minibatch (:func:`~nexrl_async.train.lockstep.rank_rows`), padding its micro-batches to the
-ranks' common count (:mod:`~nexrl_async.train.lockstep`). The denominator ``D`` is the global
+minibatch (:func:`~nexrl_async.train.ranks.lockstep.rank_rows`), padding its micro-batches to the
+ranks' common count (:mod:`~nexrl_async.train.ranks.lockstep`). The denominator ``D`` is the global
 count, FSDP2 sums the gradients over ranks, and the norm is taken over the sharded gradients, so
 the optimizer step is the one world size 1 takes on the same batch. The metrics' sums, weighted
 means and maxima are reduced over ranks, so every rank reports the same numbers.
@@ -27,12 +27,12 @@ from torch.optim import Optimizer
 from transformers import PreTrainedModel
 
 from nexrl_async.algorithms import aggregation_denominator
-from nexrl_async.train.collectives import all_reduce_max, all_reduce_sum
-from nexrl_async.train.lockstep import lockstep_micro_batches, rank_rows
 from nexrl_async.train.logprobs import model_device
 from nexrl_async.train.loss import MicroLoss, MicroResult
 from nexrl_async.train.microbatch import split_minibatches
-from nexrl_async.train.sharding import norm_value
+from nexrl_async.train.ranks.collectives import all_reduce_max, all_reduce_sum
+from nexrl_async.train.ranks.lockstep import lockstep_micro_batches, rank_rows
+from nexrl_async.train.ranks.sharding import norm_value
 from nexrl_async.train.tensors import SequenceBatch
 
 

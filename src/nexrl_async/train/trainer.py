@@ -24,8 +24,8 @@ An RL step (``algorithm.mode = "rl"``):
 
 An SFT step (``mode = "sft"``) trains the loss-masked tokens' NLL with steps 1, 4 and 5.
 
-At world size ``N > 1`` (``groups``, see :mod:`~nexrl_async.train.topology`) every rank builds
-the same trainer, sharded with FSDP2 (:mod:`~nexrl_async.train.sharding`; the reference too
+At world size ``N > 1`` (``groups``, see :mod:`~nexrl_async.train.ranks.topology`) every rank builds
+the same trainer, sharded with FSDP2 (:mod:`~nexrl_async.train.ranks.sharding`; the reference too
 unless it lives on CPU), and calls the same methods in the same order (rank 0's
 ``DistributedTrainer`` and the followers' loop see to that). Each rank computes the pre-step
 log-probs of its share of the rows (assembled on every rank), builds the targets of the whole
@@ -72,21 +72,21 @@ from nexrl_async.train.export import (
     save_state_file,
 )
 from nexrl_async.train.hook import PrepareBatchHook
-from nexrl_async.train.lockstep import rank_logprobs, rank_rows
 from nexrl_async.train.logprobs import model_device
 from nexrl_async.train.loss import ForwardCapture, RLLoss, SFTLoss
-from nexrl_async.train.model import DTYPES, frozen_copy, load_policy, set_torch_threads
-from nexrl_async.train.schedule import build_optimizer, build_scheduler
-from nexrl_async.train.sharding import (
+from nexrl_async.train.model_loading import DTYPES, frozen_copy, load_policy, set_torch_threads
+from nexrl_async.train.ranks.lockstep import rank_logprobs, rank_rows
+from nexrl_async.train.ranks.sharding import (
     enable_activation_checkpointing,
     full_state_dict,
     gathered_parameters,
     shard_model,
 )
+from nexrl_async.train.ranks.topology import ProcessGroups, Topology, training_device
+from nexrl_async.train.schedule import build_optimizer, build_scheduler
 from nexrl_async.train.step import UpdateSettings, run_updates
 from nexrl_async.train.targets import PrePass, build_targets, prepass_metrics
 from nexrl_async.train.tensors import SequenceBatch, sequences_from_batch
-from nexrl_async.train.topology import ProcessGroups, Topology, training_device
 
 StepMetrics = dict[str, float]
 """Slash-namespaced metrics of one step (``train/loss``, ``train/grad_norm``, ...)."""

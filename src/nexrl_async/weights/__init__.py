@@ -2,8 +2,9 @@
 
 Owns: the publication state machine (prepare → hold → transfer → verify → flush → continue,
 ``publisher``) and its transports: ``disk`` (safetensors + ``/update_weights_from_disk``) and
-``distributed`` (``/update_weights_from_distributed`` with the trainer's broadcast, ``group``).
-Must not import: ``rollout``, ``train``, ``engine`` (the trainer's sender is injected).
+``distributed`` (``/update_weights_from_distributed`` with the trainer's broadcast, ``group``),
+and the trainer side of that broadcast (``sender``).
+Must not import: ``rollout``, ``train``, ``engine`` (the trainer's parameters are injected).
 """
 
 from nexrl_async.weights.disk import DiskTransport, Exporter

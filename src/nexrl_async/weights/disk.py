@@ -18,8 +18,8 @@ import anyio.to_thread
 
 from nexrl_async.config.inference import WeightsConfig
 from nexrl_async.core.errors import WeightSyncError
-from nexrl_async.inference.control import ServerControl
-from nexrl_async.inference.router import ServerHandle
+from nexrl_async.inference.client.control import ServerControl
+from nexrl_async.inference.fleet.router import ServerHandle
 from nexrl_async.weights.steps import each_server, run_step
 
 Exporter = Callable[[Path], object]

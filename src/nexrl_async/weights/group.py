@@ -31,7 +31,7 @@ from torch import Tensor
 
 from nexrl_async.config.inference import WeightsConfig
 from nexrl_async.core.errors import InferenceError, RequestRejected, WeightSyncError
-from nexrl_async.inference.control import ServerControl
+from nexrl_async.inference.client.control import ServerControl
 from nexrl_async.weights.steps import best_effort, each_server
 
 LoadFormat = Literal["flattened_bucket"] | None
@@ -57,7 +57,7 @@ BucketT = TypeVar("BucketT", bound=WireBucket)
 
 
 class Sender(Protocol[BucketT]):
-    """Rank 0 of a group (``nexrl_async.train.broadcast.WeightSender``); blocking methods."""
+    """Rank 0 of a group (``nexrl_async.weights.sender.WeightSender``); blocking methods."""
 
     port: int
 

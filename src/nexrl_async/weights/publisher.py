@@ -34,8 +34,8 @@ from msgspec import Struct
 
 from nexrl_async.config.inference import WeightsConfig
 from nexrl_async.core.errors import WeightSyncError
-from nexrl_async.inference.control import ServerControl
-from nexrl_async.inference.router import ServerHandle
+from nexrl_async.inference.client.control import ServerControl
+from nexrl_async.inference.fleet.router import ServerHandle
 from nexrl_async.weights.disk import DiskTransport, Exporter
 from nexrl_async.weights.steps import best_effort, each_server
 

@@ -14,7 +14,7 @@ from loguru import logger
 
 from nexrl_async.config.inference import WeightsConfig
 from nexrl_async.core.errors import InferenceError, WeightSyncError
-from nexrl_async.inference.control import ServerControl
+from nexrl_async.inference.client.control import ServerControl
 
 BACKOFF_S = 0.2
 """First pause between attempts (doubling, at most ``BACKOFF_MAX_S``)."""

@@ -22,9 +22,9 @@ import pytest
 
 from nexrl_async.config.inference import AttachInference, SGLangInference
 from nexrl_async.core.errors import ConfigError, EngineUnavailable
-from nexrl_async.inference.fleet import open_fleet
-from nexrl_async.inference.launch import free_ports
-from nexrl_async.inference.router import ServerHandle
+from nexrl_async.inference.fleet.launch import free_ports
+from nexrl_async.inference.fleet.router import ServerHandle
+from nexrl_async.inference.fleet.supervisor import open_fleet
 
 STUB = Path(__file__).with_name("stub_server.py")
 STUB_COMMAND = ["{python}", str(STUB), "--host", "{host}", "--port", "{port}"]
@@ -217,7 +217,7 @@ import anyio
 import httpx
 
 from nexrl_async.config.inference import SGLangInference
-from nexrl_async.inference.fleet import open_fleet
+from nexrl_async.inference.fleet.supervisor import open_fleet
 
 
 async def main() -> None:
@@ -265,13 +265,13 @@ async def test_missing_command_is_a_config_error(tmp_path: Path, http: httpx.Asy
 
 
 @pytest.mark.skipif(
-    importlib.util.find_spec("nexrl_async.inference.simulated") is None,
+    importlib.util.find_spec("nexrl_async.testing.simulated") is None,
     reason="the simulated SGLang server is not in the tree yet",
 )
 async def test_simulated_sglang_server_through_the_command_template(
     tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
-    command = ["{python}", "-m", "nexrl_async.inference.simulated", "--host", "{host}"]
+    command = ["{python}", "-m", "nexrl_async.testing.simulated", "--host", "{host}"]
     cfg = stub_cfg(command=[*command, "--port", "{port}"], health_timeout_s=30.0)
     async with open_fleet(cfg, model_dir=tmp_path, log_dir=tmp_path, http=http) as fleet:
         (server,) = fleet.servers

@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from nexrl_async.core.errors import EngineUnavailable
-from nexrl_async.inference.client import SamplingParams, SGLangClient, StreamChunk
-from nexrl_async.inference.simulated import SimulatedConfig, SimulatedServer
+from nexrl_async.inference.client.sglang import SamplingParams, SGLangClient, StreamChunk
+from nexrl_async.testing.simulated import SimulatedConfig, SimulatedServer
 
 PROMPT = [11, 12, 13]
 LONG = SamplingParams(max_new_tokens=400, ignore_eos=True)

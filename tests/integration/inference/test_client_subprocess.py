@@ -1,4 +1,4 @@
-"""``python -m nexrl_async.inference.simulated`` as a subprocess, driven by the client."""
+"""``python -m nexrl_async.testing.simulated`` as a subprocess, driven by the client."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import anyio
 import httpx
 
-from nexrl_async.inference.client import RetryPolicy, SamplingParams, SGLangClient
+from nexrl_async.inference.client.sglang import RetryPolicy, SamplingParams, SGLangClient
 
 
 def _free_port() -> int:
@@ -23,7 +23,7 @@ def _free_port() -> int:
 async def test_the_module_runs_as_a_server_process() -> None:
     port = _free_port()
     command = [
-        sys.executable, "-m", "nexrl_async.inference.simulated", "--port", str(port),
+        sys.executable, "-m", "nexrl_async.testing.simulated", "--port", str(port),
         "--token-latency-s", "0.001", "--incremental-streaming-output", "--api-key", "k",
         "--weight-version", "0",
     ]  # fmt: skip

@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 import httpx
 
-from nexrl_async.inference.client import SamplingParams, SGLangClient
+from nexrl_async.inference.client.sglang import SamplingParams, SGLangClient
 
 PROMPT = [1, 5, 6, 14, 7, 17]
 

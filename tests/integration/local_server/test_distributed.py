@@ -21,8 +21,8 @@ import pytest
 import torch
 from transformers import PreTrainedModel
 
-from nexrl_async.train.broadcast import WeightSender, plan_buckets
 from nexrl_async.train.export import parameters_for_sync
+from nexrl_async.weights.sender import WeightSender, plan_buckets
 
 from .conftest import tiny_model
 

@@ -14,7 +14,7 @@ from nexrl_async.config.loader import LoadedRecipe, load_recipe
 from nexrl_async.core.records import DataItem, TrainBatch, VersionToken
 from nexrl_async.data.source import iterate_once
 from nexrl_async.rollout.loading import load_worker
-from nexrl_async.rollout.sft import SFTWorker
+from nexrl_async.rollout.sft_worker import SFTWorker
 from nexrl_async.train.evaluation import validation_loss
 from nexrl_async.train.trainer import Trainer
 

@@ -11,7 +11,7 @@ from nexrl_async.config.model import BuiltModel, CharTokenizer, PretrainedModel,
 from nexrl_async.config.training import AlgorithmConfig, OptimConfig, TrainerConfig
 from nexrl_async.core.errors import ConfigError
 from nexrl_async.train.build import save_model_dir
-from nexrl_async.train.model import frozen_copy, load_policy, resolve_device
+from nexrl_async.train.model_loading import frozen_copy, load_policy, resolve_device
 from nexrl_async.train.trainer import Trainer
 
 TINY = BuiltModel(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)

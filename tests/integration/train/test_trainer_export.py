@@ -17,7 +17,7 @@ from nexrl_async.config.training import AlgorithmConfig, KLConfig, OptimConfig
 from nexrl_async.core.errors import CheckpointError
 from nexrl_async.core.records import TrainBatch, Trajectory
 from nexrl_async.train.logprobs import batch_logprobs
-from nexrl_async.train.model import load_policy
+from nexrl_async.train.model_loading import load_policy
 from nexrl_async.train.tensors import sequences_from_batch
 from nexrl_async.train.trainer import StepMetrics, Trainer, run_step
 

@@ -21,11 +21,11 @@ import torch
 from nexrl_async.config.inference import AttachInference, WeightsConfig
 from nexrl_async.config.training import AlgorithmConfig, OptimConfig, TrainerConfig
 from nexrl_async.core.errors import WeightSyncError
-from nexrl_async.inference.client import SGLangClient
-from nexrl_async.inference.fleet import open_fleet
-from nexrl_async.train.broadcast import Bucket, LoadFormat, WeightSender
+from nexrl_async.inference.client.sglang import SGLangClient
+from nexrl_async.inference.fleet.supervisor import open_fleet
 from nexrl_async.train.trainer import Trainer
 from nexrl_async.weights import DistributedTransport, Publisher
+from nexrl_async.weights.sender import Bucket, LoadFormat, WeightSender
 
 from .conftest import API_KEY, Server, tiny
 

@@ -10,8 +10,8 @@ from types import ModuleType
 import anyio
 import pytest
 
-from nexrl_async.inference.client import SamplingParams
-from nexrl_async.inference.simulated import SimulatedConfig, SimulatedServer
+from nexrl_async.inference.client.sglang import SamplingParams
+from nexrl_async.testing.simulated import SimulatedConfig, SimulatedServer
 
 Loader = Callable[[str], ModuleType]
 

@@ -70,7 +70,7 @@ def test_without_the_mark_teardown_runs() -> None:
 
 
 def test_a_rank_failure_marks_teardown_unsafe() -> None:
-    from nexrl_async.train.ranks import RankFailure
+    from nexrl_async.train.ranks.commands import RankFailure
 
     RankFailure("train_step failed on rank 1: boom", rank=1)
     assert process.unsafe_teardown() == "train_step failed on rank 1: boom"

@@ -11,7 +11,7 @@ import pytest
 
 from nexrl_async.config.inference import AttachInference
 from nexrl_async.core.errors import EngineUnavailable
-from nexrl_async.inference.fleet import HEALTH_FAILURES, open_fleet
+from nexrl_async.inference.fleet.supervisor import HEALTH_FAILURES, open_fleet
 
 
 class FakeServers:

@@ -9,7 +9,7 @@ import pytest
 
 from nexrl_async.config.inference import LocalInference, SGLangInference
 from nexrl_async.core.errors import ConfigError
-from nexrl_async.inference.launch import (
+from nexrl_async.inference.fleet.launch import (
     ServerSpec,
     build_specs,
     fill_template,

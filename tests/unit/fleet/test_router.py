@@ -6,7 +6,7 @@ import anyio
 import pytest
 
 from nexrl_async.core.errors import EngineUnavailable
-from nexrl_async.inference.router import Router, ServerHandle
+from nexrl_async.inference.fleet.router import Router, ServerHandle
 
 
 def make_router(n: int, *, cap: int = 4, up: bool = True, max_sticky_keys: int = 100) -> Router:

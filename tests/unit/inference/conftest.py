@@ -8,8 +8,8 @@ from typing import Any
 import httpx
 import pytest
 
-from nexrl_async.inference.client import RetryPolicy, SGLangClient
-from nexrl_async.inference.simulated import SimulatedConfig, SimulatedServer
+from nexrl_async.inference.client.sglang import RetryPolicy, SGLangClient
+from nexrl_async.testing.simulated import SimulatedConfig, SimulatedServer
 
 FAST_RETRY = RetryPolicy(base_delay_s=0.001, max_delay_s=0.005)
 

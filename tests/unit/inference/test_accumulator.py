@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nexrl_async.core.errors import GenerationError, RequestRejected
-from nexrl_async.inference.accumulator import StreamAccumulator, delta_offset
-from nexrl_async.inference.types import StreamMode
+from nexrl_async.inference.client.accumulator import StreamAccumulator, delta_offset
+from nexrl_async.inference.client.structs import StreamMode
 
 TOKENS = [5, 9, 9, 4, 2]
 LOGPROBS = [-0.1, -0.2, -0.3, -0.4, -0.5]

@@ -10,8 +10,8 @@ import pytest
 
 from nexrl_async.config.inference import AttachInference
 from nexrl_async.core.errors import RequestRejected
-from nexrl_async.inference.client import GenerateResult, SamplingParams, SGLangClient
-from nexrl_async.inference.simulated import SimulatedServer
+from nexrl_async.inference.client.sglang import GenerateResult, SamplingParams, SGLangClient
+from nexrl_async.testing.simulated import SimulatedServer
 
 Spawn = Callable[..., tuple[SimulatedServer, SGLangClient]]
 PROMPT = [8, 9, 10]

@@ -14,8 +14,8 @@ from nexrl_async.core.errors import (
     InferenceError,
     RequestRejected,
 )
-from nexrl_async.inference.client import RetryPolicy, SamplingParams, SGLangClient
-from nexrl_async.inference.simulated import SimulatedServer
+from nexrl_async.inference.client.sglang import RetryPolicy, SamplingParams, SGLangClient
+from nexrl_async.testing.simulated import SimulatedServer
 
 Spawn = Callable[..., tuple[SimulatedServer, SGLangClient]]
 PROMPT = [3, 4, 5]

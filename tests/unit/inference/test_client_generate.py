@@ -7,8 +7,8 @@ from collections.abc import Callable
 import pytest
 
 from nexrl_async.core.records import VersionSpan
-from nexrl_async.inference.client import SamplingParams, SGLangClient
-from nexrl_async.inference.simulated import SimulatedServer
+from nexrl_async.inference.client.sglang import SamplingParams, SGLangClient
+from nexrl_async.testing.simulated import SimulatedServer
 
 Spawn = Callable[..., tuple[SimulatedServer, SGLangClient]]
 

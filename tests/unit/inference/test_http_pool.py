@@ -6,9 +6,9 @@ import anyio
 import httpx
 import pytest
 
-from nexrl_async.inference.client import SamplingParams, SGLangClient
-from nexrl_async.inference.http import HttpPool, as_pool, open_http_pool
-from nexrl_async.inference.simulated import SimulatedServer
+from nexrl_async.inference.client.http import HttpPool, as_pool, open_http_pool
+from nexrl_async.inference.client.sglang import SamplingParams, SGLangClient
+from nexrl_async.testing.simulated import SimulatedServer
 
 
 def test_pick_is_round_robin() -> None:

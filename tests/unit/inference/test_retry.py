@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from nexrl_async.inference.retry import RETRYABLE_STATUS, RetryPolicy
+from nexrl_async.inference.client.retry import RETRYABLE_STATUS, RetryPolicy
 
 
 def test_delays_grow_and_are_capped() -> None:

@@ -11,8 +11,8 @@ import httpx
 import msgspec
 import pytest
 
-from nexrl_async.inference.simulated import SimulatedConfig, SimulatedServer, parse_args
-from nexrl_async.inference.simulated_engine import SamplingSpec, SimRequest
+from nexrl_async.testing.simulated import SimulatedConfig, SimulatedServer, parse_args
+from nexrl_async.testing.simulated_engine import SamplingSpec, SimRequest
 
 URL = SimulatedServer.ASGI_URL
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nexrl_async.inference.sse import DONE, SSEDecoder, encode_event
+from nexrl_async.inference.client.sse import DONE, SSEDecoder, encode_event
 
 
 def feed_all(text: str) -> list[str]:

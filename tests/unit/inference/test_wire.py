@@ -7,13 +7,18 @@ import pytest
 
 from nexrl_async.core.errors import EngineUnavailable, GenerationError, RequestRejected
 from nexrl_async.core.records import VersionSpan
-from nexrl_async.inference.types import (
+from nexrl_async.inference.client.structs import (
     FinishReason,
     GenerateResult,
     WeightVersionSpan,
     parse_version,
 )
-from nexrl_async.inference.wire import decode_event, error_message, raise_error_event, to_result
+from nexrl_async.inference.client.wire import (
+    decode_event,
+    error_message,
+    raise_error_event,
+    to_result,
+)
 
 
 @pytest.mark.parametrize(

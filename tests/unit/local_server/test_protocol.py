@@ -15,7 +15,7 @@ from nexrl_async.inference.local.protocol import (
     logprob_request,
     sampling_spec,
 )
-from nexrl_async.inference.sglang_schema import SamplingParamsBody as SamplingParams
+from nexrl_async.inference.local.sglang_schema import SamplingParamsBody as SamplingParams
 
 LIMITS = Limits(context_length=32, vocab_size=20)
 

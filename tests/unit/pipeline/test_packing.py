@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nexrl_async.pipeline.packing import (
+from nexrl_async.train.packing_plan import (
     balance_ranks,
     padding_fraction,
     plan_micro_batches,

@@ -23,7 +23,7 @@ from nexrl_async.core.records import (
     VersionToken,
 )
 from nexrl_async.rollout.loading import load_worker
-from nexrl_async.rollout.sft import SFTWorker
+from nexrl_async.rollout.sft_worker import SFTWorker
 from nexrl_async.rollout.tools import Message
 
 TOKEN = VersionToken(lease_id=3, version=5)
@@ -291,7 +291,7 @@ async def test_load_worker_builds_it_from_a_module_reference(
         "class Evaluator:\n    def evaluate(self, item, trajectory):\n        return 1.0\n"
     )
     rollout = cfg(
-        worker="nexrl_async.rollout.sft:SFTWorker", group_size=1, apply_chat_template=False
+        worker="nexrl_async.rollout.sft_worker:SFTWorker", group_size=1, apply_chat_template=False
     )
     worker = load_worker(
         rollout,

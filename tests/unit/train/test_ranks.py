@@ -17,10 +17,8 @@ from torch import Tensor
 from nexrl_async.config.schema import RecipeConfig
 from nexrl_async.core.errors import TrainError
 from nexrl_async.core.records import TrainBatch, Trajectory
-from nexrl_async.train.distributed import DistributedTrainer, make_trainer, trainer_factory
-from nexrl_async.train.lockstep import rank_rows
 from nexrl_async.train.loss import MicroResult
-from nexrl_async.train.ranks import (
+from nexrl_async.train.ranks.commands import (
     Command,
     ComputeLogprobs,
     LoadCheckpoint,
@@ -42,8 +40,10 @@ from nexrl_async.train.ranks import (
     is_secondary,
     status_of,
 )
+from nexrl_async.train.ranks.handle import DistributedTrainer, make_trainer, trainer_factory
+from nexrl_async.train.ranks.lockstep import rank_rows
+from nexrl_async.train.ranks.topology import ProcessGroups, Topology
 from nexrl_async.train.step import Tally
-from nexrl_async.train.topology import ProcessGroups, Topology
 from nexrl_async.train.trainer import Trainer
 
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from nexrl_async.core.errors import ConfigError
 from nexrl_async.core.records import Group, TrainBatch, Trajectory, Turn, VersionToken
-from nexrl_async.train.topology import (
+from nexrl_async.train.ranks.topology import (
     Topology,
     destroy,
     init_process_groups,

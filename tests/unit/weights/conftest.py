@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from nexrl_async.inference.client import SGLangClient
-from nexrl_async.inference.simulated import SimulatedConfig, SimulatedServer
+from nexrl_async.inference.client.sglang import SGLangClient
+from nexrl_async.testing.simulated import SimulatedConfig, SimulatedServer
 
 
 class Routing:

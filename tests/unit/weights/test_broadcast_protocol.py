@@ -22,7 +22,7 @@ from nexrl_async.inference.local.update_group import (
     UpdateGroups,
     parse_dtype,
 )
-from nexrl_async.train.broadcast import Bucket, WeightSender, plan_buckets
+from nexrl_async.weights.sender import Bucket, WeightSender, plan_buckets
 
 pytestmark = pytest.mark.distributed
 

@@ -17,12 +17,12 @@ import torch
 
 from nexrl_async.config.inference import WeightsConfig
 from nexrl_async.core.errors import WeightSyncError
-from nexrl_async.inference.client import SGLangClient
-from nexrl_async.inference.router import ServerHandle
-from nexrl_async.inference.simulated import SimulatedServer
-from nexrl_async.train.broadcast import Bucket, LoadFormat, plan_buckets
+from nexrl_async.inference.client.sglang import SGLangClient
+from nexrl_async.inference.fleet.router import ServerHandle
+from nexrl_async.testing.simulated import SimulatedServer
 from nexrl_async.weights import DistributedTransport, Publisher
 from nexrl_async.weights.distributed import reachable_address
+from nexrl_async.weights.sender import Bucket, LoadFormat, plan_buckets
 
 from .conftest import Routing, make_sims, open_clients
 

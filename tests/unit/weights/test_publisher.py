@@ -9,9 +9,9 @@ import pytest
 
 from nexrl_async.config.inference import WeightsConfig
 from nexrl_async.core.errors import WeightSyncError
-from nexrl_async.inference.client import SGLangClient
-from nexrl_async.inference.router import ServerHandle
-from nexrl_async.inference.simulated import SimulatedServer
+from nexrl_async.inference.client.sglang import SGLangClient
+from nexrl_async.inference.fleet.router import ServerHandle
+from nexrl_async.testing.simulated import SimulatedServer
 from nexrl_async.weights import DiskTransport, Publisher, WeightPublisher
 
 from .conftest import Routing

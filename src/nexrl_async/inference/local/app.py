@@ -28,9 +28,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from nexrl_async.inference.local import control, distributed_api, openai_api
-from nexrl_async.inference.local.context import ServerContext
-from nexrl_async.inference.local.errors import http_error, json_response, unauthorized
+from nexrl_async.inference.local import control_routes as control
+from nexrl_async.inference.local import distributed_api, openai_api
+from nexrl_async.inference.local.app_state import ServerContext
+from nexrl_async.inference.local.error_responses import http_error, json_response, unauthorized
 from nexrl_async.inference.local.generate import handle_generate
 
 Handler = Callable[[HttpRequest, ServerContext], Awaitable[Response]]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
-from nexrl_async.inference.local.step import FinishReason
+from nexrl_async.inference.local.step_plan import FinishReason
 
 
 class IncrementalText:

@@ -24,9 +24,9 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import Response
 
 from nexrl_async.core.errors import WeightSyncError
-from nexrl_async.inference.local.context import ServerContext
-from nexrl_async.inference.local.control import decode_body
-from nexrl_async.inference.local.errors import json_response
+from nexrl_async.inference.local.app_state import ServerContext
+from nexrl_async.inference.local.control_routes import decode_body
+from nexrl_async.inference.local.error_responses import json_response
 from nexrl_async.inference.local.protocol import (
     BeginWeightUpdateRequest,
     GroupNameRequest,

@@ -18,8 +18,8 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import Response
 
 from nexrl_async.core.errors import EngineUnavailable, RequestRejected
-from nexrl_async.inference.local.context import ServerContext
-from nexrl_async.inference.local.errors import (
+from nexrl_async.inference.local.app_state import ServerContext
+from nexrl_async.inference.local.error_responses import (
     json_response,
     native_error,
     schema_error,
@@ -33,7 +33,8 @@ from nexrl_async.inference.local.protocol import (
     sampling_spec,
 )
 from nexrl_async.inference.local.request import Notifier, Request
-from nexrl_async.inference.local.step import LogprobEntry
+from nexrl_async.inference.local.sglang_schema import SamplingParamsBody
+from nexrl_async.inference.local.step_plan import LogprobEntry
 from nexrl_async.inference.local.streaming import (
     DONE,
     EventStreamResponse,
@@ -41,7 +42,6 @@ from nexrl_async.inference.local.streaming import (
     sse,
     updates,
 )
-from nexrl_async.inference.sglang_schema import SamplingParamsBody
 
 
 def _per_item(value: Any, count: int, name: str) -> list[Any]:

@@ -18,8 +18,8 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import Response
 
 from nexrl_async.core.errors import EngineUnavailable, RequestRejected
-from nexrl_async.inference.local.context import ServerContext
-from nexrl_async.inference.local.errors import (
+from nexrl_async.inference.local.app_state import ServerContext
+from nexrl_async.inference.local.error_responses import (
     json_response,
     openai_error,
     unavailable,
@@ -40,6 +40,7 @@ from nexrl_async.inference.local.protocol import (
     sampling_spec,
 )
 from nexrl_async.inference.local.request import Notifier, Request
+from nexrl_async.inference.local.sglang_schema import SamplingParamsBody
 from nexrl_async.inference.local.streaming import (
     DONE,
     EventStreamResponse,
@@ -47,7 +48,6 @@ from nexrl_async.inference.local.streaming import (
     sse,
     updates,
 )
-from nexrl_async.inference.sglang_schema import SamplingParamsBody
 
 ChunkMaker = Callable[
     [AsyncIterator[list[Request]], list[Request], ServerContext, dict[str, Any], bool],

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from nexrl_async.inference.local.context import ServerContext
+from nexrl_async.inference.local.app_state import ServerContext
 from nexrl_async.inference.local.request import Request
-from nexrl_async.inference.local.step import LogprobEntry
+from nexrl_async.inference.local.step_plan import LogprobEntry
 
 
 def finish_fields(req: Request) -> tuple[str | None, int | str | None]:

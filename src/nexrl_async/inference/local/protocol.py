@@ -18,13 +18,13 @@ from msgspec import Struct
 
 from nexrl_async.core.errors import RequestRejected
 from nexrl_async.inference.local.sampling import SamplingSpec
-from nexrl_async.inference.local.step import LogprobRequest
-from nexrl_async.inference.sglang_schema import (
+from nexrl_async.inference.local.sglang_schema import (
     SamplingParamsBody,
     length_error,
     min_new_error,
     range_error,
 )
+from nexrl_async.inference.local.step_plan import LogprobRequest
 
 
 class GenerateRequest(Struct, kw_only=True):

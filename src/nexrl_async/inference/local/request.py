@@ -14,7 +14,7 @@ from enum import Enum
 import anyio
 
 from nexrl_async.inference.local.sampling import SamplingSpec
-from nexrl_async.inference.local.step import (
+from nexrl_async.inference.local.step_plan import (
     FinishReason,
     InputLogprobs,
     LogprobEntry,

@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 from nexrl_async.inference.local.batch import DecodeBatch
 from nexrl_async.inference.local.detokenizer import IncrementalText, final_text, find_stop
 from nexrl_async.inference.local.sampling import RowSampler, draw
-from nexrl_async.inference.local.step import (
+from nexrl_async.inference.local.step_plan import (
     Admission,
     FinishReason,
     InputLogprobs,

@@ -31,7 +31,7 @@ from loguru import logger
 from nexrl_async.core.errors import EngineUnavailable, RequestRejected, WeightSyncError
 from nexrl_async.inference.local.request import Notifier, Phase, Request
 from nexrl_async.inference.local.runner import ModelRunner
-from nexrl_async.inference.local.step import Admission, StepPlan, StepResult, finish_abort
+from nexrl_async.inference.local.step_plan import Admission, StepPlan, StepResult, finish_abort
 
 PauseMode = Literal["abort", "retract", "in_place"]
 

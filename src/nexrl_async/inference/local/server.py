@@ -29,7 +29,7 @@ from loguru import logger
 
 from nexrl_async.core.errors import ConfigError
 from nexrl_async.inference.local.app import build_app
-from nexrl_async.inference.local.context import ServerContext
+from nexrl_async.inference.local.app_state import ServerContext
 from nexrl_async.inference.local.protocol import Limits
 from nexrl_async.inference.local.runner import ModelRunner
 from nexrl_async.inference.local.scheduler import Scheduler

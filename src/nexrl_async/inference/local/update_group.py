@@ -5,7 +5,7 @@ server joins as rank ``rank_offset``; ``world_size = 1 + every server rank``. Th
 standalone, never the process's default ``torch.distributed`` group: a ``TCPStore`` client on
 ``master_address:master_port`` (the trainer hosts it), wrapped in the prefixes SGLang's
 ``init_custom_process_group`` uses (``<group>``, ``<group>/``, ``<device>/``), under a gloo
-backend (CPU tensors) or NCCL (CUDA). The trainer side is ``nexrl_async.train.broadcast``.
+backend (CPU tensors) or NCCL (CUDA). The trainer side is ``nexrl_async.weights.sender``.
 
 Wire protocol of one ``/update_weights_from_distributed`` call (``names`` order is the order):
 

@@ -22,10 +22,9 @@ from loguru import logger
 
 from nexrl_async.config.inference import InferenceConfig
 from nexrl_async.core.errors import GenerationError, InferenceError, RequestRejected
-from nexrl_async.inference.http import Http
-from nexrl_async.inference.retry import RetryPolicy
-from nexrl_async.inference.transport import Transport
-from nexrl_async.inference.types import (
+from nexrl_async.inference.client.http import Http
+from nexrl_async.inference.client.retry import RetryPolicy
+from nexrl_async.inference.client.structs import (
     ControlResult,
     MemoryTag,
     ModelInfo,
@@ -34,6 +33,7 @@ from nexrl_async.inference.types import (
     StreamMode,
     WeightUpdateResult,
 )
+from nexrl_async.inference.client.transport import Transport
 
 T = TypeVar("T")
 R = TypeVar("R", ControlResult, WeightUpdateResult)
@@ -52,7 +52,7 @@ _SERVER_INFO_FIELDS = (
 class ServerControl:
     """Connection settings and the control endpoints of one server at ``base_url``.
 
-    :class:`nexrl_async.inference.client.SGLangClient` adds generation on top; code that only
+    :class:`nexrl_async.inference.client.sglang.SGLangClient` adds generation on top; code that only
     manages servers (the fleet, the weight publisher) may type against this class.
     """
 

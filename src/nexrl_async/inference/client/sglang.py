@@ -12,7 +12,7 @@ cumulative or incremental streams. Cancelling a generation, or its deadline pass
 on the server (``/abort_request`` with the rid, shielded, within ``abort_grace_s``).
 
 Control endpoints (health, info, flush, pause/continue, abort, weight updates, memory) come from
-:class:`nexrl_async.inference.control.ServerControl`.
+:class:`nexrl_async.inference.client.control.ServerControl`.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import anyio
 import httpx
 
 from nexrl_async.core.errors import EngineUnavailable, GenerationError
-from nexrl_async.inference.control import ServerControl
-from nexrl_async.inference.retry import RetryPolicy
-from nexrl_async.inference.stream import GenerationStream, attempt_rid
-from nexrl_async.inference.types import (
+from nexrl_async.inference.client.control import ServerControl
+from nexrl_async.inference.client.retry import RetryPolicy
+from nexrl_async.inference.client.stream import GenerationStream, attempt_rid
+from nexrl_async.inference.client.structs import (
     ControlResult,
     FinishReason,
     GenerateResult,
@@ -40,7 +40,7 @@ from nexrl_async.inference.types import (
     WeightVersionSpan,
     parse_version,
 )
-from nexrl_async.inference.wire import decode_batch, decode_event, to_result
+from nexrl_async.inference.client.wire import decode_batch, decode_event, to_result
 
 __all__ = [
     "ControlResult",

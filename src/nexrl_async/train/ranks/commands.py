@@ -40,7 +40,7 @@ from nexrl_async.core.errors import TrainError
 from nexrl_async.core.process import mark_unsafe_teardown
 from nexrl_async.core.records import TrainBatch
 from nexrl_async.train.checkpoint import load_trainer, save_trainer
-from nexrl_async.train.topology import ProcessGroups
+from nexrl_async.train.ranks.topology import ProcessGroups
 from nexrl_async.train.trainer import Trainer
 
 # ---- commands ---------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Settings of the simulated SGLang server (``python -m nexrl_async.inference.simulated``)."""
+"""Settings of the simulated SGLang server (``python -m nexrl_async.testing.simulated``)."""
 
 from __future__ import annotations
 

@@ -45,9 +45,9 @@ from nexrl_async.config.inference import (
     SGLangInference,
 )
 from nexrl_async.core.errors import EngineUnavailable, NexRLError
-from nexrl_async.inference.http import Http, as_pool
-from nexrl_async.inference.launch import ServerProcess, ServerSpec, build_specs, log_tail
-from nexrl_async.inference.router import Router, ServerHandle
+from nexrl_async.inference.client.http import Http, as_pool
+from nexrl_async.inference.fleet.launch import ServerProcess, ServerSpec, build_specs, log_tail
+from nexrl_async.inference.fleet.router import Router, ServerHandle
 
 HEALTH_FAILURES = 3
 """Failed health probes in a row that mark a running server down (sgl-router uses 3 too)."""

@@ -13,7 +13,7 @@ import msgspec
 from msgspec import Struct
 
 from nexrl_async.core.errors import EngineUnavailable, GenerationError, RequestRejected
-from nexrl_async.inference.types import FinishReason, GenerateResult, WeightVersionSpan
+from nexrl_async.inference.client.structs import FinishReason, GenerateResult, WeightVersionSpan
 
 _FINISH_TYPES = ("stop", "length", "abort")
 

@@ -23,10 +23,10 @@ import anyio
 import httpx
 
 from nexrl_async.core.errors import EngineUnavailable, GenerationError
-from nexrl_async.inference.accumulator import StreamAccumulator
-from nexrl_async.inference.sse import DONE, SSEDecoder
-from nexrl_async.inference.transport import Transport
-from nexrl_async.inference.types import GenerateResult, StreamChunk, StreamMode
+from nexrl_async.inference.client.accumulator import StreamAccumulator
+from nexrl_async.inference.client.sse import DONE, SSEDecoder
+from nexrl_async.inference.client.structs import GenerateResult, StreamChunk, StreamMode
+from nexrl_async.inference.client.transport import Transport
 
 AbortFn = Callable[[str], Awaitable[None]]
 

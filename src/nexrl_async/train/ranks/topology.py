@@ -43,8 +43,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from nexrl_async.config.training import TrainerConfig
 from nexrl_async.core.errors import ConfigError, TrainError
 from nexrl_async.core.records import TrainBatch
-from nexrl_async.pipeline.packing import balance_ranks
-from nexrl_async.train.model import resolve_device
+from nexrl_async.train.model_loading import resolve_device
+from nexrl_async.train.packing_plan import balance_ranks
 
 IDLE_TIMEOUT_S = 7 * 24 * 3600.0
 """How long a follower waits for rank 0's next command (rank 0 may roll out for a long time)."""
@@ -252,7 +252,7 @@ def open_process_groups(
 
 def split_rows(lengths: Sequence[int], world_size: int) -> list[list[int]]:
     """Deal rows (token counts, each >= 1) to ``world_size`` ranks with nearly equal token
-    totals: :func:`nexrl_async.pipeline.packing.balance_ranks` (longest row first, to the
+    totals: :func:`nexrl_async.train.packing_plan.balance_ranks` (longest row first, to the
     lightest rank, lower rank on ties; ascending indices per rank; some ranks get none when
     rows are fewer than ranks). The one place the trainer splits rows over ranks.
     """

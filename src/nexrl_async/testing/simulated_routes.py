@@ -16,9 +16,9 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from nexrl_async.inference.simulated_engine import SimulatedEngine
-from nexrl_async.inference.simulated_generate import generate
-from nexrl_async.inference.simulated_responses import (
+from nexrl_async.testing.simulated_engine import SimulatedEngine
+from nexrl_async.testing.simulated_generate import generate
+from nexrl_async.testing.simulated_responses import (
     bad_request,
     json_response,
     read_json,
@@ -101,7 +101,7 @@ async def server_info(request: Request) -> Response:
             "api_key": None,
             "version": "0.5.10-simulated" if config.legacy else "0.5.23-simulated",
             "internal_states": [state],
-            "launch_command": "python -m nexrl_async.inference.simulated",
+            "launch_command": "python -m nexrl_async.testing.simulated",
         }
     )
 

@@ -32,7 +32,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from nexrl_async.core.errors import TrainError
-from nexrl_async.train.topology import ProcessGroups
+from nexrl_async.train.ranks.topology import ProcessGroups
 
 
 def mixed_precision(device: torch.device, param_dtype: str) -> MixedPrecisionPolicy:

@@ -16,8 +16,8 @@ import anyio
 
 from nexrl_async.config.rollout import SamplingConfig
 from nexrl_async.core.errors import EngineUnavailable, GenerationError
-from nexrl_async.inference.client import GenerateResult, SamplingParams, SGLangClient
-from nexrl_async.inference.fleet import Fleet
+from nexrl_async.inference.client.sglang import GenerateResult, SamplingParams, SGLangClient
+from nexrl_async.inference.fleet.supervisor import Fleet
 from nexrl_async.rollout.generation import GeneratedTurn
 
 

@@ -18,9 +18,9 @@ import msgspec
 from loguru import logger
 
 from nexrl_async.core.errors import EngineUnavailable, InferenceError, RequestRejected
-from nexrl_async.inference.http import Http, as_pool
-from nexrl_async.inference.retry import RETRYABLE_STATUS, RetryPolicy
-from nexrl_async.inference.wire import error_message
+from nexrl_async.inference.client.http import Http, as_pool
+from nexrl_async.inference.client.retry import RETRYABLE_STATUS, RetryPolicy
+from nexrl_async.inference.client.wire import error_message
 
 BodyFor = Callable[[int], Any]
 """Builds the JSON body of attempt ``k`` (0-based), e.g. to give each retry a fresh rid."""

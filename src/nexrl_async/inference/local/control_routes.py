@@ -12,8 +12,8 @@ from starlette.responses import PlainTextResponse, Response
 
 from nexrl_async.__about__ import __version__
 from nexrl_async.core.errors import EngineUnavailable
-from nexrl_async.inference.local.context import ServerContext
-from nexrl_async.inference.local.errors import json_response, unparseable_body
+from nexrl_async.inference.local.app_state import ServerContext
+from nexrl_async.inference.local.error_responses import json_response, unparseable_body
 from nexrl_async.inference.local.protocol import (
     AbortRequest,
     PauseRequest,

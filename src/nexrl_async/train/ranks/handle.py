@@ -13,8 +13,9 @@ destroy(groups)
 blocking API (``step``, ``compute_logprobs``, ``save_hf``, ``named_parameters_for_sync``,
 ``tokenizer``, ``model``, ``steps_done``) plus ``save_checkpoint``/``load_checkpoint`` in the
 ``train.checkpoint`` (DCP) layout: each call broadcasts the matching command
-(:mod:`~nexrl_async.train.ranks`), runs rank 0's part, and exchanges every rank's status, so a
-failure on any rank raises a :class:`~nexrl_async.train.ranks.RankFailure` here.
+(:mod:`~nexrl_async.train.ranks.commands`), runs rank 0's part, and exchanges every rank's
+status, so a failure on any rank raises a
+:class:`~nexrl_async.train.ranks.commands.RankFailure` here.
 
 After a failure every follower has left its loop, and every later call raises
 :class:`TrainError` at once. Calls are serialised (one command at a time, whatever thread
@@ -39,7 +40,7 @@ from torch import Tensor
 from nexrl_async.config.schema import RecipeConfig
 from nexrl_async.core.errors import TrainError
 from nexrl_async.core.records import TrainBatch
-from nexrl_async.train.ranks import (
+from nexrl_async.train.ranks.commands import (
     Command,
     ComputeLogprobs,
     LoadCheckpoint,
@@ -56,7 +57,7 @@ from nexrl_async.train.ranks import (
     encode_batch,
     execute,
 )
-from nexrl_async.train.topology import ProcessGroups, status_timeout_s
+from nexrl_async.train.ranks.topology import ProcessGroups, status_timeout_s
 from nexrl_async.train.trainer import StepMetrics, Trainer
 
 

@@ -20,14 +20,15 @@ from msgspec import Struct
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from nexrl_async.inference.sglang_schema import (
+from nexrl_async.inference.client.sse import DONE, encode_event
+from nexrl_async.inference.local.sglang_schema import (
     SamplingParamsBody,
     length_error,
     min_new_error,
     range_error,
 )
-from nexrl_async.inference.simulated_engine import SamplingSpec, SimRequest, SimulatedEngine
-from nexrl_async.inference.simulated_responses import (
+from nexrl_async.testing.simulated_engine import SamplingSpec, SimRequest, SimulatedEngine
+from nexrl_async.testing.simulated_responses import (
     bad_request,
     fault_response,
     json_response,
@@ -35,7 +36,6 @@ from nexrl_async.inference.simulated_responses import (
     schema_error,
     value_error,
 )
-from nexrl_async.inference.sse import DONE, encode_event
 
 
 class GenerateJob(Struct, kw_only=True):

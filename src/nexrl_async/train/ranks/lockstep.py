@@ -22,12 +22,12 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from nexrl_async.train.collectives import all_reduce_sum, max_over_ranks
 from nexrl_async.train.logprobs import batch_logprobs, forward_logprobs, model_device
 from nexrl_async.train.microbatch import MicroBatch, micro_batches, plan_micro_batches
-from nexrl_async.train.sharding import reshard
+from nexrl_async.train.ranks.collectives import all_reduce_sum, max_over_ranks
+from nexrl_async.train.ranks.sharding import reshard
+from nexrl_async.train.ranks.topology import split_rows
 from nexrl_async.train.tensors import SequenceBatch
-from nexrl_async.train.topology import split_rows
 
 
 def rank_rows(lengths: Tensor, rows: Sequence[int], rank: int, world_size: int) -> list[int]:

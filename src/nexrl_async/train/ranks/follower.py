@@ -29,8 +29,7 @@ from pathlib import Path
 from loguru import logger
 
 from nexrl_async.config.schema import RecipeConfig
-from nexrl_async.train.distributed import build_rank_trainer
-from nexrl_async.train.ranks import (
+from nexrl_async.train.ranks.commands import (
     RankChannel,
     RankFailure,
     RankHooks,
@@ -39,7 +38,8 @@ from nexrl_async.train.ranks import (
     execute,
     is_secondary,
 )
-from nexrl_async.train.topology import ProcessGroups
+from nexrl_async.train.ranks.handle import build_rank_trainer
+from nexrl_async.train.ranks.topology import ProcessGroups
 from nexrl_async.train.trainer import Trainer
 
 EXIT_OK = 0

@@ -33,7 +33,7 @@ import anyio
 import anyio.lowlevel
 from msgspec import Struct
 
-from nexrl_async.inference.simulated_config import SimulatedConfig
+from nexrl_async.testing.simulated_config import SimulatedConfig
 
 PauseState = Literal["running", "abort", "retract", "in_place"]
 

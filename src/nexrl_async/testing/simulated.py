@@ -2,7 +2,7 @@
 
 Run it as a process (what the fleet, benchmarks and subprocess tests do)::
 
-    python -m nexrl_async.inference.simulated --host 127.0.0.1 --port 30000 \\
+    python -m nexrl_async.testing.simulated --host 127.0.0.1 --port 30000 \\
         --token-latency-s 0.01 --mean-output-tokens 200 [--incremental-streaming-output]
 
 or in-process::
@@ -40,10 +40,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from nexrl_async.inference.simulated_config import SimulatedConfig, StreamOutput
-from nexrl_async.inference.simulated_engine import Faults, SimulatedEngine, Stats
-from nexrl_async.inference.simulated_responses import json_response, not_found, unauthorized
-from nexrl_async.inference.simulated_routes import routes
+from nexrl_async.testing.simulated_config import SimulatedConfig, StreamOutput
+from nexrl_async.testing.simulated_engine import Faults, SimulatedEngine, Stats
+from nexrl_async.testing.simulated_responses import json_response, not_found, unauthorized
+from nexrl_async.testing.simulated_routes import routes
 
 __all__ = ["Faults", "SimulatedConfig", "SimulatedEngine", "SimulatedServer", "Stats", "build_app"]
 
@@ -130,7 +130,7 @@ class SimulatedServer:
 def parse_args(argv: Sequence[str]) -> tuple[str, int, SimulatedConfig]:
     """Command line → (host, port, config). Unknown (e.g. SGLang-only) flags are ignored."""
     parser = argparse.ArgumentParser(
-        prog="python -m nexrl_async.inference.simulated",
+        prog="python -m nexrl_async.testing.simulated",
         description="Simulated SGLang server (native HTTP API, no model).",
     )
     add = parser.add_argument
@@ -179,7 +179,7 @@ def parse_args(argv: Sequence[str]) -> tuple[str, int, SimulatedConfig]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of ``python -m nexrl_async.inference.simulated``."""
+    """Entry point of ``python -m nexrl_async.testing.simulated``."""
     host, port, config = parse_args(sys.argv[1:] if argv is None else argv)
     server = SimulatedServer(config)
     logger.info("simulated SGLang on http://{}:{} ({})", host, port, config)

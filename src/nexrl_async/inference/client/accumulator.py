@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from nexrl_async.core.errors import GenerationError
-from nexrl_async.inference.types import GenerateResult, StreamChunk, StreamMode
-from nexrl_async.inference.wire import (
+from nexrl_async.inference.client.structs import GenerateResult, StreamChunk, StreamMode
+from nexrl_async.inference.client.wire import (
     WireGenerate,
     build_result,
     decode_event,
