@@ -36,7 +36,7 @@ def types(session: nox.Session) -> None:
 
 @nox.session
 def arch(session: nox.Session) -> None:
-    """The layer contract of ARCHITECTURE.md §9 (import-linter)."""
+    """The layer contract of docs/architecture.md §9 (import-linter)."""
     session.run(str(BIN / "lint-imports"))
 
 

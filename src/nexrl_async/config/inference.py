@@ -92,7 +92,7 @@ InferenceConfig = LocalInference | SGLangInference | AttachInference | NoInferen
 
 
 class WeightsConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Publication of new weights to the fleet (ARCHITECTURE.md §4)."""
+    """Publication of new weights to the fleet (docs/architecture.md §4)."""
 
     transport: Literal["disk", "distributed"] = "disk"
     """``disk``: safetensors + /update_weights_from_disk; ``distributed``: NCCL/gloo broadcast."""

@@ -73,7 +73,7 @@ class PoolConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
 
 
 class StalenessConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Batch-async staleness control by version tokens (ARCHITECTURE.md §3)."""
+    """Batch-async staleness control by version tokens (docs/architecture.md §3)."""
 
     mode: Literal["sync", "batch-async", "fully-async"] = "batch-async"
     """``sync`` is on-policy (k = 0); ``batch-async`` bounds staleness by ``max_staleness``."""

@@ -189,7 +189,7 @@ class TrainBatch(Struct, frozen=True, kw_only=True):
 
     @property
     def staleness(self) -> list[int]:
-        """Per group: ``step - head_version`` (ARCHITECTURE.md §3)."""
+        """Per group: ``step - head_version`` (docs/architecture.md §3)."""
         return [self.step - g.head_version for g in self.groups]
 
 

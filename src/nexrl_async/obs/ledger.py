@@ -1,6 +1,6 @@
 """The RunLedger: every step of a trajectory's life as a typed event in ``events.jsonl``.
 
-One JSON object per line, tagged by its ``event`` field (ARCHITECTURE.md §2 point 6)::
+One JSON object per line, tagged by its ``event`` field (docs/architecture.md §2 point 6)::
 
     {"event":"admitted","lease_id":3,"version":1,"item_key":"0:17","group_id":"g3","time":...}
 

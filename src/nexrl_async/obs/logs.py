@@ -6,8 +6,8 @@ leaves sinks added by others alone.
 
 - Console: one sink on a :class:`~nexrl_async.obs.terminal.Terminal` (stderr), so log lines and
   the live progress line do not overwrite each other.
-- Ranks: rank 0 logs at ``level``; other ranks log ``WARNING`` and up (STYLE.md). When the world
-  size is above 1 every line carries ``rank<r>``.
+- Ranks: rank 0 logs at ``level``; other ranks log ``WARNING`` and up (docs/style.md). When the
+  world size is above 1 every line carries ``rank<r>``.
 - File: with ``run_dir``, every rank also appends to ``<run_dir>/logs/rank<r>.log`` (plain text,
   same level as its console).
 - Stdlib: the root ``logging`` logger gets one :class:`InterceptHandler` that forwards records

@@ -1,6 +1,7 @@
-"""Staleness gate: version-token admission control (ARCHITECTURE.md §3). Pure synchronous logic.
+"""Staleness gate: version-token admission control (docs/architecture.md §3).
 
-The gate owns no tasks, locks or clients; the engine wraps it in an anyio condition and asks
+Pure synchronous logic:
+the gate owns no tasks, locks or clients; the engine wraps it in an anyio condition and asks
 again after every event that can change an answer (a lease redeemed, released or dropped, a
 publication).
 

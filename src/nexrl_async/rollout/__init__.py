@@ -8,7 +8,6 @@ The engine adapts its inference client to :class:`TurnGenerator` (``generation.p
 one worker with :func:`load_worker` and calls :meth:`RolloutWorker.run_group` per leased item.
 """
 
-from nexrl_async.rollout.episode import Episode
 from nexrl_async.rollout.events import LedgerEvents, NoEvents, RolloutEvents
 from nexrl_async.rollout.faults import SampleFailed, classify
 from nexrl_async.rollout.generation import (
@@ -21,6 +20,7 @@ from nexrl_async.rollout.loading import load_evaluator, load_tools, load_worker,
 from nexrl_async.rollout.rendering import ChatRenderer, Tokenizer
 from nexrl_async.rollout.scoring import as_evaluate_fn, score, vet_result
 from nexrl_async.rollout.tools import Message, Tool, ToolCall, parse_tool_calls, run_tool_calls
+from nexrl_async.rollout.transcript import Episode
 from nexrl_async.rollout.worker import RolloutWorker
 
 __all__ = [

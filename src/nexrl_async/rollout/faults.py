@@ -1,6 +1,6 @@
 """The per-sample fault boundary's vocabulary: which exception means which failure reason.
 
-Failed samples are data, not exceptions (STYLE.md): the worker catches whatever one sample's
+Failed samples are data, not exceptions (docs/style.md): the worker catches whatever one sample's
 agent loop or evaluator raised, maps it to a :class:`FailureReason` with :func:`classify`, and
 returns a FAILED trajectory. Cancellation is never caught.
 

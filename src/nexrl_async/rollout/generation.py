@@ -10,7 +10,7 @@ shape (routing by ``sticky_key`` for KV reuse across turns, deadlines, bounded r
 errors come from ``core/errors.py``: :class:`RequestRejected` (4xx), :class:`EngineUnavailable`,
 :class:`GenerationError`.
 
-Interrupts (ARCHITECTURE.md §3): when a weight publication aborts running requests, the server
+Interrupts (docs/architecture.md §3): when a weight publication aborts running requests, the server
 answers ``finish_reason == "abort"`` with the partial tokens generated so far.
 :func:`generate_turn` keeps them, re-submits ``input_ids + partial`` with the remaining token
 budget, and stitches the segments into one turn whose :class:`VersionSpan` s record which

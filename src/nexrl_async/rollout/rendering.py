@@ -1,6 +1,6 @@
 """Messages to token ids: the prompt once, then only the tokens each follow-up message adds.
 
-The agent loop never re-tokenizes history (ARCHITECTURE.md §2): the context is the prompt's
+The agent loop never re-tokenizes history (docs/architecture.md §2): the context is the prompt's
 ids, then every assistant turn's ids exactly as generated, then the ids of whatever follows
 (tool results, environment feedback), and so on. Only that last part needs rendering, and
 :meth:`ChatRenderer.followup` renders just it.

@@ -52,12 +52,12 @@ from nexrl_async.core.records import (
     VersionToken,
 )
 from nexrl_async.data.fields import missing_fields
-from nexrl_async.rollout.episode import Episode
 from nexrl_async.rollout.events import RolloutEvents
 from nexrl_async.rollout.faults import SampleFailed, classify
 from nexrl_async.rollout.generation import TurnGenerator
 from nexrl_async.rollout.rendering import Tokenizer, as_token_ids
 from nexrl_async.rollout.tools import Tool
+from nexrl_async.rollout.transcript import Episode
 from nexrl_async.rollout.worker import RolloutWorker, _as_messages
 
 DEFAULT_COMPLETION_FIELD = "answer"

@@ -5,7 +5,7 @@ in a task group and returns when all are scored or failed. One worker object ser
 of concurrent ``run_group`` calls (it keeps no per-group state), so the engine builds one and
 runs ``rollout.workers`` tasks that call it.
 
-Agent loop of one sample (ARCHITECTURE.md §2)::
+Agent loop of one sample (docs/architecture.md §2)::
 
     messages = format_query(item)               (+ rollout.system_prompt)
     context  = render(messages)                 prompt ids, loss mask 0, rendered once
@@ -49,13 +49,13 @@ from nexrl_async.core.records import (
     VersionToken,
 )
 from nexrl_async.data.fields import missing_fields
-from nexrl_async.rollout.episode import Episode, default_mask
 from nexrl_async.rollout.events import NoEvents, RolloutEvents
 from nexrl_async.rollout.faults import SampleFailed, classify
 from nexrl_async.rollout.generation import AssembledTurn, TurnGenerator, generate_turn
 from nexrl_async.rollout.rendering import ChatRenderer, Tokenizer, as_token_ids
 from nexrl_async.rollout.scoring import as_evaluate_fn, score
 from nexrl_async.rollout.tools import Message, Tool, ToolCall, parse_tool_calls, run_tool_calls
+from nexrl_async.rollout.transcript import Episode, default_mask
 
 _ROLES: frozenset[str] = frozenset(get_args(Role))
 

@@ -8,7 +8,7 @@ unless ``ignore_eos``, is cut at ``max_new_tokens``, and stops early on ``stop_t
 Concurrent requests are independent (each HTTP request drives its own samples), so timing is
 honest: N requests of L tokens at latency d each take about ``L * d`` wall time together.
 
-Server-wide behaviour follows SGLANG_API.md §4.1: new requests block while paused or while a
+Server-wide behaviour follows docs/sglang_api.md §4.1: new requests block while paused or while a
 weight update waits; a weight update that is not paused waits for running requests to finish
 (unless it aborts them); ``pause_generation`` ``abort`` ends running requests with an abort
 finish, ``retract``/``in_place`` freeze them. Every emitted token records the weight version

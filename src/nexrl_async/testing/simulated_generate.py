@@ -1,6 +1,6 @@
 """``POST /generate`` of the simulated SGLang server: request checks, responses, SSE streams.
 
-Shapes follow SGLANG_API.md §2 and §7: a single prompt with ``n == 1`` answers one JSON
+Shapes follow docs/sglang_api.md §2 and §7: a single prompt with ``n == 1`` answers one JSON
 object, a batch or ``n > 1`` a prompt-major list; streams are ``data: <json>`` events ending
 with ``data: [DONE]`` (batch events carry ``index``); schema violations answer
 ``400 {"error": "<text>"}``, value errors ``400 {"error": {"message": ...}}``, an unparseable

@@ -1,4 +1,4 @@
-"""Response bodies of the simulated SGLang server, byte-shaped like SGLang's (SGLANG_API.md §7)."""
+"""Response bodies of the simulated SGLang server, shaped like SGLang's (docs/sglang_api.md §7)."""
 
 from __future__ import annotations
 

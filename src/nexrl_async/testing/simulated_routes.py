@@ -1,4 +1,4 @@
-"""Control routes of the simulated SGLang server (SGLANG_API.md §4) and its ``/_sim`` hooks.
+"""Control routes of the simulated SGLang server (docs/sglang_api.md §4) and its ``/_sim`` hooks.
 
 ``/_sim/faults`` (POST: set :class:`Faults` fields) and ``/_sim/stats`` (GET) let tests and
 benchmarks that run the server as a subprocess inject failures and read what it saw.

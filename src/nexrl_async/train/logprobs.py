@@ -3,7 +3,7 @@
 The model's logits at position ``t - 1`` predict token ``t``; the result is shifted back so that
 column ``t`` holds ``log p(x_t | x_<t)`` (column 0, which nothing predicts, and padding hold 0).
 Logits are divided by the sampling temperature, as the inference server does before its
-log-softmax (SGLANG_API.md §2.5), so trainer and server log-probs compare one to one.
+log-softmax (docs/sglang_api.md §2.5), so trainer and server log-probs compare one to one.
 
 A packed micro-batch runs the padding-free forward (:mod:`~nexrl_async.train.packing`): the
 same shift is applied along the concatenated sequence, and the result is gathered back to the

@@ -3,7 +3,7 @@
 ``weights.transport = "distributed"``. The broadcast group (``weights.group``) is opened once, in
 the first publication's ``prepare`` (outside the hold), and reused by every publication; each
 ``transfer`` plans buckets of at most ``weights.bucket_mb`` MiB from the trainer's parameters and
-broadcasts them while every server receives (SGLANG_API.md §4.1).
+broadcasts them while every server receives (docs/sglang_api.md §4.1).
 
 Failures: a failed attempt closes the group (the sender is aborted, every server leaves it) and
 the next attempt opens a new one, up to ``weights.retries`` retries; then

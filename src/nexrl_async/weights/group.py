@@ -1,6 +1,6 @@
 """One weight-update broadcast group: the trainer's sender plus the servers that joined it.
 
-SGLANG_API.md §4.1 is the protocol. Rank 0 is the trainer's sender; server ``i`` joins as
+docs/sglang_api.md §4.1 is the protocol. Rank 0 is the trainer's sender; server ``i`` joins as
 ``rank_offset = 1 + Σ tp_size of the servers before it`` (``tp_size`` from ``/server_info``), so
 ``world_size = 1 + Σ tp_size``. The HTTP calls block until their collective completes, so each
 is fired concurrently with the trainer's side:

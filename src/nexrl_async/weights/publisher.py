@@ -1,4 +1,4 @@
-"""Weight publication: new trainer weights into every inference server (ARCHITECTURE.md §4).
+"""Weight publication: new trainer weights into every inference server (docs/architecture.md §4).
 
 One publication of version ``v`` is a state machine; every step runs under
 ``weights.step_timeout_s`` and per-server steps are retried ``weights.retries`` times::

@@ -1,7 +1,7 @@
 """Trainer side of distributed weight updates: rank 0 of a standalone broadcast group.
 
 The inference servers join the same group through ``/init_weights_update_group`` and receive
-through ``/update_weights_from_distributed`` (SGLANG_API.md §4.1; the server side is
+through ``/update_weights_from_distributed`` (docs/sglang_api.md §4.1; the server side is
 ``nexrl_async.inference.local.update_group``). The group is never the training job's default
 process group: rank 0 hosts its own ``TCPStore`` on ``master_address:master_port`` and builds a
 gloo (CPU) or NCCL (CUDA) backend behind the key prefixes SGLang's ``init_custom_process_group``

@@ -1,4 +1,4 @@
-"""Property tests: the staleness contract under random interleavings (ARCHITECTURE.md §3).
+"""Property tests: the staleness contract under random interleavings (docs/architecture.md §3).
 
 A small simulator drives a real gate and pool the way the engine does: workers lease, finish
 in any order (a group's head version is anywhere between its lease version and the fleet's),

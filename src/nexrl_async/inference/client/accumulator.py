@@ -2,8 +2,8 @@
 
 SGLang streams are *cumulative* by default (every event repeats all output ids and logprobs so
 far) and *incremental* with ``--incremental-streaming-output`` (each event carries only what is
-new); some releases mixed the two per field (SGLANG_API.md §2.7). In ``auto`` mode each field is
-classified on every event from ``meta_info.completion_tokens`` (the total so far): a field whose
+new); some releases mixed the two per field (docs/sglang_api.md §2.7). In ``auto`` mode each field
+is classified on every event from ``meta_info.completion_tokens`` (the total so far): a field whose
 length equals the total is cumulative, one whose length equals ``total - seen`` is a delta (the
 two coincide only on the first event, where they mean the same). Without a total, a field that
 starts with the tokens already seen is taken as cumulative. At the end the accumulated ids must

@@ -1,6 +1,6 @@
 """Control endpoints of one SGLang server: health, info, scheduling, memory, weights.
 
-SGLANG_API.md §4 is the contract. ``{success, message}`` endpoints that answer
+docs/sglang_api.md §4 is the contract. ``{success, message}`` endpoints that answer
 ``success: false`` raise :class:`RequestRejected` whatever the HTTP status (SGLang uses both 200
 and 400 for it). Weight and group endpoints are never retried here: the caller (the weight
 publisher) owns the retry budget of a publication step, and a repeated distributed update would

@@ -8,7 +8,10 @@ from typing import Annotated
 from msgspec import Meta, Struct
 
 RETRYABLE_STATUS = frozenset({502, 503, 504})
-"""HTTP statuses retried by the client (STYLE.md, Async 3). Every other 4xx/5xx fails at once."""
+"""HTTP statuses retried by the client (docs/style.md, Async 3).
+
+Every other 4xx/5xx fails at once.
+"""
 
 
 class RetryPolicy(Struct, frozen=True, kw_only=True):

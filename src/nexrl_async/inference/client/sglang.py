@@ -1,4 +1,4 @@
-"""Async client for one SGLang server's native HTTP API (SGLANG_API.md is the contract).
+"""Async client for one SGLang server's native HTTP API (docs/sglang_api.md is the contract).
 
 The run owns one HTTP pool (``inference.http``) and hands it to every :class:`SGLangClient`
 (one per server URL); the client never creates its own. Every call runs under a deadline; transport

@@ -31,7 +31,7 @@ def parse_version(version: str | None) -> int | None:
 
 
 class SamplingParams(Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """SGLang ``sampling_params`` (SGLANG_API.md §2.2). ``None`` means "server default".
+    """SGLang ``sampling_params`` (docs/sglang_api.md §2.2). ``None`` means "server default".
 
     Send explicit values for RL: ``top_k`` must be -1 or ≥ 1 (0 is rejected), ``temperature`` 0
     means greedy, ``sampling_seed`` is honoured only by deterministic-inference servers.
@@ -64,7 +64,7 @@ class SamplingParams(Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 
 class FinishReason(Struct, frozen=True, kw_only=True):
-    """Why a generation ended (SGLANG_API.md §2.6).
+    """Why a generation ended (docs/sglang_api.md §2.6).
 
     ``stop``: ``matched`` is the EOS/stop token id (int) or the matched stop string;
     ``length``: ``length`` is the ``max_new_tokens`` reached;

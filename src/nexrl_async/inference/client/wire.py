@@ -69,7 +69,7 @@ _batch_decoder = msgspec.json.Decoder(list[WireGenerate])
 
 
 def error_message(body: bytes, fallback: str) -> str:
-    """The human message in any of SGLang's error bodies (SGLANG_API.md §7), else the raw text.
+    """The human message in any of SGLang's error bodies (docs/sglang_api.md §7), else the raw text.
 
     Handles ``{"error": "..."}``, ``{"error": {"message": ...}}``, the OpenAI-style envelope
     ``{"object": "error", "message": ...}``, ``{"success": false, "message": ...}``,

@@ -1,4 +1,4 @@
-"""Routes of distributed weight updates (SGLANG_API.md §4, SGLang 0.5.23 semantics).
+"""Routes of distributed weight updates (docs/sglang_api.md §4, SGLang 0.5.23 semantics).
 
 ::
 

@@ -1,4 +1,4 @@
-"""SGLang's error responses, byte-for-byte in shape (SGLANG_API.md §1 and §7).
+"""SGLang's error responses, byte-for-byte in shape (docs/sglang_api.md §1 and §7).
 
 | situation                                   | status | body                                   |
 |---------------------------------------------|--------|----------------------------------------|

@@ -1,4 +1,4 @@
-"""``POST /generate``: SGLang's native generation route (SGLANG_API.md §2).
+"""``POST /generate``: SGLang's native generation route (docs/sglang_api.md §2).
 
 Single prompt with ``n == 1`` answers one object; a list of prompts or ``n > 1`` answers a list
 in prompt-major order. Streams are SSE with cumulative chunks (SGLang's default), a batch

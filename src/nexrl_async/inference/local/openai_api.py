@@ -1,6 +1,6 @@
 """OpenAI-compatible routes: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``.
 
-Enough of SGLang's OpenAI layer (SGLANG_API.md §3) for the official ``openai`` client: the chat
+Enough of SGLang's OpenAI layer (docs/sglang_api.md §3) for the official ``openai`` client: the chat
 template comes from the tokenizer, unset sampling values come from ``generation_config.json``,
 ``seed`` becomes ``sampling_seed``, streams send text deltas and end with ``data: [DONE]``.
 Responses carry ``metadata.weight_version`` and SGLang's ``matched_stop``.

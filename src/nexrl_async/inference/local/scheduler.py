@@ -6,7 +6,7 @@ waiting requests up to ``max_batch``, decode the rest), run it with
 It sleeps on ``_wake`` when there is nothing to do. Requests that arrive while a step runs are
 admitted by the next step, so concurrent requests share every forward pass.
 
-Control (SGLang semantics, SGLANG_API.md §4.1): new requests wait at the gate while paused or
+Control (SGLang semantics, docs/sglang_api.md §4.1): new requests wait at the gate while paused or
 while a weight update waits for the running ones to drain; ``pause("abort")`` aborts everything
 and returns once nothing is left, ``"retract"`` moves running rows back to the queue (their
 prefix is recomputed on continue), ``"in_place"`` just stops stepping. Weight swaps run under the

@@ -2,7 +2,7 @@
 
 One definition for both servers that speak SGLang's native API (the local server and the
 simulated one), so their schemas and error messages cannot drift apart. Messages are SGLang's
-(SGLANG_API.md §2.2 and §8); callers answer them with a 400.
+(docs/sglang_api.md §2.2 and §8); callers answer them with a 400.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Weight-update process groups the server joins, and receiving tensors broadcast through them.
 
-SGLang semantics (SGLANG_API.md §4.1): the trainer is rank 0 and the only broadcast source; this
-server joins as rank ``rank_offset``; ``world_size = 1 + every server rank``. The group is
+SGLang semantics (docs/sglang_api.md §4.1): the trainer is rank 0 and the only broadcast source;
+this server joins as rank ``rank_offset``; ``world_size = 1 + every server rank``. The group is
 standalone, never the process's default ``torch.distributed`` group: a ``TCPStore`` client on
 ``master_address:master_port`` (the trainer hosts it), wrapped in the prefixes SGLang's
 ``init_custom_process_group`` uses (``<group>``, ``<group>/``, ``<device>/``), under a gloo

@@ -1,8 +1,13 @@
-"""The mutable state of one sample while its agent loop runs, and the record it becomes.
+"""The token transcript of one sample: the multi-turn token bookkeeping of the agent loop.
 
-An :class:`Episode` collects turns (token ids exactly as they enter the context), the chat
-messages they correspond to, the stage the loop is in (for failure classification) and timings.
-It is created before the loop starts so that a failed sample keeps the turns it got through.
+The transcript is the sample's context exactly as the model saw it: the prompt's ids, then each
+assistant turn's ids as generated, then the ids each follow-up message adds (rendered by
+:meth:`nexrl_async.rollout.rendering.ChatRenderer.followup`, never by re-tokenizing history).
+An :class:`Episode` holds it while the loop runs and becomes the sample's
+:class:`~nexrl_async.core.records.Trajectory`. It collects turns (token ids exactly as they
+enter the context), the chat messages they correspond to, the stage the loop is in (for
+failure classification) and timings. It is created before the loop starts so that a failed
+sample keeps the turns it got through.
 """
 
 from __future__ import annotations
