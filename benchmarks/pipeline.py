@@ -47,11 +47,12 @@ together), so k = 2 and fully-async, which generate two batches at once, may bea
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,6 @@ from harness import (
     write_json,
 )
 from nexrl_async.config.loader import load_recipe
-from nexrl_async.config.schema import RecipeConfig
 from nexrl_async.core.records import TrainBatch
 from nexrl_async.obs.ledger import Admitted, Pooled, Trained, TurnGenerated, read_events
 from nexrl_async.obs.metrics import read_metrics
@@ -125,20 +125,24 @@ MODES = {
 
 
 class SimulatedTrainer:
-    """A ``TrainerLike`` whose step sleeps ``train_s`` seconds (run in the engine's worker
-    thread, like a real step); ``save_hf`` writes a tiny placeholder folder (the simulated
-    server accepts any path in ``update_weights_from_disk``)."""
+    """A :class:`~nexrl_async.core.protocols.PolicyTrainer` whose step sleeps ``train_s``
+    seconds (run in the engine's worker thread, like a real step). It has no weights:
+    ``save_hf`` writes a tiny placeholder folder (the simulated server accepts any path in
+    ``update_weights_from_disk``), checkpoints hold only its step count, and log-probs, the
+    validation loss and parameter streams are empty."""
+
+    context_length = None
 
     def __init__(self, *, train_s: float, tokenizer: Any, seed: int = 0) -> None:
         self.train_s = train_s
         self.tokenizer = tokenizer
-        self.steps = 0
+        self.steps_done = 0
         self._rng = random.Random(seed)
 
     def step(self, batch: TrainBatch) -> dict[str, float]:
         start = time.perf_counter()
         time.sleep(self.train_s)
-        self.steps += 1
+        self.steps_done += 1
         samples = batch.trajectories
         return {
             "train/loss": self._rng.gauss(0.0, 1.0),
@@ -147,13 +151,34 @@ class SimulatedTrainer:
             "train/step_s": time.perf_counter() - start,
         }
 
+    def compute_logprobs(self, batch: TrainBatch) -> list[list[float]]:
+        return [[0.0] * t.num_tokens for t in batch.trajectories]
+
+    def validation_loss(self, batch: TrainBatch) -> dict[str, float]:
+        return {}
+
     def save_hf(self, path: str | Path) -> Path:
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(
-            f'{{"simulated": true, "steps": {self.steps}}}\n', encoding="utf-8"
+            f'{{"simulated": true, "steps": {self.steps_done}}}\n', encoding="utf-8"
         )
         return out
+
+    def named_parameters_for_sync(self) -> Iterator[tuple[str, Any]]:
+        return iter(())
+
+    def save_checkpoint(self, directory: str | Path) -> Path:
+        out = Path(directory)
+        (out / "simulated_trainer.json").write_text(json.dumps({"steps": self.steps_done}))
+        return out
+
+    def load_checkpoint(self, directory: str | Path) -> None:
+        state = json.loads((Path(directory) / "simulated_trainer.json").read_text())
+        self.steps_done = int(state["steps"])
+
+    def shutdown(self) -> None:
+        pass
 
 
 def char_tokenizer() -> Any:
@@ -248,7 +273,7 @@ def run_mode(
         eos_token_id=tokenizer.eos_token_id, seed=args.seed, weight_version=0,
     )  # fmt: skip
 
-    def factory(cfg: RecipeConfig, base_dir: Path) -> SimulatedTrainer:
+    def factory(spec: object) -> SimulatedTrainer:
         return SimulatedTrainer(train_s=args.train_s, tokenizer=tokenizer, seed=args.seed)
 
     from nexrl_async.engine.run import run_recipe  # imports torch: only once a run starts

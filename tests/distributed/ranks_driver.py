@@ -44,6 +44,7 @@ from nexrl_async.core.records import Group, TrainBatch, Trajectory, Turn, Versio
 from nexrl_async.train.ranks.follower import run_follower
 from nexrl_async.train.ranks.handle import DistributedTrainer, make_trainer
 from nexrl_async.train.ranks.topology import open_process_groups
+from nexrl_async.train.spec import TrainerSpec
 
 # ---- helpers for the tests --------------------------------------------------------------------
 
@@ -240,7 +241,7 @@ def main(scenario: str, work: Path) -> int:
     with open_process_groups(cfg.trainer) as groups:
         if groups.rank != 0:
             return run_follower(cfg, work, groups)
-        trainer = make_trainer(cfg, work, groups)
+        trainer = make_trainer(TrainerSpec.from_recipe(cfg, work), groups)
         assert isinstance(trainer, DistributedTrainer)
         _rank0(scenario, cfg, work, trainer)
         return 0

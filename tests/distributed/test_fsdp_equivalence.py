@@ -28,7 +28,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nexrl_async.train.ranks.handle import build_rank_trainer
+from nexrl_async.train.spec import TrainerSpec
+from nexrl_async.train.trainer import Trainer
 
 DRIVER = Path(__file__).with_name("ranks_driver.py")
 TOL = 1e-5
@@ -74,7 +75,7 @@ def test_two_ranks_under_torchrun_train_like_one(tmp_path: Path, driver: ModuleT
     two = json.loads((out / "rank0.json").read_text())
 
     torch.set_num_threads(1)
-    one = build_rank_trainer(cfg, tmp_path)
+    one = Trainer.from_spec(TrainerSpec.from_recipe(cfg, tmp_path))
     before = {name: p.detach().clone() for name, p in one.model.named_parameters()}
     metrics = [one.step(batch) for batch in driver.batches()]
     logprobs = one.compute_logprobs(driver.batches()[0])

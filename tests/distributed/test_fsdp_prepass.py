@@ -24,7 +24,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nexrl_async.train.ranks.handle import build_rank_trainer
+from nexrl_async.train.spec import TrainerSpec
+from nexrl_async.train.trainer import Trainer
 
 DRIVER = Path(__file__).with_name("ranks_driver.py")
 TOL = 1e-5
@@ -52,7 +53,7 @@ def test_two_ranks_without_the_pre_pass_train_like_one(tmp_path: Path) -> None:
     two = json.loads((tmp_path / "out" / "rank0.json").read_text())
 
     torch.set_num_threads(1)
-    one = build_rank_trainer(cfg, tmp_path)
+    one = Trainer.from_spec(TrainerSpec.from_recipe(cfg, tmp_path))
     assert one._skip_policy_pre_pass
     metrics = [one.step(batch) for batch in driver.batches()]
     for step, (expected, got) in enumerate(zip(metrics, two["metrics"], strict=True)):

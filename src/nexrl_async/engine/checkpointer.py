@@ -30,7 +30,6 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +39,10 @@ from loguru import logger
 
 from nexrl_async.config.training import CheckpointConfig
 from nexrl_async.core.errors import CheckpointError
+from nexrl_async.core.protocols import PolicyTrainer
 from nexrl_async.engine.flow import Flow, FlowState
 from nexrl_async.obs.ledger import Checkpointed, RunLedger
-from nexrl_async.train.checkpoint import CheckpointableTrainer, rng_state, save_trainer
-from nexrl_async.train.ranks.handle import DistributedTrainer
+from nexrl_async.train.checkpoint import rng_state
 
 ENGINE_FILE = "engine.msgpack"
 STATE_FORMAT = 1
@@ -102,17 +101,11 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def _checkpointable(trainer: object) -> bool:
-    return isinstance(trainer, CheckpointableTrainer | DistributedTrainer)
-
-
 class Checkpointer:
     """Saves checkpoints into ``root`` on the engine's schedule; see the module docstring.
 
     Args:
-        trainer: saved with DCP when it has ``model``/``optimizer``/``scheduler``/``steps_done``
-            (a simulated trainer without them: engine state only, with a warning).
-        export: writes the policy as an HF folder (``trainer.save_hf``), for ``final/``.
+        trainer: writes its own state into the checkpoint (``PolicyTrainer.save_checkpoint``).
         limiter: the engine's torch limiter (no save overlaps a train step).
         last_step: the step whose state needs no checkpoint (0 for a fresh run: the recipe
             rebuilds it; the resumed step after a resume).
@@ -123,8 +116,7 @@ class Checkpointer:
         cfg: CheckpointConfig,
         *,
         root: Path,
-        trainer: object,
-        export: Callable[[Path], object],
+        trainer: PolicyTrainer,
         flow: Flow,
         ledger: RunLedger,
         limiter: anyio.CapacityLimiter,
@@ -132,8 +124,7 @@ class Checkpointer:
     ) -> None:
         self.cfg = cfg
         self.root = root
-        self.trainer = trainer if _checkpointable(trainer) else None
-        self.export = export
+        self.trainer = trainer
         self.flow = flow
         self.ledger = ledger
         self.limiter = limiter
@@ -152,8 +143,6 @@ class Checkpointer:
         if step == self.last_step:
             return None
         started = time.perf_counter()
-        if self.trainer is None:
-            logger.warning("the trainer has no model/optimizer state: saving the engine only")
         try:
             flow = self.flow.snapshot()
         except (TypeError, msgspec.EncodeError) as err:
@@ -164,7 +153,7 @@ class Checkpointer:
             version=self.flow.gate.version,
             flow=flow,
             rng=rng_state(),
-            trainer=self.trainer is not None,
+            trainer=True,
             time=time.time(),
         )
         path = await anyio.to_thread.run_sync(self._write, state, limiter=self.limiter)
@@ -177,7 +166,7 @@ class Checkpointer:
         """``checkpoint.export_hf``: the final policy as an HF folder at ``path``."""
         if not self.cfg.export_hf:
             return None
-        await anyio.to_thread.run_sync(self.export, path, limiter=self.limiter)
+        await anyio.to_thread.run_sync(self.trainer.save_hf, path, limiter=self.limiter)
         logger.info("final model exported to {}", path)
         return path
 
@@ -187,10 +176,7 @@ class Checkpointer:
         try:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
-            if isinstance(self.trainer, DistributedTrainer):
-                self.trainer.save_checkpoint(staging)  # every rank writes its shards
-            elif isinstance(self.trainer, CheckpointableTrainer):
-                save_trainer(self.trainer, staging)
+            self.trainer.save_checkpoint(staging)  # at world size > 1 every rank writes its shards
             _write_synced(staging / ENGINE_FILE, _encode(state))
             remove_tree(final)  # a checkpoint of this step from an abandoned timeline
             os.replace(staging, final)

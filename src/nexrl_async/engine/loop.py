@@ -159,8 +159,8 @@ async def _train(
         metrics["timing/step_s"] = elapsed
         metrics["throughput/tokens_per_s"] = metrics.pop("rollout/generated_tokens") / elapsed
         ctx.metrics.log(batch.step, metrics)
-        parts.progress(step, metrics)
-        await parts.dump_samples(batch)
+        parts.reporting.progress(step, metrics)
+        await parts.reporting.dump_samples(batch)
         if parts.checkpointer.due(step):
             await parts.checkpointer.save(step)
         if stop.reason is not None:
@@ -198,7 +198,7 @@ async def _validate(ctx: RunContext, parts: Parts, *, step: int, final: bool) ->
         return {}
     metrics = await validate(
         parts.val_worker, parts.val_items, version=parts.flow.gate.version,
-        concurrency=ctx.cfg.rollout.workers, loss=parts.validation_loss(),
+        concurrency=ctx.cfg.rollout.workers, loss=parts.reporting.validation_loss,
     )  # fmt: skip
     ctx.ledger.emit(Validated(step=step, metrics=dict(metrics)))
     shown = {k: round(v, 4) for k, v in metrics.items() if k in ("val/reward_mean", "val/loss")}

@@ -1,34 +1,47 @@
 """The run's long-lived parts, built in dependency order and torn down in reverse.
 
-:func:`open_parts` yields a :class:`Parts`: trainer, data, staleness gate, pool, inference fleet
-and clients, weight publisher, rollout workers, validation items, checkpointer. Blocking set-up
-(loading the model, reading data) runs in worker threads. Given a :class:`Resume`, the state is
-restored on the way, in the order ``engine.resume`` describes.
+:func:`open_parts` yields a :class:`Parts`. Each part is built by one named step that also
+applies its own share of a :class:`~nexrl_async.engine.resume.Resume` (the order
+``engine.resume`` describes)::
+
+    trainer      build it, load the checkpoint's state              (worker thread)
+    model_dir    the HF folder the servers start from: the recipe's model, the built one saved,
+                 or the restored policy exported                     (worker thread)
+    flow         data source, staleness gate, pool; restored state   (worker thread for data)
+    fleet        servers launched (on the checkpoint's version) or attached
+    publisher    weight transport + state machine, at the checkpoint's version; the fleet's
+                 restart hook is bound to it once it exists
+    workers      the rollout and validation workers with their user code
+
+Teardown: the publisher's transport, then the trainer's ranks, then the fleet's servers, then
+the HTTP pool, each in a shielded scope.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 import msgspec
-from loguru import logger
 
 from nexrl_async.config.inference import AttachInference, NoInference, SGLangInference
 from nexrl_async.config.model import PretrainedModel
+from nexrl_async.config.rollout import RolloutConfig
 from nexrl_async.config.schema import RecipeConfig
 from nexrl_async.core.errors import ConfigError
+from nexrl_async.core.protocols import GroupWorker, PolicyTrainer
 from nexrl_async.core.records import DataItem, TrainBatch
 from nexrl_async.data import iterate_once, open_source
 from nexrl_async.engine.checkpointer import Checkpointer
 from nexrl_async.engine.context import RunContext
 from nexrl_async.engine.fleet_generator import FleetGenerator
 from nexrl_async.engine.flow import Flow
+from nexrl_async.engine.reporting import Reporting
 from nexrl_async.engine.resume import (
     Resume,
     restore_flow,
@@ -36,37 +49,23 @@ from nexrl_async.engine.resume import (
     resumed_inference,
     serving_folder,
 )
-from nexrl_async.engine.samples import write_samples
 from nexrl_async.engine.stats import CountingEvents, StepClock
-from nexrl_async.engine.validator import LossFn, validation_rollout
-from nexrl_async.inference.client.http import open_http_pool
+from nexrl_async.engine.validator import validation_rollout
+from nexrl_async.inference.client.http import Http, open_http_pool
 from nexrl_async.inference.client.sglang import SGLangClient
-from nexrl_async.inference.fleet.router import ServerHandle
 from nexrl_async.inference.fleet.supervisor import Fleet, open_fleet
 from nexrl_async.obs.ledger import RunResumed
-from nexrl_async.obs.progress import ProgressLine
 from nexrl_async.pipeline.pool import TrajectoryPool
 from nexrl_async.pipeline.staleness import StalenessGate
 from nexrl_async.rollout.loading import load_worker
-from nexrl_async.rollout.worker import RolloutWorker
-from nexrl_async.train.evaluation import run_validation_loss
+from nexrl_async.train.spec import TrainerSpec
 from nexrl_async.train.trainer import Trainer
 from nexrl_async.weights import DiskTransport, DistributedTransport, Publisher, Transport
 from nexrl_async.weights.sender import WeightSender
 
-
-class TrainerLike(Protocol):
-    """What the engine needs of a trainer (``train.Trainer``, a rank-0 handle, a simulation)."""
-
-    tokenizer: Any
-
-    def step(self, batch: TrainBatch) -> Mapping[str, float]: ...
-
-    def save_hf(self, path: str | Path) -> Path: ...
-
-
-TrainerFactory = Callable[[RecipeConfig, Path], TrainerLike]
-"""Builds the trainer from the recipe and its folder (blocking; runs in a worker thread)."""
+TrainerFactory = Callable[[TrainerSpec], PolicyTrainer]
+"""Builds the trainer from its spec (blocking; runs in a worker thread). The default is
+:meth:`Trainer.from_spec`; under torchrun rank 0's distributed handle; benchmarks simulate."""
 
 
 @dataclass(kw_only=True)
@@ -75,16 +74,16 @@ class Parts:
 
     cfg: RecipeConfig
     ctx: RunContext
-    trainer: TrainerLike
+    trainer: PolicyTrainer
     flow: Flow
     fleet: Fleet
     publisher: Publisher
     generator: FleetGenerator
     events: CountingEvents
-    worker: RolloutWorker
-    val_worker: RolloutWorker
+    worker: GroupWorker
+    val_worker: GroupWorker
     val_items: list[DataItem]
-    progress_line: ProgressLine
+    reporting: Reporting
     checkpointer: Checkpointer
     torch_limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(1))
 
@@ -95,21 +94,8 @@ class Parts:
         )
         return dict(result)
 
-    def validation_loss(self) -> LossFn | None:
-        """SFT validates by the loss of the held-out completions (world size 1 trainers)."""
-        if self.cfg.algorithm.mode != "sft":
-            return None
-        trainer = self.trainer
-        if not isinstance(trainer, Trainer):
-            logger.warning("val/loss needs a world-size-1 trainer; validation reports rewards")
-            return None
-
-        async def loss(batch: TrainBatch) -> dict[str, float]:
-            return await run_validation_loss(trainer, batch, limiter=self.torch_limiter)
-
-        return loss
-
     def pipeline_metrics(self, clock: StepClock) -> dict[str, float]:
+        """Gate, pool and rollout counters since the last step."""
         flow = self.flow
         out = {**flow.pool.metrics(), **flow.gate.metrics()}
         out["pipeline/gate_wait_s"] = clock.delta("gate_wait", flow.gate_wait_s)
@@ -121,23 +107,6 @@ class Parts:
             out[f"rollout/failed/{reason}"] = float(count)
         return out
 
-    def progress(self, step: int, metrics: dict[str, float]) -> None:
-        if self.cfg.algorithm.mode == "sft":  # no rewards and no generated tokens: show the loss
-            self.progress_line.update(step, loss=metrics.get("train/loss"))
-            return
-        self.progress_line.update(
-            step,
-            reward=metrics.get("rollout/reward_mean"),
-            staleness=metrics.get("pipeline/staleness_mean"),
-            tokens_per_s=metrics.get("throughput/tokens_per_s"),
-        )
-
-    async def dump_samples(self, batch: TrainBatch) -> None:
-        every = self.cfg.logging.samples_every_steps
-        if every and batch.step % every == 0:
-            path = self.ctx.run_dir.samples_dir / f"step_{batch.step:06d}.jsonl"
-            await anyio.to_thread.run_sync(write_samples, path, batch, self.trainer.tokenizer)
-
 
 @asynccontextmanager
 async def open_parts(
@@ -146,18 +115,57 @@ async def open_parts(
     trainer_factory: TrainerFactory | None = None,
     resume: Resume | None = None,
 ) -> AsyncIterator[Parts]:
-    cfg, base_dir = ctx.cfg, ctx.base_dir
-    factory = trainer_factory or build_trainer
-    trainer = await anyio.to_thread.run_sync(factory, cfg, base_dir)
-    model_dir = await anyio.to_thread.run_sync(_serving_dir, ctx, trainer, resume)
-    inference = cfg.inference
+    limiter = anyio.CapacityLimiter(1)
+    trainer = await _open_trainer(ctx, trainer_factory or Trainer.from_spec, resume)
+    try:
+        model_dir = await anyio.to_thread.run_sync(_serving_model, ctx, trainer, resume)
+        flow = await _open_flow(ctx, resume)
+        val_items = await anyio.to_thread.run_sync(_validation_items, ctx)
+        async with open_http_pool() as http, _open_fleet(ctx, model_dir, http, resume) as fleet:
+            clients = {
+                url: SGLangClient.from_config(url, ctx.cfg.inference, http=http)
+                for url in fleet.urls
+            }
+            publisher = await _open_publisher(
+                ctx, trainer, fleet, clients, model_dir=model_dir, limiter=limiter, resume=resume
+            )
+            try:
+                yield _assemble(ctx, trainer, flow, fleet, publisher, clients, val_items, limiter)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await publisher.aclose()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(trainer.shutdown, limiter=limiter)
+
+
+async def _open_trainer(
+    ctx: RunContext, factory: TrainerFactory, resume: Resume | None
+) -> PolicyTrainer:
+    """Build the trainer; on resume, load the checkpoint's state into it."""
+    spec = TrainerSpec.from_recipe(ctx.cfg, ctx.base_dir)
+    trainer = await anyio.to_thread.run_sync(factory, spec)
     if resume is not None:
-        inference = resumed_inference(inference, model_dir, resume.version)
-    data = await anyio.to_thread.run_sync(lambda: open_source(cfg.data, base_dir=base_dir))
-    val_items: list[DataItem] = []
-    if cfg.validation.data is not None:
-        val_data, limit = cfg.validation.data, cfg.validation.max_items
-        val_items = await anyio.to_thread.run_sync(lambda: iterate_once(val_data, base_dir, limit))
+        await anyio.to_thread.run_sync(restore_trainer, trainer, resume)
+    return trainer
+
+
+def _serving_model(ctx: RunContext, trainer: PolicyTrainer, resume: Resume | None) -> Path:
+    """The HF folder the servers start from (blocking)."""
+    if resume is not None:
+        return serving_folder(ctx.run_dir.weights_dir, resume, trainer.save_hf)
+    if isinstance(ctx.cfg.model, PretrainedModel):
+        return Path(ctx.cfg.model.path)
+    path = ctx.run_dir.root / "model"
+    if not (path / "config.json").exists():
+        trainer.save_hf(path)
+    return path
+
+
+async def _open_flow(ctx: RunContext, resume: Resume | None) -> Flow:
+    """Data source, gate and pool behind one condition; on resume, their saved state."""
+    cfg = ctx.cfg
+    data = await anyio.to_thread.run_sync(lambda: open_source(cfg.data, base_dir=ctx.base_dir))
     gate = StalenessGate(cfg.staleness, batch_groups=cfg.pool.batch_groups)
     # DAPO's dynamic sampling is the pool's zero-variance filter
     zero_var = cfg.pool.filter_zero_variance or cfg.algorithm.dynamic_sampling
@@ -169,72 +177,53 @@ async def open_parts(
     )
     if resume is not None:
         restore_flow(flow, resume)
-    holder: dict[str, Publisher] = {}
+    return flow
 
-    async def on_restart(server: ServerHandle) -> None:
-        if "publisher" in holder:
-            await holder["publisher"].on_restart(server)
 
-    async with (
-        open_http_pool() as http,
-        open_fleet(
-            inference, model_dir=model_dir, log_dir=ctx.run_dir.logs_dir, http=http,
-            on_restart=on_restart,
-        ) as fleet,
-    ):  # fmt: skip
-        clients = {
-            url: SGLangClient.from_config(url, cfg.inference, http=http) for url in fleet.urls
-        }
-        limiter = anyio.CapacityLimiter(1)
-        transport = _transport(ctx, trainer, clients, model_dir=model_dir, limiter=limiter)
-        publisher = Publisher(cfg.weights, fleet=fleet, clients=clients, transport=transport)
-        holder["publisher"] = publisher
-        if resume is not None:
-            await _resume_publisher(publisher, fleet, resume)
-        generator = FleetGenerator(
-            fleet, clients, current_version=lambda: gate.version,
-            retries=cfg.inference.retries, seed=cfg.run.seed,
-        )  # fmt: skip
-        events = CountingEvents(ctx.ledger)
-        checkpointer = Checkpointer(
-            cfg.checkpoint, root=ctx.run_dir.checkpoints_dir, trainer=trainer,
-            export=trainer.save_hf, flow=flow, ledger=ctx.ledger, limiter=limiter,
-            last_step=0 if resume is None else resume.step,
-        )  # fmt: skip
-        if resume is not None:
-            ctx.ledger.emit(RunResumed(step=resume.step, path=str(resume.path)))
-        common: dict[str, Any] = {
-            "tokenizer": trainer.tokenizer, "generator": generator, "base_dir": base_dir,
-            "required": list(cfg.data.required), "events": events,
-            "context_length": _context_length(trainer),
-        }  # fmt: skip
-        worker = load_worker(cfg.rollout, **common)
-        # its own tokenizer copy: a fast tokenizer must not run in two threads at once
-        val_worker = load_worker(
-            validation_rollout(cfg).rollout,
-            **{**common, "tokenizer": copy.deepcopy(trainer.tokenizer)},
-        )
-        _check_serverless(cfg, worker)
-        parts = Parts(
-            cfg=cfg, ctx=ctx, trainer=trainer, flow=flow, fleet=fleet, publisher=publisher,
-            generator=generator, events=events, val_items=val_items,
-            worker=worker, val_worker=val_worker,
-            progress_line=ProgressLine(
-                cfg.run.total_steps, terminal=ctx.terminal, enabled=cfg.logging.progress
-            ),
-            checkpointer=checkpointer, torch_limiter=limiter,
-        )  # fmt: skip
-        try:
-            yield parts
-        finally:
-            with anyio.CancelScope(shield=True):
-                await publisher.aclose()
-                await _shutdown(trainer, limiter)
+def _validation_items(ctx: RunContext) -> list[DataItem]:
+    val = ctx.cfg.validation
+    if val.data is None:
+        return []
+    return iterate_once(val.data, ctx.base_dir, val.max_items)
+
+
+def _open_fleet(
+    ctx: RunContext, model_dir: Path, http: Http, resume: Resume | None
+) -> AbstractAsyncContextManager[Fleet]:
+    """The servers; on resume, launched on the checkpoint's weights and version."""
+    inference = ctx.cfg.inference
+    if resume is not None:
+        inference = resumed_inference(inference, model_dir, resume.version)
+    return open_fleet(inference, model_dir=model_dir, log_dir=ctx.run_dir.logs_dir, http=http)
+
+
+async def _open_publisher(
+    ctx: RunContext,
+    trainer: PolicyTrainer,
+    fleet: Fleet,
+    clients: Mapping[str, SGLangClient],
+    *,
+    model_dir: Path,
+    limiter: anyio.CapacityLimiter,
+    resume: Resume | None,
+) -> Publisher:
+    """The weight publisher, bound as the fleet's restart hook; on resume, at the checkpoint's
+    version, with attached servers loaded with its weights."""
+    transport = _transport(ctx, trainer, clients, model_dir=model_dir, limiter=limiter)
+    publisher = Publisher(ctx.cfg.weights, fleet=fleet, clients=clients, transport=transport)
+    fleet.bind(on_restart=publisher.on_restart)
+    if resume is not None:
+        publisher.version = resume.version
+        if isinstance(fleet.cfg, AttachInference):
+            for server in fleet.servers:
+                await publisher.on_restart(server)
+        ctx.ledger.emit(RunResumed(step=resume.step, path=str(resume.path)))
+    return publisher
 
 
 def _transport(
     ctx: RunContext,
-    trainer: TrainerLike,
+    trainer: PolicyTrainer,
     clients: Mapping[str, SGLangClient],
     *,
     model_dir: Path,
@@ -247,71 +236,65 @@ def _transport(
             cfg.weights, clients=clients, weights_dir=ctx.run_dir.weights_dir,
             export=trainer.save_hf, initial_path=model_dir,
         )  # fmt: skip
-    params: Callable[[], Iterator[Any]] | None = getattr(trainer, "named_parameters_for_sync", None)
-    if params is None:
-        raise ConfigError(
-            'weights.transport = "distributed": this trainer cannot stream its parameters',
-            path="weights.transport",
-        )
     return DistributedTransport(
-        cfg.weights, clients=clients, params=params, sender_factory=WeightSender,
-        limiter=limiter, backend="nccl" if isinstance(cfg.inference, SGLangInference) else "gloo",
+        cfg.weights, clients=clients, params=trainer.named_parameters_for_sync,
+        sender_factory=WeightSender, limiter=limiter,
+        backend="nccl" if isinstance(cfg.inference, SGLangInference) else "gloo",
     )  # fmt: skip
 
 
-async def _shutdown(trainer: TrainerLike, limiter: anyio.CapacityLimiter) -> None:
-    """Release the other ranks of a distributed trainer (they wait for rank 0's commands)."""
-    shutdown = getattr(trainer, "shutdown", None)
-    if shutdown is not None:
-        await anyio.to_thread.run_sync(shutdown, limiter=limiter)
-
-
-def build_trainer(cfg: RecipeConfig, base_dir: Path) -> Trainer:
-    """The world-size-1 trainer the recipe describes."""
-    return Trainer.from_config(
-        cfg.model, cfg.tokenizer, algorithm=cfg.algorithm, optim=cfg.optim,
-        trainer=cfg.trainer, seed=cfg.run.seed, max_new_tokens=cfg.rollout.max_new_tokens,
-        total_steps=cfg.run.total_steps, temperature=cfg.rollout.sampling.temperature,
-        base_dir=base_dir,
+def _assemble(
+    ctx: RunContext,
+    trainer: PolicyTrainer,
+    flow: Flow,
+    fleet: Fleet,
+    publisher: Publisher,
+    clients: Mapping[str, SGLangClient],
+    val_items: list[DataItem],
+    limiter: anyio.CapacityLimiter,
+) -> Parts:
+    """The rollout side (generator, workers) and the step's helpers, around the built parts."""
+    cfg = ctx.cfg
+    generator = FleetGenerator(
+        fleet, clients, current_version=lambda: flow.gate.version,
+        retries=cfg.inference.retries, seed=cfg.run.seed,
+    )  # fmt: skip
+    events = CountingEvents(ctx.ledger)
+    worker, val_worker = _workers(ctx, trainer, generator, events)
+    checkpointer = Checkpointer(
+        cfg.checkpoint, root=ctx.run_dir.checkpoints_dir, trainer=trainer, flow=flow,
+        ledger=ctx.ledger, limiter=limiter, last_step=flow.gate.next_step,
+    )  # fmt: skip
+    return Parts(
+        cfg=cfg, ctx=ctx, trainer=trainer, flow=flow, fleet=fleet, publisher=publisher,
+        generator=generator, events=events, val_items=val_items,
+        worker=worker, val_worker=val_worker,
+        reporting=Reporting.for_run(ctx, trainer, limiter),
+        checkpointer=checkpointer, torch_limiter=limiter,
     )  # fmt: skip
 
 
-def _serving_dir(ctx: RunContext, trainer: TrainerLike, resume: Resume | None) -> Path:
-    """The HF folder the servers start from: the recipe's model, or the built one saved.
+def _workers(
+    ctx: RunContext, trainer: PolicyTrainer, generator: FleetGenerator, events: CountingEvents
+) -> tuple[GroupWorker, GroupWorker]:
+    """The rollout worker and the validation worker (its own tokenizer copy: a fast tokenizer
+    must not run in two threads at once)."""
+    cfg = ctx.cfg
 
-    On resume: the trainer's state is loaded and its policy exported (``engine.resume``).
-    """
-    if resume is not None:
-        restore_trainer(trainer, resume)
-        return serving_folder(ctx.run_dir.weights_dir, resume, trainer.save_hf)
-    if isinstance(ctx.cfg.model, PretrainedModel):
-        return Path(ctx.cfg.model.path)
-    path = ctx.run_dir.root / "model"
-    if not (path / "config.json").exists():
-        trainer.save_hf(path)
-    return path
+    def build(section: RolloutConfig, tokenizer: Any) -> GroupWorker:
+        return load_worker(
+            section, tokenizer=tokenizer, generator=generator, base_dir=ctx.base_dir,
+            required=list(cfg.data.required), events=events,
+            context_length=trainer.context_length,
+        )  # fmt: skip
 
-
-async def _resume_publisher(publisher: Publisher, fleet: Fleet, resume: Resume) -> None:
-    """The publisher starts at the checkpoint's version; attached servers load its weights."""
-    publisher.version = resume.version
-    if isinstance(fleet.cfg, AttachInference):
-        for server in fleet.servers:
-            await publisher.on_restart(server)
-
-
-def _check_serverless(cfg: RecipeConfig, worker: RolloutWorker) -> None:
-    """``inference.backend = "none"`` needs a worker that never generates."""
-    if isinstance(cfg.inference, NoInference) and getattr(worker, "generates", True):
+    worker = build(cfg.rollout, trainer.tokenizer)
+    val_worker = build(validation_rollout(cfg).rollout, copy.deepcopy(trainer.tokenizer))
+    if isinstance(cfg.inference, NoInference) and worker.generates:
         name = cfg.rollout.worker or "RolloutWorker"
         raise ConfigError(
             f'inference.backend = "none": rollout.worker = {name!r} generates its samples '
             "(set generates = False on a worker that does not, e.g. "
             '"nexrl_async.rollout.sft_worker:SFTWorker")'
         )
-
-
-def _context_length(trainer: TrainerLike) -> int | None:
-    model = getattr(trainer, "model", None)
-    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    return int(value) if value else None
+    return worker, val_worker

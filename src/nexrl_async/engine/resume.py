@@ -60,6 +60,7 @@ from loguru import logger
 
 from nexrl_async.config.inference import InferenceConfig, LocalInference, SGLangInference
 from nexrl_async.core.errors import CheckpointError, ConfigError
+from nexrl_async.core.protocols import PolicyTrainer
 from nexrl_async.engine.checkpointer import (
     ENGINE_FILE,
     EngineState,
@@ -68,13 +69,7 @@ from nexrl_async.engine.checkpointer import (
 )
 from nexrl_async.engine.flow import Flow
 from nexrl_async.obs.ledger import Admitted
-from nexrl_async.train.checkpoint import (
-    CheckpointableTrainer,
-    has_state,
-    load_trainer,
-    set_rng_state,
-)
-from nexrl_async.train.ranks.handle import DistributedTrainer
+from nexrl_async.train.checkpoint import set_rng_state
 
 AUTO = "auto"
 
@@ -127,17 +122,11 @@ def abandon_newer(checkpoints_dir: Path, step: int) -> None:
             logger.warning("checkpoint {} is newer than the resumed one: moved to {}", path, target)
 
 
-def restore_trainer(trainer: object, resume: Resume) -> None:
+def restore_trainer(trainer: PolicyTrainer, resume: Resume) -> None:
     """Step 1 (blocking): load the trainer state; steps done must match the checkpoint."""
-    if not isinstance(trainer, CheckpointableTrainer | DistributedTrainer):
-        logger.warning("the trainer has no checkpointable state; only the engine is restored")
-        return
-    if not resume.state.trainer or not has_state(resume.path):
+    if not resume.state.trainer:
         raise CheckpointError(f"{resume.path} holds no trainer state")
-    if isinstance(trainer, DistributedTrainer):
-        trainer.load_checkpoint(resume.path)  # every rank loads its shards
-    else:
-        load_trainer(trainer, resume.path)
+    trainer.load_checkpoint(resume.path)  # at world size > 1 every rank loads its shards
     if trainer.steps_done != resume.step:
         raise CheckpointError(
             f"{resume.path}: trainer state after {trainer.steps_done} steps, "

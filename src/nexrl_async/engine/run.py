@@ -13,6 +13,7 @@ starts fresh when it has none), anything else names a checkpoint folder (``engin
 
 from __future__ import annotations
 
+import functools
 import signal
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from nexrl_async.obs.ledger import RunFinished, RunResumed, RunStarted, Trained,
 from nexrl_async.obs.logs import setup_logging
 from nexrl_async.obs.rundir import RunDir
 from nexrl_async.train.ranks.follower import run_follower
-from nexrl_async.train.ranks.handle import trainer_factory as distributed_factory
+from nexrl_async.train.ranks.handle import make_trainer
 from nexrl_async.train.ranks.topology import Topology, open_process_groups
 
 
@@ -58,7 +59,7 @@ def run_recipe(
             if code != 0:
                 raise TrainError(f"rank {groups.rank} stopped after a failure (see rank 0)")
             return "follower"
-        factory = trainer_factory or distributed_factory(groups)
+        factory = trainer_factory or functools.partial(make_trainer, groups=groups)
         return _run_rank0(recipe, output, factory, resume)
 
 

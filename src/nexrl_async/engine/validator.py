@@ -15,8 +15,8 @@ import anyio
 import msgspec
 
 from nexrl_async.config.schema import RecipeConfig, ValidationConfig
+from nexrl_async.core.protocols import GroupWorker
 from nexrl_async.core.records import DataItem, Group, TrainBatch, VersionToken
-from nexrl_async.rollout.worker import RolloutWorker
 
 LossFn = Callable[[TrainBatch], Awaitable[dict[str, float]]]
 """Scores a batch of validation groups by the trainer's loss (SFT's ``val/loss``)."""
@@ -31,7 +31,7 @@ def validation_rollout(cfg: RecipeConfig) -> RecipeConfig:
 
 
 async def validate(
-    worker: RolloutWorker,
+    worker: GroupWorker,
     items: list[DataItem],
     *,
     version: int,

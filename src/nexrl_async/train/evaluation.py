@@ -14,39 +14,37 @@ with no loss tokens gives ``nan`` loss and perplexity and 0 tokens.
 
 ```
 batch = TrainBatch(step=step, groups=val_groups)          # e.g. from the SFT worker
-metrics = await run_validation_loss(trainer, batch, limiter=torch_limiter)
+metrics = trainer.validation_loss(batch)                  # Trainer.validation_loss calls this
 ```
 
-Blocking torch code: call :func:`validation_loss` from a worker thread (as
-:func:`run_validation_loss` does), through the same limiter as the train step, since a trainer
-serves one call at a time.
+Blocking torch code: call it from a worker thread, through the same limiter as the train step,
+since a trainer serves one call at a time.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
-import anyio.to_thread
 import msgspec
 import torch
-from anyio import CapacityLimiter
+from transformers import PreTrainedModel
 
 from nexrl_async.core.errors import TrainError
 from nexrl_async.core.records import Group, TrainBatch
 from nexrl_async.train.logprobs import batch_logprobs
 from nexrl_async.train.tensors import sequences_from_batch
-from nexrl_async.train.trainer import Trainer
 
 SFT_TEMPERATURE = 1.0
 """The NLL is the model's own distribution's, as the SFT loss trains it."""
 
 
-def validation_loss(trainer: Trainer, batch: TrainBatch) -> dict[str, float]:
+def validation_loss(
+    model: PreTrainedModel, batch: TrainBatch, *, pad_token_id: int, token_budget: int
+) -> dict[str, float]:
     """``val/loss``, ``val/ppl`` and ``val/tokens`` of ``batch`` (see the module docstring).
 
-    Runs the trainer's model in eval mode without gradients, micro-batch by micro-batch within
-    ``[trainer] micro_batch_tokens``; the model's mode and weights are left as they were.
+    Runs ``model`` in eval mode without gradients, micro-batch by micro-batch within
+    ``token_budget`` tokens; the model's mode and weights are left as they were.
 
     Raises:
         TrainError: a torch failure (a token id outside the vocabulary, out of memory).
@@ -55,12 +53,9 @@ def validation_loss(trainer: Trainer, batch: TrainBatch) -> dict[str, float]:
     if not kept.groups:
         return _metrics(math.nan, 0)
     try:
-        seq = sequences_from_batch(kept, pad_token_id=trainer.pad_token_id)
+        seq = sequences_from_batch(kept, pad_token_id=pad_token_id)
         logprobs, _ = batch_logprobs(
-            trainer.model,
-            seq,
-            token_budget=trainer.config.micro_batch_tokens,
-            temperature=SFT_TEMPERATURE,
+            model, seq, token_budget=token_budget, temperature=SFT_TEMPERATURE
         )
     except (RuntimeError, ValueError, IndexError) as err:
         raise TrainError(f"validation loss: {type(err).__name__}: {err}") from err
@@ -70,15 +65,6 @@ def validation_loss(trainer: Trainer, batch: TrainBatch) -> dict[str, float]:
         return _metrics(math.nan, 0)
     nll = -float(torch.where(mask, logprobs, 0.0).double().sum()) / tokens
     return _metrics(nll, tokens)
-
-
-async def run_validation_loss(
-    trainer: Trainer, batch: TrainBatch, *, limiter: CapacityLimiter | None = None
-) -> dict[str, float]:
-    """:func:`validation_loss` in a worker thread; ``limiter`` serialises torch calls (share
-    the train step's ``CapacityLimiter(1)``). Cancelling the caller lets the pass finish."""
-    call = functools.partial(validation_loss, trainer, batch)
-    return await anyio.to_thread.run_sync(call, limiter=limiter)
 
 
 def _scorable(batch: TrainBatch) -> TrainBatch:

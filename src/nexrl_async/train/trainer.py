@@ -1,11 +1,13 @@
 """The trainer: one synchronous ``step(batch) -> metrics`` per training step, on every rank.
 
 ```
-trainer = Trainer.from_config(cfg.model, cfg.tokenizer, algorithm=cfg.algorithm, optim=cfg.optim,
-                              trainer=cfg.trainer, seed=cfg.run.seed, ..., groups=groups)
-metrics = await run_step(trainer, batch, limiter=torch_limiter)   # torch off the loop thread
+trainer = Trainer.from_spec(TrainerSpec.from_recipe(cfg, base_dir), groups=groups)
+metrics = await anyio.to_thread.run_sync(trainer.step, batch, limiter=torch_limiter)
 trainer.save_hf(run_dir / "weights" / f"v{batch.step + 1}")       # publication / export
 ```
+
+:class:`Trainer` implements :class:`nexrl_async.core.protocols.PolicyTrainer`, the engine's
+view of a trainer. Whether a step is RL or SFT is decided once, when the trainer is built.
 
 An RL step (``algorithm.mode = "rl"``):
 
@@ -33,8 +35,8 @@ batch, and trains its share of each minibatch with global denominators: the upda
 size 1's, and the metrics are the same on every rank (except ``train/step_s``).
 ``prepare_batch`` runs on every rank with the same inputs, so it must be deterministic.
 
-Everything here is blocking torch code; the engine calls it through :func:`run_step` (a worker
-thread), never on the event loop. A trainer is not thread-safe: call one method at a time
+Everything here is blocking torch code; the engine calls it from a worker thread, never on the
+event loop. A trainer is not thread-safe: call one method at a time
 (``step``, ``save_hf``, ``named_parameters_for_sync``, checkpoints), e.g. all through one
 ``CapacityLimiter(1)``. The reference model is a frozen copy of the weights the
 trainer was constructed with; a checkpoint therefore does not store it (a resumed run builds
@@ -45,14 +47,11 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
 
-import anyio.to_thread
 import torch
-from anyio import CapacityLimiter
 from loguru import logger
 from torch import Tensor
 from torch.optim import Optimizer
@@ -61,16 +60,12 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from nexrl_async.algorithms import AdaptiveKLController, FixedKLController
-from nexrl_async.config.model import ModelConfig, TokenizerConfig
 from nexrl_async.config.training import AlgorithmConfig, KLConfig, OptimConfig, TrainerConfig
-from nexrl_async.core.errors import CheckpointError, ConfigError, TrainError
+from nexrl_async.core.errors import ConfigError, TrainError
 from nexrl_async.core.records import TrainBatch
-from nexrl_async.train.export import (
-    load_state_file,
-    parameters_for_sync,
-    save_hf_folder,
-    save_state_file,
-)
+from nexrl_async.train.checkpoint import load_trainer, save_trainer
+from nexrl_async.train.evaluation import validation_loss
+from nexrl_async.train.export import parameters_for_sync, save_hf_folder
 from nexrl_async.train.hook import PrepareBatchHook
 from nexrl_async.train.logprobs import model_device
 from nexrl_async.train.loss import ForwardCapture, RLLoss, SFTLoss
@@ -84,6 +79,7 @@ from nexrl_async.train.ranks.sharding import (
 )
 from nexrl_async.train.ranks.topology import ProcessGroups, Topology, training_device
 from nexrl_async.train.schedule import build_optimizer, build_scheduler
+from nexrl_async.train.spec import TrainerSpec
 from nexrl_async.train.step import UpdateSettings, run_updates
 from nexrl_async.train.targets import PrePass, build_targets, prepass_metrics
 from nexrl_async.train.tensors import SequenceBatch, sequences_from_batch
@@ -91,7 +87,6 @@ from nexrl_async.train.tensors import SequenceBatch, sequences_from_batch
 StepMetrics = dict[str, float]
 """Slash-namespaced metrics of one step (``train/loss``, ``train/grad_norm``, ...)."""
 
-STATE_FORMAT = 1
 GREEDY_TEMPERATURE = 1e-6
 """Below this the server samples greedily and reports plain log-softmax log-probs."""
 
@@ -146,11 +141,13 @@ class Trainer:
         self.steps_done = 0
         if trainer.activation_checkpointing:
             enable_activation_checkpointing(model)
-        if algorithm.mode == "sft" and (
-            algorithm.kl.placement != "none" or algorithm.prepare_batch is not None
-        ):
+        rl = algorithm.mode == "rl"  # the one place RL and SFT part ways
+        self._train: Callable[[SequenceBatch, int], StepMetrics] = (
+            self._rl_step if rl else self._sft_step
+        )
+        if not rl and (algorithm.kl.placement != "none" or algorithm.prepare_batch is not None):
             logger.warning("algorithm.mode = 'sft': kl and prepare_batch settings are ignored")
-        uses_kl = algorithm.mode == "rl" and algorithm.kl.placement != "none"
+        uses_kl = rl and algorithm.kl.placement != "none"
         self.reference = frozen_copy(model, on_cpu=algorithm.reference_on_cpu) if uses_kl else None
         if self.groups.distributed:
             self._shard(trainer.param_dtype, reference_on_cpu=algorithm.reference_on_cpu)
@@ -158,7 +155,7 @@ class Trainer:
         self.optimizer: Optimizer = build_optimizer(model.parameters(), optim)
         self.scheduler: LRScheduler = build_scheduler(self.optimizer, optim, total_steps)
         self._hook = None
-        if algorithm.mode == "rl" and algorithm.prepare_batch is not None:
+        if rl and algorithm.prepare_batch is not None:
             self._hook = PrepareBatchHook.load(algorithm.prepare_batch, base_dir or Path.cwd())
         self._skip_policy_pre_pass = _pre_pass_optional(algorithm) and not _has_dropout(model)
         self._settings = UpdateSettings(
@@ -177,59 +174,51 @@ class Trainer:
             shard_model(self.reference, self.groups, param_dtype=param_dtype, trainable=False)
 
     @classmethod
-    def from_config(
-        cls,
-        model_cfg: ModelConfig,
-        tokenizer_cfg: TokenizerConfig | None,
-        *,
-        algorithm: AlgorithmConfig,
-        optim: OptimConfig,
-        trainer: TrainerConfig,
-        seed: int,
-        max_new_tokens: int,
-        total_steps: int | None = None,
-        temperature: float = 1.0,
-        base_dir: Path | None = None,
-        groups: ProcessGroups | None = None,
-    ) -> Trainer:
-        """Set torch's threads, load the policy onto ``trainer.device`` and build the trainer.
+    def from_spec(cls, spec: TrainerSpec, *, groups: ProcessGroups | None = None) -> Trainer:
+        """Set torch's threads, load the policy onto ``spec.trainer.device`` and build the trainer.
 
         With ``groups`` (world size > 1) every rank loads the policy onto its own device
         (``groups.device``), float32 when FSDP2 computes in bf16 (the shards are the float32
-        master weights; exports are cast back to ``model_cfg.dtype``).
+        master weights; exports are cast back to ``spec.model.dtype``).
         """
-        set_torch_threads(trainer.threads)
+        cfg = spec.trainer
+        set_torch_threads(cfg.threads)
         if groups is None:
-            groups = ProcessGroups(
-                topology=Topology(), device=training_device(Topology(), trainer.device)
-            )
+            device = training_device(Topology(), cfg.device)
+            groups = ProcessGroups(topology=Topology(), device=device)
         mixed = groups.distributed and groups.device.type == "cuda"
-        mixed = mixed and trainer.param_dtype == "bfloat16"
+        mixed = mixed and cfg.param_dtype == "bfloat16"
         model, tokenizer = load_policy(
-            model_cfg,
-            tokenizer_cfg,
-            seed=seed,
+            spec.model,
+            spec.tokenizer,
+            seed=spec.seed,
             device=groups.device,
             dtype=torch.float32 if mixed else None,
         )
         return cls(
             model,
             tokenizer,
-            algorithm=algorithm,
-            optim=optim,
-            trainer=trainer,
-            max_new_tokens=max_new_tokens,
-            total_steps=total_steps,
-            temperature=temperature,
-            base_dir=base_dir,
+            algorithm=spec.algorithm,
+            optim=spec.optim,
+            trainer=cfg,
+            max_new_tokens=spec.max_new_tokens,
+            total_steps=spec.total_steps,
+            temperature=spec.temperature,
+            base_dir=spec.base_dir,
             groups=groups,
-            export_dtype=DTYPES[model_cfg.dtype] if mixed else None,
+            export_dtype=DTYPES[spec.model.dtype] if mixed else None,
         )
 
     @property
     def device(self) -> torch.device:
         """The policy's device."""
         return model_device(self.model)
+
+    @property
+    def context_length(self) -> int | None:
+        """The policy's ``max_position_embeddings`` (``None`` when its config has none)."""
+        value = getattr(self.model.config, "max_position_embeddings", None)
+        return int(value) if value else None
 
     def step(self, batch: TrainBatch) -> StepMetrics:
         """Train on ``batch`` (blocking); returns its metrics.
@@ -244,10 +233,7 @@ class Trainer:
         lr = float(self.optimizer.param_groups[0]["lr"])
         try:
             seq = sequences_from_batch(batch, pad_token_id=self.pad_token_id)
-            if self.algorithm.mode == "sft":
-                metrics = self._sft_step(seq)
-            else:
-                metrics = self._rl_step(seq, batch.step)
+            metrics = self._train(seq, batch.step)
         except (RuntimeError, ValueError) as err:
             raise TrainError(f"step {batch.step}: {type(err).__name__}: {err}") from err
         self.scheduler.step()
@@ -288,7 +274,7 @@ class Trainer:
             self.kl_controller.update(metrics["train/kl"], int(min(seq.size, horizon)))
         return metrics
 
-    def _sft_step(self, seq: SequenceBatch) -> StepMetrics:
+    def _sft_step(self, seq: SequenceBatch, step: int) -> StepMetrics:
         loss = SFTLoss(
             loss_mask=seq.loss_mask,
             agg=self.algorithm.loss_agg,
@@ -368,57 +354,33 @@ class Trainer:
             return parameters_for_sync(self.model)
         return gathered_parameters(self.model, self.export_dtype)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Model, optimizer, scheduler and KL controller state, and ``steps_done``.
+    def validation_loss(self, batch: TrainBatch) -> StepMetrics:
+        """``val/*`` NLL metrics of ``batch`` (see :mod:`nexrl_async.train.evaluation`).
 
-        The tensors are the live ones (no copy): save the dict before the next step.
-
-        Raises:
-            CheckpointError: the model is sharded (use ``train.checkpoint``, which is collective).
+        Sharded: every rank calls it with the same batch.
         """
-        self._require_unsharded()
-        return {
-            "format": STATE_FORMAT,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "kl_controller": self.kl_controller.state_dict() if self.kl_controller else None,
-            "steps_done": self.steps_done,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (from a trainer built with the same config).
-
-        Raises:
-            CheckpointError: the state does not fit this trainer.
-        """
-        self._require_unsharded()
-        if state.get("format") != STATE_FORMAT:
-            raise CheckpointError(f"unknown trainer state format {state.get('format')!r}")
-        try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            if self.kl_controller is not None and state["kl_controller"] is not None:
-                self.kl_controller.load_state_dict(state["kl_controller"])
-            self.steps_done = int(state["steps_done"])
-        except (KeyError, RuntimeError, ValueError) as err:
-            raise CheckpointError(f"trainer state does not fit this trainer: {err}") from err
+        return validation_loss(
+            self.model,
+            batch,
+            pad_token_id=self.pad_token_id,
+            token_budget=self.config.micro_batch_tokens,
+        )
 
     def save_checkpoint(self, directory: str | Path) -> Path:
-        """Write :meth:`state_dict` into ``directory`` (``trainer.pt``, atomically)."""
-        return save_state_file(self.state_dict(), directory)
+        """Model, optimizer, schedule, KL controller and ``steps_done`` into ``directory`` with
+        DCP (:func:`~nexrl_async.train.checkpoint.save_trainer`; sharded: every rank calls it)."""
+        return save_trainer(self, directory)
 
     def load_checkpoint(self, directory: str | Path) -> None:
-        """Restore the state :meth:`save_checkpoint` wrote into ``directory``."""
-        self._require_unsharded()
-        self.load_state_dict(load_state_file(directory))
+        """Restore what :meth:`save_checkpoint` wrote, into a trainer built from the same spec.
 
-    def _require_unsharded(self) -> None:
-        if self.groups.distributed:
-            raise CheckpointError(
-                "a sharded trainer saves and loads through train.checkpoint (DCP), not trainer.pt"
-            )
+        Raises:
+            CheckpointError: no trainer state in ``directory``, or it does not fit.
+        """
+        load_trainer(self, directory)
+
+    def shutdown(self) -> None:
+        """Nothing to release at world size 1 (rank 0's handle releases the followers)."""
 
 
 def _pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -454,22 +416,3 @@ def _kl_controller(cfg: KLConfig) -> KLController:
         return FixedKLController(cfg.coef)
     except ValueError as err:
         raise ConfigError(f"algorithm.kl: {err}", path="algorithm.kl") from err
-
-
-class SupportsStep(Protocol):
-    """Anything with a blocking ``step(batch) -> metrics`` (the trainer; fakes in tests)."""
-
-    def step(self, batch: TrainBatch) -> StepMetrics: ...
-
-
-async def run_step(
-    trainer: SupportsStep, batch: TrainBatch, *, limiter: CapacityLimiter | None = None
-) -> StepMetrics:
-    """Run ``trainer.step(batch)`` in a worker thread so the event loop keeps serving rollouts.
-
-    Cancelling the caller does not interrupt the step (torch cannot be stopped half-way
-    safely): the step runs to the end, its metrics are returned, and the pending cancellation
-    is delivered at the caller's next checkpoint. ``limiter`` bounds how many torch calls run
-    at once (one per process is the rule: share a ``CapacityLimiter(1)``).
-    """
-    return await anyio.to_thread.run_sync(trainer.step, batch, limiter=limiter)

@@ -15,7 +15,7 @@ from nexrl_async.core.records import DataItem, TrainBatch, VersionToken
 from nexrl_async.data.source import iterate_once
 from nexrl_async.rollout.loading import load_worker
 from nexrl_async.rollout.sft_worker import SFTWorker
-from nexrl_async.train.evaluation import validation_loss
+from nexrl_async.train.spec import TrainerSpec
 from nexrl_async.train.trainer import Trainer
 
 RECIPE = Path(__file__).parents[3] / "recipes" / "reverse_digits" / "sft.toml"
@@ -42,11 +42,7 @@ def trainer(loaded: LoadedRecipe) -> Trainer:
     cfg = loaded.config
     assert cfg.algorithm.mode == "sft"
     assert cfg.rollout.group_size == 1
-    return Trainer.from_config(
-        cfg.model, cfg.tokenizer, algorithm=cfg.algorithm, optim=cfg.optim,
-        trainer=cfg.trainer, seed=cfg.run.seed, max_new_tokens=cfg.rollout.max_new_tokens,
-        total_steps=cfg.run.total_steps, base_dir=loaded.base_dir,
-    )  # fmt: skip
+    return Trainer.from_spec(TrainerSpec.from_recipe(cfg, loaded.base_dir))
 
 
 async def groups_of(worker: SFTWorker, items: list[DataItem], version: int) -> TrainBatch:
@@ -78,7 +74,7 @@ async def test_sft_steps_lower_the_validation_loss(loaded: LoadedRecipe, trainer
     val_items = iterate_once(cfg.validation.data, base_dir)
     val = await groups_of(worker, val_items, 0)
     answers = [str(item.fields["answer"]) for item in val_items]
-    before = validation_loss(trainer, val)
+    before = trainer.validation_loss(val)
     assert before["val/tokens"] == 3 * len(val_items)  # two digits and EOS per answer
     size = cfg.pool.batch_groups
     items = iterate_once(cfg.data, base_dir, STEPS * size, shuffle=True)
@@ -87,7 +83,7 @@ async def test_sft_steps_lower_the_validation_loss(loaded: LoadedRecipe, trainer
         batch = await groups_of(worker, items[step * size : (step + 1) * size], step)
         metrics = await anyio.to_thread.run_sync(trainer.step, batch)
         losses.append(metrics["train/loss"])
-    after = validation_loss(trainer, val)
+    after = trainer.validation_loss(val)
     assert after["val/loss"] < 0.3 * before["val/loss"], (before, after)
     assert after["val/ppl"] < before["val/ppl"]
     assert sum(losses[-5:]) < sum(losses[:5])

@@ -10,6 +10,7 @@ from tiny_train import TINY, _one_thread, make_batch, make_traj, tiny_model
 
 from nexrl_async.config.model import CharTokenizer
 from nexrl_async.config.training import AlgorithmConfig, OptimConfig, TrainerConfig
+from nexrl_async.train.spec import TrainerSpec
 from nexrl_async.train.trainer import Trainer
 
 __all__ = ["_one_thread", "make_batch", "make_trainer", "make_traj", "tiny_model"]
@@ -27,14 +28,15 @@ def make_trainer() -> Callable[..., Trainer]:
         **kwargs: Any,
     ) -> Trainer:
         kwargs.setdefault("max_new_tokens", 8)
-        return Trainer.from_config(
-            TINY,
-            CharTokenizer(),
+        spec = TrainerSpec(
+            model=TINY,
+            tokenizer=CharTokenizer(),
             algorithm=algorithm or AlgorithmConfig(),
             optim=optim or OptimConfig(lr=1e-2, max_grad_norm=None),
             trainer=trainer or TrainerConfig(micro_batch_tokens=16, threads=1),
             seed=0,
             **kwargs,
         )
+        return Trainer.from_spec(spec)
 
     return make

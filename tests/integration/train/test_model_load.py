@@ -12,6 +12,7 @@ from nexrl_async.config.training import AlgorithmConfig, OptimConfig, TrainerCon
 from nexrl_async.core.errors import ConfigError
 from nexrl_async.train.build import save_model_dir
 from nexrl_async.train.model_loading import frozen_copy, load_policy, resolve_device
+from nexrl_async.train.spec import TrainerSpec
 from nexrl_async.train.trainer import Trainer
 
 TINY = BuiltModel(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
@@ -83,18 +84,19 @@ def test_reference_is_a_frozen_independent_copy() -> None:
     assert not _same(model, ref)
 
 
-def test_from_config_sets_torch_threads() -> None:
+def test_from_spec_sets_torch_threads() -> None:
     before = torch.get_num_threads()
     try:
-        Trainer.from_config(
-            TINY,
-            CharTokenizer(),
+        spec = TrainerSpec(
+            model=TINY,
+            tokenizer=CharTokenizer(),
             algorithm=AlgorithmConfig(),
             optim=OptimConfig(),
             trainer=TrainerConfig(threads=2, device="cpu"),
             seed=0,
             max_new_tokens=4,
         )
+        Trainer.from_spec(spec)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

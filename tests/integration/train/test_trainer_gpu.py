@@ -11,6 +11,7 @@ import torch
 from nexrl_async.config.model import BuiltModel, CharTokenizer
 from nexrl_async.config.training import AlgorithmConfig, KLConfig, OptimConfig, TrainerConfig
 from nexrl_async.core.records import TrainBatch, Trajectory
+from nexrl_async.train.spec import TrainerSpec
 from nexrl_async.train.trainer import Trainer
 
 pytestmark = pytest.mark.gpu
@@ -27,15 +28,16 @@ def test_rl_step_on_cuda_with_the_reference_on_cpu(
         dtype=dtype,  # type: ignore[arg-type]
     )
     algo = AlgorithmConfig(kl=KLConfig(placement="loss"), reference_on_cpu=True, entropy_coef=0.01)
-    trainer = Trainer.from_config(
-        model,
-        CharTokenizer(),
+    spec = TrainerSpec(
+        model=model,
+        tokenizer=CharTokenizer(),
         algorithm=algo,
         optim=OptimConfig(lr=1e-3),
         trainer=TrainerConfig(device="cuda", micro_batch_tokens=8),
         seed=0,
         max_new_tokens=8,
     )
+    trainer = Trainer.from_spec(spec)
     assert trainer.device.type == "cuda"
     assert trainer.reference is not None
     assert next(trainer.reference.parameters()).device.type == "cpu"

@@ -22,6 +22,7 @@ from nexrl_async.engine.flow import Flow
 from nexrl_async.obs.ledger import RunLedger
 from nexrl_async.pipeline.pool import TrajectoryPool
 from nexrl_async.pipeline.staleness import StalenessGate
+from nexrl_async.train.checkpoint import load_trainer, save_trainer
 
 torch.set_num_threads(1)
 
@@ -42,7 +43,7 @@ class TinyLM(torch.nn.Module):
 
 @dataclass
 class FakeTrainer:
-    """Has what ``train.checkpoint.CheckpointableTrainer`` and the engine's exporter need."""
+    """Has what ``train.checkpoint.CheckpointableTrainer`` and the engine's checkpointer need."""
 
     model: torch.nn.Module = field(default_factory=TinyLM)
     steps_done: int = 0
@@ -68,6 +69,12 @@ class FakeTrainer:
         (path / "config.json").write_text("{}")
         self.exported.append(path)
         return path
+
+    def save_checkpoint(self, directory: Path) -> Path:
+        return save_trainer(self, directory)
+
+    def load_checkpoint(self, directory: Path) -> None:
+        load_trainer(self, directory)
 
 
 def make_group(token: VersionToken, key: str, *, failed: bool = False) -> Group:

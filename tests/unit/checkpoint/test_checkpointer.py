@@ -43,8 +43,8 @@ FlowFactory = Callable[..., Flow]
 
 def checkpointer(root: Path, flow: Flow, trainer: Any, **cfg: Any) -> Checkpointer:
     return Checkpointer(
-        CheckpointConfig(**cfg), root=root, trainer=trainer, export=trainer.save_hf, flow=flow,
-        ledger=flow.ledger, limiter=anyio.CapacityLimiter(1),
+        CheckpointConfig(**cfg), root=root, trainer=trainer, flow=flow, ledger=flow.ledger,
+        limiter=anyio.CapacityLimiter(1),
     )  # fmt: skip
 
 
@@ -127,18 +127,32 @@ async def test_round_trip_restores_trainer_and_flow(
         restore_trainer(new_trainer(), Resume.load(skewed))
 
 
-async def test_a_trainer_without_state_checkpoints_the_engine_only(
+async def test_the_trainer_writes_and_reads_its_own_state(
     tmp_path: Path, new_flow: FlowFactory
 ) -> None:
     class Simulated:
+        """A trainer without weights: its state is a step count in a file of its own."""
+
+        def __init__(self, steps: int = 0) -> None:
+            self.steps_done = steps
+
         def save_hf(self, path: Path) -> Path:
             return path
 
-    path = await checkpointer(tmp_path, new_flow(), Simulated()).save(2)
+        def save_checkpoint(self, directory: Path) -> Path:
+            (directory / "steps.txt").write_text(str(self.steps_done))
+            return directory
+
+        def load_checkpoint(self, directory: Path) -> None:
+            self.steps_done = int((directory / "steps.txt").read_text())
+
+    path = await checkpointer(tmp_path, new_flow(), Simulated(2)).save(2)
     assert path is not None
-    assert not (path / "trainer").exists()
-    assert read_engine_state(path).trainer is False
-    restore_trainer(Simulated(), Resume.load(path))  # nothing to load: a warning only
+    assert (path / "steps.txt").read_text() == "2"
+    assert read_engine_state(path).trainer is True
+    fresh = Simulated()
+    restore_trainer(fresh, Resume.load(path))  # type: ignore[arg-type]
+    assert fresh.steps_done == 2
 
 
 def test_find_checkpoint_and_abandon_newer(tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import anyio
 import msgspec
 import pytest
 import torch
@@ -17,7 +16,6 @@ from nexrl_async.config.training import AlgorithmConfig, OptimConfig, TrainerCon
 from nexrl_async.core.errors import TrainError
 from nexrl_async.core.records import FailureReason, Status, TrainBatch, Trajectory
 from nexrl_async.train.build import build_char_tokenizer
-from nexrl_async.train.evaluation import run_validation_loss, validation_loss
 from nexrl_async.train.trainer import Trainer
 
 MakeTraj = Callable[..., Trajectory]
@@ -64,7 +62,7 @@ def test_mean_nll_per_loss_token(
 ) -> None:
     # budget 1: every row is its own micro-batch; 64: rows padded together
     total, count = reference_nll(tiny_model, batch.trajectories)
-    metrics = validation_loss(make_trainer(tiny_model, budget), batch)
+    metrics = make_trainer(tiny_model, budget).validation_loss(batch)
     assert set(metrics) == {"val/loss", "val/ppl", "val/tokens"}
     assert metrics["val/tokens"] == count == 15
     assert metrics["val/loss"] == pytest.approx(total / count, rel=1e-5)
@@ -79,11 +77,11 @@ def test_model_mode_grads_and_weights_are_untouched(
     trainer = make_trainer(tiny_model)
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     tiny_model.train()
-    first = validation_loss(trainer, batch)
+    first = trainer.validation_loss(batch)
     assert tiny_model.training
     assert all(p.grad is None for p in tiny_model.parameters())
     tiny_model.train(False)
-    assert validation_loss(trainer, batch) == first  # deterministic: dropout was off both times
+    assert trainer.validation_loss(batch) == first  # deterministic: dropout was off both times
     assert not tiny_model.training
     after = tiny_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -91,10 +89,10 @@ def test_model_mode_grads_and_weights_are_untouched(
 
 def test_a_training_step_lowers_it(tiny_model: PreTrainedModel, batch: TrainBatch) -> None:
     trainer = make_trainer(tiny_model)
-    start = validation_loss(trainer, batch)["val/loss"]
+    start = trainer.validation_loss(batch)["val/loss"]
     for _ in range(3):
         trainer.step(batch)
-    assert validation_loss(trainer, batch)["val/loss"] < start - 0.1
+    assert trainer.validation_loss(batch)["val/loss"] < start - 0.1
 
 
 def test_failed_trajectories_are_skipped(
@@ -107,8 +105,8 @@ def test_failed_trajectories_are_skipped(
         failure=FailureReason.BAD_ITEM,
     )
     with_bad = make_batch(*[g.trajectories for g in batch.groups], [bad])
-    assert validation_loss(trainer, with_bad) == validation_loss(trainer, batch)
-    only_bad = validation_loss(trainer, make_batch([bad]))
+    assert trainer.validation_loss(with_bad) == trainer.validation_loss(batch)
+    only_bad = trainer.validation_loss(make_batch([bad]))
     assert only_bad["val/tokens"] == 0.0
     assert math.isnan(only_bad["val/loss"])
     assert math.isnan(only_bad["val/ppl"])
@@ -118,12 +116,12 @@ def test_no_loss_tokens_gives_nan(
     tiny_model: PreTrainedModel, make_traj: MakeTraj, make_batch: MakeBatch
 ) -> None:
     trainer = make_trainer(tiny_model)
-    empty = validation_loss(trainer, TrainBatch(step=0, groups=[]))
+    empty = trainer.validation_loss(TrainBatch(step=0, groups=[]))
     assert empty["val/tokens"] == 0.0
     assert math.isnan(empty["val/loss"])
     traj = make_traj("a", 0, [1, 4, 5], [6])
     prompt_only = msgspec.structs.replace(traj, turns=traj.turns[:1])
-    metrics = validation_loss(trainer, make_batch([prompt_only]))
+    metrics = trainer.validation_loss(make_batch([prompt_only]))
     assert metrics["val/tokens"] == 0.0
     assert math.isnan(metrics["val/loss"])
 
@@ -133,12 +131,4 @@ def test_torch_failures_are_train_errors(
 ) -> None:
     batch = make_batch([make_traj("a", 0, [1, 4], [99999, 2])])  # id beyond the vocabulary
     with pytest.raises(TrainError, match="validation loss"):
-        validation_loss(make_trainer(tiny_model), batch)
-
-
-async def test_runs_in_a_worker_thread(tiny_model: PreTrainedModel, batch: TrainBatch) -> None:
-    trainer = make_trainer(tiny_model)
-    limiter = anyio.CapacityLimiter(1)
-    assert await run_validation_loss(trainer, batch, limiter=limiter) == validation_loss(
-        trainer, batch
-    )
+        make_trainer(tiny_model).validation_loss(batch)

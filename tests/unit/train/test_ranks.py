@@ -40,9 +40,10 @@ from nexrl_async.train.ranks.commands import (
     is_secondary,
     status_of,
 )
-from nexrl_async.train.ranks.handle import DistributedTrainer, make_trainer, trainer_factory
+from nexrl_async.train.ranks.handle import DistributedTrainer, make_trainer
 from nexrl_async.train.ranks.lockstep import rank_rows
 from nexrl_async.train.ranks.topology import ProcessGroups, Topology
+from nexrl_async.train.spec import TrainerSpec
 from nexrl_async.train.step import Tally
 from nexrl_async.train.trainer import Trainer
 
@@ -297,7 +298,7 @@ def _recipe() -> RecipeConfig:
 
 def test_world_size_one_gets_a_plain_trainer(tmp_path: Path) -> None:
     groups = ProcessGroups(topology=Topology(), device=torch.device("cpu"))
-    trainer = trainer_factory(groups)(_recipe(), tmp_path)
+    trainer = make_trainer(TrainerSpec.from_recipe(_recipe(), tmp_path), groups)
     assert type(trainer) is Trainer
     assert not trainer.groups.distributed
 
@@ -308,7 +309,7 @@ def test_make_trainer_is_rank_0s() -> None:
         device=torch.device("cpu"),
     )
     with pytest.raises(TrainError, match="rank 1 runs run_follower"):
-        make_trainer(_recipe(), Path("."), groups)
+        make_trainer(TrainerSpec.from_recipe(_recipe(), Path(".")), groups)
 
 
 # ---- a real channel at world size 1 -----------------------------------------------------------

@@ -79,6 +79,11 @@ class Fleet:
         self.processes: set[ServerProcess] = set()
         """Server processes running now (a process is removed once it is stopped and reaped)."""
 
+    def bind(self, *, on_restart: RestartHook) -> None:
+        """Set the hook a relaunched server goes through before it is routed again (the weight
+        publisher, built after the fleet: this is how that cycle is wired)."""
+        self.on_restart = on_restart
+
     @property
     def urls(self) -> list[str]:
         return [server.url for server in self.servers]

@@ -41,6 +41,7 @@ from nexrl_async.core.process import mark_unsafe_teardown
 from nexrl_async.core.records import TrainBatch
 from nexrl_async.train.checkpoint import load_trainer, save_trainer
 from nexrl_async.train.ranks.topology import ProcessGroups
+from nexrl_async.train.spec import TrainerSpec
 from nexrl_async.train.trainer import Trainer
 
 # ---- commands ---------------------------------------------------------------------------------
@@ -54,6 +55,12 @@ class TrainStep(msgspec.Struct, frozen=True, tag="train_step"):
 
 class ComputeLogprobs(msgspec.Struct, frozen=True, tag="compute_logprobs"):
     """``Trainer.compute_logprobs`` on the batch (msgpack bytes of a TrainBatch)."""
+
+    batch: bytes
+
+
+class ValidationLoss(msgspec.Struct, frozen=True, tag="validation_loss"):
+    """``Trainer.validation_loss`` on the batch (msgpack bytes of a TrainBatch)."""
 
     batch: bytes
 
@@ -87,7 +94,14 @@ class Shutdown(msgspec.Struct, frozen=True, tag="shutdown"):
 
 
 Command = (
-    TrainStep | ComputeLogprobs | SaveHF | SaveCheckpoint | LoadCheckpoint | SyncWeights | Shutdown
+    TrainStep
+    | ComputeLogprobs
+    | ValidationLoss
+    | SaveHF
+    | SaveCheckpoint
+    | LoadCheckpoint
+    | SyncWeights
+    | Shutdown
 )
 
 _COMMANDS = msgspec.msgpack.Decoder(Command)
@@ -300,6 +314,8 @@ def execute(trainer: Trainer, command: Command, hooks: RankHooks) -> object:
             return trainer.step(decode_batch(data))
         case ComputeLogprobs(batch=data):
             return trainer.compute_logprobs(decode_batch(data))
+        case ValidationLoss(batch=data):
+            return trainer.validation_loss(decode_batch(data))
         case SaveHF(path=path):
             return trainer.save_hf(path)
         case SaveCheckpoint(path=path):
@@ -323,3 +339,20 @@ def drain(params: Iterator[tuple[str, Tensor]]) -> None:
     """Run the rest of a parameter stream (its gathers are collectives the others wait on)."""
     for _ in params:
         pass
+
+
+def build_on_every_rank(spec: TrainerSpec, channel: RankChannel) -> Trainer:
+    """This rank's trainer, once every rank reported building its own.
+
+    Raises:
+        RankFailure: some rank failed to build its trainer (named in the message).
+    """
+    trainer: Trainer | None = None
+    error: Exception | None = None
+    try:
+        trainer = Trainer.from_spec(spec, groups=channel.groups)
+    except Exception as err:  # noqa: BLE001 - reported to every rank, then re-raised
+        error = err
+    channel.agree(error, what="building the trainer")
+    assert trainer is not None
+    return trainer

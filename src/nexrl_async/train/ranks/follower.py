@@ -34,13 +34,13 @@ from nexrl_async.train.ranks.commands import (
     RankFailure,
     RankHooks,
     Shutdown,
+    build_on_every_rank,
     describe,
     execute,
     is_secondary,
 )
-from nexrl_async.train.ranks.handle import build_rank_trainer
 from nexrl_async.train.ranks.topology import ProcessGroups
-from nexrl_async.train.trainer import Trainer
+from nexrl_async.train.spec import TrainerSpec
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -70,7 +70,7 @@ def _serve(cfg: RecipeConfig, base_dir: Path, groups: ProcessGroups, hooks: Rank
     channel = RankChannel(groups)
     rank = groups.rank
     try:
-        trainer = _build(cfg, base_dir, groups, channel)
+        trainer = build_on_every_rank(TrainerSpec.from_recipe(cfg, base_dir), channel)
     except RankFailure as err:
         logger.error("rank {}: stopping: {}", rank, err)
         return EXIT_FAILED
@@ -95,22 +95,6 @@ def _serve(cfg: RecipeConfig, base_dir: Path, groups: ProcessGroups, hooks: Rank
         except RankFailure as err:
             logger.error("rank {}: stopping: {}", rank, err)
             return EXIT_FAILED
-
-
-def _build(
-    cfg: RecipeConfig, base_dir: Path, groups: ProcessGroups, channel: RankChannel
-) -> Trainer:
-    """This rank's trainer, once every rank reported building its own."""
-    trainer: Trainer | None = None
-    error: Exception | None = None
-    try:
-        trainer = build_rank_trainer(cfg, base_dir, groups)
-    except Exception as err:  # noqa: BLE001 - reported to every rank
-        logger.error("rank {}: building the trainer failed: {}", groups.rank, err)
-        error = err
-    channel.agree(error, what="building the trainer")
-    assert trainer is not None
-    return trainer
 
 
 @contextmanager

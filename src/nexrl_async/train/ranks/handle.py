@@ -2,17 +2,15 @@
 
 ```
 groups = init_process_groups(Topology.from_env(), device=..., timeout_s=...)
-trainer = make_trainer(cfg, base_dir, groups)   # Trainer (world size 1) or DistributedTrainer
+trainer = make_trainer(spec, groups)            # Trainer (world size 1) or DistributedTrainer
 metrics = trainer.step(batch)                   # rank 0 broadcasts TrainStep, then trains its share
 trainer.save_hf(path)                           # every rank gathers, rank 0 writes
 trainer.shutdown()                              # followers leave their loop
 destroy(groups)
 ```
 
-:class:`DistributedTrainer` has the world-size-1 :class:`~nexrl_async.train.trainer.Trainer`'s
-blocking API (``step``, ``compute_logprobs``, ``save_hf``, ``named_parameters_for_sync``,
-``tokenizer``, ``model``, ``steps_done``) plus ``save_checkpoint``/``load_checkpoint`` in the
-``train.checkpoint`` (DCP) layout: each call broadcasts the matching command
+Both implement :class:`nexrl_async.core.protocols.PolicyTrainer`: each call of a
+:class:`DistributedTrainer` broadcasts the matching command
 (:mod:`~nexrl_async.train.ranks.commands`), runs rank 0's part, and exchanges every rank's
 status, so a failure on any rank raises a
 :class:`~nexrl_async.train.ranks.commands.RankFailure` here.
@@ -29,7 +27,7 @@ alone would start collectives the followers never join. Checkpoint through
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -37,7 +35,6 @@ from typing import Any
 from loguru import logger
 from torch import Tensor
 
-from nexrl_async.config.schema import RecipeConfig
 from nexrl_async.core.errors import TrainError
 from nexrl_async.core.records import TrainBatch
 from nexrl_async.train.ranks.commands import (
@@ -52,32 +49,16 @@ from nexrl_async.train.ranks.commands import (
     Shutdown,
     SyncWeights,
     TrainStep,
+    ValidationLoss,
+    build_on_every_rank,
     describe,
     drain,
     encode_batch,
     execute,
 )
 from nexrl_async.train.ranks.topology import ProcessGroups, status_timeout_s
+from nexrl_async.train.spec import TrainerSpec
 from nexrl_async.train.trainer import StepMetrics, Trainer
-
-
-def build_rank_trainer(
-    cfg: RecipeConfig, base_dir: Path, groups: ProcessGroups | None = None
-) -> Trainer:
-    """This rank's :class:`Trainer` for the recipe (``base_dir``: the recipe's folder)."""
-    return Trainer.from_config(
-        cfg.model,
-        cfg.tokenizer,
-        algorithm=cfg.algorithm,
-        optim=cfg.optim,
-        trainer=cfg.trainer,
-        seed=cfg.run.seed,
-        max_new_tokens=cfg.rollout.max_new_tokens,
-        total_steps=cfg.run.total_steps,
-        temperature=cfg.rollout.sampling.temperature,
-        base_dir=base_dir,
-        groups=groups,
-    )
 
 
 class DistributedTrainer:
@@ -119,6 +100,10 @@ class DistributedTrainer:
     def steps_done(self) -> int:
         return self.trainer.steps_done
 
+    @property
+    def context_length(self) -> int | None:
+        return self.trainer.context_length
+
     def step(self, batch: TrainBatch) -> StepMetrics:
         """One training step on every rank; the metrics (the same on every rank).
 
@@ -134,6 +119,12 @@ class DistributedTrainer:
         """Per-token log-probs of every trajectory (see :meth:`Trainer.compute_logprobs`)."""
         result = self._run(ComputeLogprobs(batch=encode_batch(batch)))
         assert isinstance(result, list)
+        return result
+
+    def validation_loss(self, batch: TrainBatch) -> StepMetrics:
+        """Held-out NLL metrics, every rank running the same no-grad passes."""
+        result = self._run(ValidationLoss(batch=encode_batch(batch)))
+        assert isinstance(result, dict)
         return result
 
     def save_hf(self, path: str | Path) -> Path:
@@ -256,11 +247,7 @@ def _drained(params: Iterator[tuple[str, Tensor]]) -> Exception | None:
 
 
 def make_trainer(
-    cfg: RecipeConfig,
-    base_dir: Path,
-    groups: ProcessGroups,
-    *,
-    hooks: RankHooks | None = None,
+    spec: TrainerSpec, groups: ProcessGroups, *, hooks: RankHooks | None = None
 ) -> Trainer | DistributedTrainer:
     """The trainer the engine drives on rank 0: a plain :class:`Trainer` at world size 1, else
     a :class:`DistributedTrainer` (the followers build theirs in :func:`run_follower` at the
@@ -271,27 +258,10 @@ def make_trainer(
             (a :class:`RankFailure` naming it).
     """
     if not groups.distributed:
-        return build_rank_trainer(cfg, base_dir, groups)
+        return Trainer.from_spec(spec, groups=groups)
     if not groups.topology.is_main:
         raise TrainError(f"make_trainer runs on rank 0; rank {groups.rank} runs run_follower")
     channel = RankChannel(groups)
-    trainer: Trainer | None = None
-    error: Exception | None = None
-    try:
-        trainer = build_rank_trainer(cfg, base_dir, groups)
-    except Exception as err:  # noqa: BLE001 - reported to every rank, then re-raised
-        error = err
-    channel.agree(error, what="building the trainer")
-    assert trainer is not None
-    return DistributedTrainer(trainer, channel, hooks, busy_timeout_s=status_timeout_s(cfg.trainer))
-
-
-def trainer_factory(
-    groups: ProcessGroups, *, hooks: RankHooks | None = None
-) -> Callable[[RecipeConfig, Path], Trainer | DistributedTrainer]:
-    """:func:`make_trainer` bound to ``groups``: the engine's ``TrainerFactory`` on rank 0."""
-
-    def factory(cfg: RecipeConfig, base_dir: Path) -> Trainer | DistributedTrainer:
-        return make_trainer(cfg, base_dir, groups, hooks=hooks)
-
-    return factory
+    trainer = build_on_every_rank(spec, channel)
+    timeout_s = status_timeout_s(spec.trainer)
+    return DistributedTrainer(trainer, channel, hooks, busy_timeout_s=timeout_s)
