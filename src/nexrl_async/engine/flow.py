@@ -9,9 +9,15 @@ one ``anyio.Condition`` and re-asks after every change. Three kinds of waiters:
 - the trainer in :meth:`Flow.take` waits for the batch of its step (and, under ``wait``, for
   stragglers the staleness bound needs).
 
-Every pool outcome is written to the ledger here, and failed or dropped groups give their item
-back to the data source for replay. The item of each outstanding lease is remembered so a
-checkpoint can save in-flight items as replays.
+Every pool outcome is written to the ledger here, and a group whose event says ``replay`` gives
+its item back to the data source (a failed group's item at most ``max_replays`` times). The item
+of each outstanding lease is remembered so a checkpoint can save in-flight items as replays.
+
+Overdue leases (``staleness.on_overdue = "drop"``): when a lease still in flight can no longer
+be trained (the pool reports :class:`~nexrl_async.pipeline.pool.LeaseOverdue`), its group would
+be dropped on arrival, so the flow cancels the work at once: rollout workers run each group
+inside :meth:`Flow.lease_scope`, whose cancel scope is cancelled here; the worker then releases
+the lease and the item is replayed. Under ``requeue`` the group is re-leased when it arrives.
 
 Checkpoints: :meth:`Flow.snapshot` captures gate, pool (contents included), data cursor, the
 items of outstanding leases and the replay counters in one synchronous call (no await: nothing
@@ -22,10 +28,13 @@ order their checks need (see ``engine.resume``).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import anyio
 import msgspec
+from anyio import CancelScope
 
 from nexrl_async.core.errors import CheckpointError
 from nexrl_async.core.protocols import DataSource
@@ -36,6 +45,7 @@ from nexrl_async.pipeline.pool import (
     GroupFailed,
     GroupFiltered,
     GroupPooled,
+    LeaseOverdue,
     PoolEvent,
     TrajectoryPool,
 )
@@ -84,15 +94,13 @@ class Flow:
         self._failures: Counter[str] = Counter()
         self.gate_wait_s = 0.0
         self._changed = anyio.Condition()
-        self._closed = False
+        self._scopes: dict[int, CancelScope] = {}
 
     async def admit(self) -> tuple[VersionToken, DataItem] | None:
         """A lease and its item, waiting at the gate; ``None`` once the data is exhausted."""
         start = anyio.current_time()
         async with self._changed:
             while True:
-                if self._closed:
-                    return None
                 if self.gate.can_lease():
                     item = self.data.next_item()
                     if item is not None:
@@ -105,12 +113,30 @@ class Flow:
                         return None  # nothing left and nothing in flight that could replay
                 await self._changed.wait()
 
-    def note_admitted(self, token: VersionToken, item: DataItem, group_id: str) -> None:
+    @staticmethod
+    def group_id(token: VersionToken) -> str:
+        """The id of the group a lease's work becomes (``g<lease id>``)."""
+        return f"g{token.lease_id}"
+
+    def note_admitted(self, token: VersionToken, item: DataItem) -> None:
         self.ledger.emit(
             Admitted(
-                lease_id=token.lease_id, version=token.version, item_key=item.key, group_id=group_id
+                lease_id=token.lease_id,
+                version=token.version,
+                item_key=item.key,
+                group_id=self.group_id(token),
             )
         )
+
+    @contextmanager
+    def lease_scope(self, token: VersionToken) -> Iterator[CancelScope]:
+        """The cancel scope of a lease's work; cancelled once the lease is overdue (``drop``)."""
+        with CancelScope() as scope:
+            self._scopes[token.lease_id] = scope
+            try:
+                yield scope
+            finally:
+                self._scopes.pop(token.lease_id, None)
 
     async def put(self, group: Group) -> None:
         """Offer a finished group, waiting while the pool is full."""
@@ -150,26 +176,20 @@ class Flow:
             self.gate.advance(version)
             self._changed.notify_all()
 
-    async def close(self) -> None:
-        """Stop admitting; waiting workers get ``None``."""
-        async with self._changed:
-            self._closed = True
-            self._changed.notify_all()
-
     def snapshot(self) -> FlowState:
         """The state to checkpoint, taken at once (synchronous: call it on the loop thread)."""
         outstanding = [tok.lease_id for tok in self.gate.outstanding_tokens()]
         missing = [lease for lease in outstanding if lease not in self.items]
         assert not missing, f"outstanding leases without an item: {missing}"
         pooled = set(self.pool.lease_ids())
-        queued = getattr(self.data, "pending_replays", None)
+        queued = self.data.pending_replays
         return FlowState(
             gate=self.gate.state_dict(),
             pool=self.pool.state_dict(),
             data=self.data.state_dict(),
             items={lease: self.items[lease] for lease in outstanding},
             in_flight=[lease for lease in outstanding if lease not in pooled],
-            queued_replays=queued if isinstance(queued, int) else None,
+            queued_replays=queued,
             failures=dict(self._failures),
             counts=dict(self.counts),
             abandoned=self.abandoned,
@@ -206,9 +226,8 @@ class Flow:
         return orphans
 
     def _exhausted(self) -> bool:
-        no_data = getattr(self.data, "exhausted", False)
         return (
-            bool(no_data)
+            self.data.exhausted
             and self.gate.outstanding == self.pool.size
             and (self.pool.size < self.gate.batch_groups)
         )
@@ -218,27 +237,41 @@ class Flow:
             self.counts[type(event).__name__] += 1
             if isinstance(event, GroupPooled):
                 self.ledger.emit(Pooled(group_id=event.group_id, head_version=event.head_version))
-            elif isinstance(event, GroupFailed):
-                self._replay_failed(self.items.pop(event.token.lease_id, None))
-                reasons = [FailureReason(r) for r in event.reasons]
-                self.ledger.emit(
-                    Failed(group_id=event.group_id, item_key=event.item_key, reasons=reasons)
-                )
-            elif isinstance(event, GroupDropped):
-                item = self.items.pop(event.token.lease_id, None)
-                if item is not None:
-                    self.data.replay(item)
-                self._dropped(event.group_id, event.item_key, "overdue")
-            elif isinstance(event, GroupFiltered):
-                self.items.pop(event.token.lease_id, None)
-                self._dropped(event.group_id, event.item_key, "zero_variance")
+            elif isinstance(event, GroupFailed | GroupDropped | GroupFiltered):
+                self._settle(event)
+            elif isinstance(event, LeaseOverdue) and event.action == "drop":
+                self._abort(event.token)
 
-    def _dropped(self, group_id: str, item_key: str, reason: str) -> None:
-        self.ledger.emit(Dropped(group_id=group_id, item_key=item_key, reason=reason))
+    def _settle(self, event: GroupFailed | GroupDropped | GroupFiltered) -> None:
+        """A group that will not be trained: log it, replay its item if the event says so."""
+        item = self.items.pop(event.token.lease_id, None)
+        if isinstance(event, GroupFailed):
+            reasons = [FailureReason(r) for r in event.reasons]
+            self.ledger.emit(
+                Failed(group_id=event.group_id, item_key=event.item_key, reasons=reasons)
+            )
+        else:
+            reason = "overdue" if isinstance(event, GroupDropped) else "zero_variance"
+            self.ledger.emit(
+                Dropped(group_id=event.group_id, item_key=event.item_key, reason=reason)
+            )
+        if event.replay and item is not None:
+            self._replay(item, counted=isinstance(event, GroupFailed))
 
-    def _replay_failed(self, item: DataItem | None) -> None:
-        """Replay a failed group's item, at most ``max_replays`` times per item."""
-        if item is None:
+    def _abort(self, token: VersionToken) -> None:
+        """Cancel the in-flight work of an overdue lease (its worker releases it, see
+        :meth:`lease_scope`)."""
+        scope = self._scopes.get(token.lease_id)
+        if scope is not None and not scope.cancel_called:
+            scope.cancel()
+            item = self.items.get(token.lease_id)
+            key = item.key if item is not None else ""
+            self.ledger.emit(Dropped(group_id=self.group_id(token), item_key=key, reason="overdue"))
+
+    def _replay(self, item: DataItem, *, counted: bool) -> None:
+        """Hand ``item`` out again; a failed group's item at most ``max_replays`` times."""
+        if not counted:
+            self.data.replay(item)
             return
         self._failures[item.key] += 1
         if self._failures[item.key] <= self.max_replays:

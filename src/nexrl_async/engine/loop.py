@@ -124,15 +124,17 @@ def _start_rollouts(tg: TaskGroup, parts: Parts) -> None:
 async def _run_rollout_worker(flow: Flow, parts: Parts) -> None:
     while (admitted := await flow.admit()) is not None:
         token, item = admitted
-        group_id = f"g{token.lease_id}"
-        flow.note_admitted(token, item, group_id)
+        flow.note_admitted(token, item)
+        group = None
         try:
-            group = await parts.worker.run_group(item, token, group_id=group_id)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await flow.release(token)
-            raise
-        await flow.put(group)
+            with flow.lease_scope(token):
+                group = await parts.worker.run_group(item, token, group_id=flow.group_id(token))
+        finally:
+            if group is None:  # cancelled (the run ends, or the lease went overdue): replay
+                with anyio.CancelScope(shield=True):
+                    await flow.release(token)
+        if group is not None:
+            await flow.put(group)
 
 
 async def _train(

@@ -30,7 +30,9 @@ version, then lease id: earliest deadline first). What each ``on_overdue`` means
   version stays, so its staleness may exceed ``k`` (counted as ``pool/requeued``).
 
 After a step, leases still in flight that just became overdue (``drop``/``requeue`` only) are
-reported as :class:`LeaseOverdue` so the engine can abort (and replay) or requeue them early.
+reported as :class:`LeaseOverdue`: under ``drop`` the engine aborts their work at once (their
+group would be dropped on arrival) and replays the item; under ``requeue`` they run on and are
+re-leased when they arrive.
 
 When to ask again: ``take_batch`` may change its answer after a put, a released or dropped
 lease, or a requeue; ``can_put`` after a step, a put, or a released lease; the gate's
