@@ -13,7 +13,8 @@ from msgspec import Struct
 from nexrl_async.config.data import DataConfig
 from nexrl_async.config.inference import InferenceConfig, LocalInference, WeightsConfig
 from nexrl_async.config.model import ModelConfig, TokenizerConfig
-from nexrl_async.config.rollout import PoolConfig, RolloutConfig, StalenessConfig
+from nexrl_async.config.pipeline import PoolConfig, StalenessConfig
+from nexrl_async.config.rollout import RolloutConfig
 from nexrl_async.config.training import (
     AlgorithmConfig,
     CheckpointConfig,

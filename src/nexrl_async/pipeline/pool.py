@@ -46,7 +46,7 @@ from typing import Any, ClassVar, Literal
 
 import msgspec
 
-from nexrl_async.config.rollout import PoolConfig
+from nexrl_async.config.pipeline import PoolConfig
 from nexrl_async.core.errors import CheckpointError, ConfigError
 from nexrl_async.core.records import Group, TrainBatch, VersionToken
 from nexrl_async.pipeline.staleness import Fate, StalenessGate

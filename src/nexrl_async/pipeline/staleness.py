@@ -61,7 +61,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from nexrl_async.config.rollout import StalenessConfig
+from nexrl_async.config.pipeline import StalenessConfig
 from nexrl_async.core.errors import CheckpointError, ConfigError
 from nexrl_async.core.records import TrainBatch, VersionToken
 

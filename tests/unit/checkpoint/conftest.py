@@ -15,7 +15,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from nexrl_async.algorithms import AdaptiveKLController
-from nexrl_async.config.rollout import PoolConfig, StalenessConfig
+from nexrl_async.config.pipeline import PoolConfig, StalenessConfig
 from nexrl_async.core.records import FailureReason, Group, Status, Trajectory, Turn, VersionToken
 from nexrl_async.data.source import RowSource
 from nexrl_async.engine.flow import Flow

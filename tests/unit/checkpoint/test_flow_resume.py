@@ -31,7 +31,7 @@ async def admit(flow: Flow, n: int) -> list[tuple[VersionToken, DataItem]]:
     for _ in range(n):
         got = await flow.admit()
         assert got is not None
-        flow.note_admitted(got[0], got[1], f"g{got[0].lease_id}")
+        flow.note_admitted(got[0], got[1])
         out.append(got)
     return out
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import anyio
 
-from nexrl_async.config.rollout import PoolConfig, StalenessConfig
+from nexrl_async.config.pipeline import PoolConfig, StalenessConfig
 from nexrl_async.core.records import FailureReason, Group, Status, Trajectory, Turn, VersionToken
 from nexrl_async.data.source import RowSource
 from nexrl_async.engine.flow import Flow

@@ -5,7 +5,7 @@ from collections.abc import Callable
 import msgspec
 import pytest
 
-from nexrl_async.config.rollout import PoolConfig, StalenessConfig
+from nexrl_async.config.pipeline import PoolConfig, StalenessConfig
 from nexrl_async.core.errors import CheckpointError, ConfigError
 from nexrl_async.core.records import Group, VersionToken
 from nexrl_async.pipeline.pool import (

@@ -5,7 +5,7 @@ from collections.abc import Callable
 import msgspec
 import pytest
 
-from nexrl_async.config.rollout import StalenessConfig
+from nexrl_async.config.pipeline import StalenessConfig
 from nexrl_async.core.errors import CheckpointError
 from nexrl_async.core.records import Group, TrainBatch, VersionToken
 from nexrl_async.pipeline.staleness import Fate, StalenessGate, staleness_metrics

@@ -20,7 +20,7 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nexrl_async.config.rollout import PoolConfig, StalenessConfig
+from nexrl_async.config.pipeline import PoolConfig, StalenessConfig
 from nexrl_async.core.records import Group, VersionToken
 from nexrl_async.pipeline.pool import (
     GroupDropped,

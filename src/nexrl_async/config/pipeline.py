@@ -1,0 +1,43 @@
+"""``[pool]`` and ``[staleness]``: the trajectory pool and version-token admission control."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from msgspec import Struct
+
+from nexrl_async.config.types import NonNegInt, PosInt
+
+
+class PoolConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The bounded trajectory pool between rollouts and the trainer."""
+
+    batch_groups: PosInt = 8
+    """Groups per training step."""
+    capacity_groups: PosInt | None = None
+    """Groups the pool holds before rollouts block; defaults to 2 × batch_groups."""
+    filter_zero_variance: bool = False
+    """Drop groups whose rewards are all equal (no learning signal), counted."""
+
+
+class StalenessConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Batch-async staleness control by version tokens (docs/architecture.md §3)."""
+
+    mode: Literal["sync", "batch-async", "fully-async"] = "batch-async"
+    """``sync`` is on-policy (k = 0); ``batch-async`` bounds staleness by ``max_staleness``."""
+    max_staleness: NonNegInt | None = None
+    """k: a group consumed by step s has head version ≥ s − k. Defaults to 0 in ``sync``
+    (and must be 0 there), 1 in ``batch-async``; ignored in ``fully-async``."""
+    max_inflight_groups: PosInt | None = None
+    """Cap on leased, unconsumed groups; defaults to (k + 1) × batch_groups."""
+    on_overdue: Literal["wait", "drop", "requeue"] = "wait"
+    """A straggler about to exceed k: the step waits, the group is dropped, or it resumes."""
+
+    @property
+    def k(self) -> int | None:
+        """The effective staleness bound; ``None`` when unbounded (fully-async)."""
+        if self.mode == "fully-async":
+            return None
+        if self.max_staleness is not None:
+            return self.max_staleness
+        return 0 if self.mode == "sync" else 1
