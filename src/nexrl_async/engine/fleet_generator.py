@@ -1,7 +1,9 @@
 """The fleet and SGLang clients, seen by rollout workers as one :class:`TurnGenerator`.
 
 Each call leases a server for the sample's sticky key (KV reuse across turns), sends one
-``/generate`` with ``input_ids`` and ``return_logprob``, and converts the answer. A server that
+``/generate`` with ``input_ids`` and ``return_logprob``, and converts the answer. A group's
+first turn is one request for all its samples (SGLang's batch form), leased for the first
+sample's key, and every sample's key then sticks to the server that answered. A server that
 goes away mid-request (``EngineUnavailable``) is retried on a fresh lease, bounded by
 ``inference.retries``; 4xx and broken streams pass straight through to the worker's fault
 boundary.
@@ -10,7 +12,8 @@ boundary.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TypeVar
 
 import anyio
 
@@ -19,6 +22,8 @@ from nexrl_async.core.errors import EngineUnavailable, GenerationError
 from nexrl_async.inference.client.sglang import GenerateResult, SamplingParams, SGLangClient
 from nexrl_async.inference.fleet.supervisor import Fleet
 from nexrl_async.rollout.generation import GeneratedTurn
+
+R = TypeVar("R")
 
 
 def sampling_params(cfg: SamplingConfig, max_new_tokens: int) -> SamplingParams:
@@ -65,16 +70,50 @@ class FleetGenerator:
         sticky_key: str,
     ) -> GeneratedTurn:
         params = sampling_params(sampling, max_new_tokens)
+        result, url = await self._on_fleet(
+            [sticky_key], lambda client: client.generate(input_ids, params)
+        )
+        return self._convert(result, url)
+
+    async def generate_group(
+        self,
+        input_ids: list[int],
+        *,
+        max_new_tokens: int,
+        sampling: SamplingConfig,
+        sticky_keys: Sequence[str],
+    ) -> list[GeneratedTurn | Exception]:
+        """One request for the group (``SGLangClient.generate_samples``); every key is then
+        sticky to the server that answered."""
+        params = sampling_params(sampling, max_new_tokens)
+        n = len(sticky_keys)
+        results, url = await self._on_fleet(
+            sticky_keys, lambda client: client.generate_samples(input_ids, n, params)
+        )
+        return [r if isinstance(r, Exception) else self._convert_or_error(r, url) for r in results]
+
+    async def _on_fleet(
+        self, keys: Sequence[str], call: Callable[[SGLangClient], Awaitable[R]]
+    ) -> tuple[R, str]:
+        """``call`` on a server leased for ``keys[0]`` (the other keys bound to it), retried
+        on a fresh lease when the server goes away."""
         for attempt in range(self.retries + 1):
             try:
-                async with self.fleet.lease(sticky_key) as server:
-                    result = await self.clients[server.url].generate(input_ids, params)
-                    return self._convert(result, server.url)
+                async with self.fleet.lease(keys[0]) as server:
+                    if len(keys) > 1:
+                        self.fleet.stick(keys[1:], server)
+                    return await call(self.clients[server.url]), server.url
             except EngineUnavailable:
                 if attempt == self.retries:
                     raise
                 await anyio.sleep(self._rng.uniform(0.1, 0.5) * 2**attempt)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _convert_or_error(self, result: GenerateResult, url: str) -> GeneratedTurn | Exception:
+        try:
+            return self._convert(result, url)
+        except GenerationError as err:
+            return err
 
     def _convert(self, result: GenerateResult, url: str) -> GeneratedTurn:
         if result.output_logprobs is None:

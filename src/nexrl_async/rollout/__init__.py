@@ -14,6 +14,7 @@ from nexrl_async.rollout.generation import (
     AssembledTurn,
     GeneratedTurn,
     TurnGenerator,
+    generate_each,
     generate_turn,
 )
 from nexrl_async.rollout.loading import load_evaluator, load_tools, load_worker, load_worker_class
@@ -40,6 +41,7 @@ __all__ = [
     "TurnGenerator",
     "as_evaluate_fn",
     "classify",
+    "generate_each",
     "generate_turn",
     "load_evaluator",
     "load_tools",

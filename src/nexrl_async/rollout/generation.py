@@ -1,26 +1,36 @@
 """The seam between the agent loop and inference: :class:`TurnGenerator`, and resuming aborts.
 
-The worker knows nothing about servers, routing or HTTP. It calls one method::
+The worker knows nothing about servers, routing or HTTP. It calls two methods::
 
+    segs = await generator.generate_group(prompt_ids, max_new_tokens=n, sampling=cfg.sampling,
+                                          sticky_keys=["g7:0", ..., "g7:7"])
     seg = await generator.generate(input_ids, max_new_tokens=n, sampling=cfg.sampling,
                                    sticky_key="g7:2")
 
-and gets a :class:`GeneratedTurn` back. The engine adapts the SGLang client and fleet to this
-shape (routing by ``sticky_key`` for KV reuse across turns, deadlines, bounded retries); its
-errors come from ``core/errors.py``: :class:`RequestRejected` (4xx), :class:`EngineUnavailable`,
-:class:`GenerationError`.
+and gets :class:`GeneratedTurn` s back. The samples of a group share their prompt, so their first
+turn is one :meth:`~TurnGenerator.generate_group` call (one HTTP request to SGLang); every
+later turn, and every resume, is one :meth:`~TurnGenerator.generate` per sample, since the
+samples' contexts diverge from the first generated token on. A generator with no group form
+implements ``generate_group`` with :func:`generate_each`. The engine adapts the SGLang client
+and fleet to this shape (routing by ``sticky_key`` for KV reuse across turns, deadlines,
+bounded retries); its errors come from ``core/errors.py``: :class:`RequestRejected` (4xx),
+:class:`EngineUnavailable`, :class:`GenerationError`.
 
 Interrupts (docs/architecture.md §3): when a weight publication aborts running requests, the server
 answers ``finish_reason == "abort"`` with the partial tokens generated so far.
 :func:`generate_turn` keeps them, re-submits ``input_ids + partial`` with the remaining token
 budget, and stitches the segments into one turn whose :class:`VersionSpan` s record which
-weight version produced which tokens. It re-submits at most ``max_resumes`` times.
+weight version produced which tokens. It re-submits at most ``max_resumes`` times. A group's
+first turn starts from the segment its group request returned (``first``): an aborted sample
+resumes its own prefix on its own.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal, Protocol
 
+import anyio
 from msgspec import Struct
 
 from nexrl_async.config.rollout import SamplingConfig
@@ -71,6 +81,52 @@ class TurnGenerator(Protocol):
         """
         ...
 
+    async def generate_group(
+        self,
+        input_ids: list[int],
+        *,
+        max_new_tokens: int,
+        sampling: SamplingConfig,
+        sticky_keys: Sequence[str],
+    ) -> list[GeneratedTurn | Exception]:
+        """One independent sample after the same ``input_ids`` for every key of ``sticky_keys``
+        (one request where the server allows it); answer ``i`` belongs to ``sticky_keys[i]``.
+
+        Answer ``i`` is a :class:`GeneratedTurn` under the :meth:`generate` contract (an aborted
+        one carries its partial tokens; the caller resumes that sample alone with
+        :meth:`generate`), or the error that sample alone met (only it fails). Later turns of
+        key ``i`` should go to the server that answered it. Errors of the whole request are
+        raised like :meth:`generate`'s (every sample of the group fails alike).
+        """
+        ...
+
+
+async def generate_each(
+    generator: TurnGenerator,
+    input_ids: list[int],
+    *,
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    sticky_keys: Sequence[str],
+) -> list[GeneratedTurn | Exception]:
+    """:meth:`TurnGenerator.generate_group` as one :meth:`~TurnGenerator.generate` per key,
+    run concurrently: for generators that have no group form. What a call raises is that
+    sample's answer."""
+    out: list[GeneratedTurn | Exception] = [GenerationError("no answer")] * len(sticky_keys)
+
+    async def one(index: int, key: str) -> None:
+        try:
+            out[index] = await generator.generate(
+                input_ids, max_new_tokens=max_new_tokens, sampling=sampling, sticky_key=key
+            )
+        except Exception as err:  # noqa: BLE001 - the sample's answer; its worker raises it
+            out[index] = err
+
+    async with anyio.create_task_group() as tg:
+        for index, key in enumerate(sticky_keys):
+            tg.start_soon(one, index, key)
+    return out
+
 
 class AssembledTurn(Struct, frozen=True, kw_only=True):
     """One finished assistant turn, stitched from one or more :class:`GeneratedTurn` segments.
@@ -100,8 +156,12 @@ async def generate_turn(
     sampling: SamplingConfig,
     sticky_key: str,
     max_resumes: int,
+    first: GeneratedTurn | None = None,
 ) -> AssembledTurn:
     """Generate one turn, resuming after aborts, until ``stop`` or ``length``.
+
+    ``first``: the turn's first segment when it is already generated (a group request's answer
+    for this sample); only its resumes are requested here.
 
     Raises :class:`GenerationError` after more than ``max_resumes`` aborts, or when a segment
     breaks the :class:`GeneratedTurn` contract; errors of ``generator`` pass through.
@@ -112,9 +172,12 @@ async def generate_turn(
     resumes = 0
     while True:
         remaining = max_new_tokens - len(ids)
-        seg = await generator.generate(
-            input_ids + ids, max_new_tokens=remaining, sampling=sampling, sticky_key=sticky_key
-        )
+        if first is not None:
+            seg, first = first, None
+        else:
+            seg = await generator.generate(
+                input_ids + ids, max_new_tokens=remaining, sampling=sampling, sticky_key=sticky_key
+            )
         _check_segment(seg, remaining)
         versions.extend(_shift(_segment_spans(seg), len(ids)))
         ids.extend(seg.output_ids)

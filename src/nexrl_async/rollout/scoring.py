@@ -1,9 +1,20 @@
 """Evaluator glue: call the user's scorer however it is written and vet what it returns.
 
 An evaluator is anything with ``evaluate(item, trajectory)``, or a bare function of the same
-two arguments; ``async def`` ones are awaited, plain ones run in a worker thread (reward code is
-often CPU-bound: regexes, sympy, a sandbox). It returns an :class:`EvalResult`; a bare number
-(``bool``, ``int``, ``float``) is accepted as the reward with no metrics.
+two arguments. It returns an :class:`EvalResult`; a bare number (``bool``, ``int``, ``float``)
+is accepted as the reward with no metrics.
+
+Where it runs (one rule, declared by the evaluator):
+
+- ``async def`` ones are awaited on the event loop;
+- plain ones run in a worker thread (reward code is often CPU-bound: regexes, sympy, a
+  sandbox), where a sample timeout abandons a stuck call;
+- plain ones that declare ``inline = True`` (a class attribute, or an attribute of the
+  function) run on the event loop. That saves the thread hop, about 110 µs of the loop's CPU
+  and 260 µs of latency per sample on the 2-core CPU box, against 2 µs for the reverse-digits
+  evaluator itself; but the loop, so every rollout, waits while it runs, and no timeout can
+  stop it. Declare it only for scorers that take well under 100 µs and cannot hang (string
+  comparisons, small arithmetic).
 
 Failures: a reward or metric that is not a finite number raises :class:`SampleFailed`
 (``invalid_reward``); what the evaluator raises passes through to the worker's fault boundary,
@@ -44,6 +55,12 @@ def as_evaluate_fn(evaluator: Any) -> EvaluateFn:
     if inspect.iscoroutinefunction(fn):
         return fn  # type: ignore[no-any-return]
     sync_fn: Callable[[DataItem, Trajectory], Any] = fn
+    if getattr(evaluator, "inline", False) is True or getattr(fn, "inline", False) is True:
+
+        async def inline(item: DataItem, trajectory: Trajectory) -> Any:
+            return sync_fn(item, trajectory)
+
+        return inline
 
     async def in_thread(item: DataItem, trajectory: Trajectory) -> Any:
         # abandon_on_cancel: a sample timeout must not wait for a stuck scorer thread

@@ -26,6 +26,8 @@ from nexrl_async.core.records import (
     VersionToken,
 )
 from nexrl_async.rollout.faults import Stage
+from nexrl_async.rollout.generation import AssembledTurn
+from nexrl_async.rollout.rendering import ChatRenderer
 from nexrl_async.rollout.tools import Message
 
 
@@ -43,6 +45,8 @@ class Episode:
     """Every turn's token ids, concatenated: the next generation's ``input_ids``."""
     stage: Stage = "item"
     timings: dict[str, float] = field(default_factory=dict)
+    failure: tuple[FailureReason, str] | None = None
+    """Why the sample failed, once it has (set by the worker's fault boundary)."""
 
     @property
     def sticky_key(self) -> str:
@@ -83,3 +87,21 @@ def default_mask(turn: Turn) -> Turn:
     """``turn`` with loss mask 1 on model tokens (assistant turns), 0 elsewhere."""
     mask = [int(turn.role == "assistant")] * len(turn.token_ids)
     return turn if turn.loss_mask == mask else msgspec.structs.replace(turn, loss_mask=mask)
+
+
+def assistant_turn(gen: AssembledTurn, text: str) -> Turn:
+    """The assistant turn of ``gen``: trained on (loss mask 1), with its log-probs and versions."""
+    return Turn(
+        role="assistant",
+        token_ids=gen.output_ids,
+        loss_mask=[1] * len(gen.output_ids),
+        logprobs=gen.logprobs,
+        versions=gen.versions,
+        text=text,
+        finish_reason=gen.finish_reason,
+    )
+
+
+def decode_both(renderer: ChatRenderer, ids: list[int]) -> tuple[str, str]:
+    """The raw text (special tokens kept, for tool-call parsing) and the clean text."""
+    return renderer.decode(ids, skip_special_tokens=False), renderer.decode(ids)

@@ -1,26 +1,32 @@
 """The rollout worker: one leased data item in, one scored :class:`Group` out.
 
-:meth:`RolloutWorker.run_group` runs the group's ``rollout.group_size`` samples concurrently
-in a task group and returns when all are scored or failed. One worker object serves any number
-of concurrent ``run_group`` calls (it keeps no per-group state), so the engine builds one and
-runs ``rollout.workers`` tasks that call it.
+:meth:`RolloutWorker.run_group` runs the group's ``rollout.group_size`` samples and returns
+when all are scored or failed. One worker object serves any number of concurrent
+``run_group`` calls (it keeps no per-group state), so the engine builds one and runs
+``rollout.workers`` tasks that call it.
 
-Agent loop of one sample (docs/architecture.md §2)::
+Agent loop of a group of n samples (docs/architecture.md §2)::
 
-    messages = format_query(item)               (+ rollout.system_prompt)
-    context  = render(messages)                 prompt ids, loss mask 0, rendered once
-    repeat up to rollout.max_turns:
-        turn = generate(context)                resumed across aborts, per-token versions
+    messages = format_query(item)               (+ rollout.system_prompt), once per group
+    prompt   = render(messages)                 loss mask 0, once per group
+    firsts   = generate_group(prompt, n)        every sample's first turn: one request
+    per sample, concurrently:
+      repeat up to rollout.max_turns:
+        turn = firsts[i], then generate(context)  resumed across aborts, per-token versions
         context += turn ids                     exactly as generated, loss mask 1
         follow = on_turn(...)                   hook; None → the tool calls in the turn's text
         stop if nothing follows, the turn hit its length, or the token budget is spent
         context += render_followup(follow)      only the new tokens, loss mask 0
-    turns = loss_mask(turns)                    hook
-    reward = evaluator.evaluate(item, trajectory)
+      turns = loss_mask(turns)                  hook
+      reward = evaluator.evaluate(item, trajectory)
 
-Fault boundary: :meth:`RolloutWorker.run_sample` catches what one sample raises, marks it
-FAILED with a :class:`FailureReason` (see ``faults.py``) and goes on; a sample past
-``rollout.sample_timeout_s`` fails as ``timeout``. Cancellation always propagates.
+Fault boundary (:meth:`RolloutWorker._guarded`): what a sample raises marks it FAILED with a
+:class:`FailureReason` (see ``faults.py``) and the others go on; what the shared opening
+raises fails every sample alike; a sample past ``rollout.sample_timeout_s`` (counted from the
+group's start) fails as ``timeout``. Cancellation always propagates.
+
+Tokenizer work runs on the event loop when cheap, else in a thread (``rendering.py``); the
+evaluator's placement is its own declaration (``scoring.py``).
 
 Hooks a recipe's worker subclass may override: :meth:`~RolloutWorker.format_query`,
 :meth:`~RolloutWorker.render`, :meth:`~RolloutWorker.render_followup`,
@@ -30,14 +36,14 @@ Hooks a recipe's worker subclass may override: :meth:`~RolloutWorker.format_quer
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
-from typing import Any, get_args
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar, get_args
 
 import anyio
 from loguru import logger
 
 from nexrl_async.config.rollout import RolloutConfig
-from nexrl_async.core.errors import DataError, RolloutError, UserCodeError
+from nexrl_async.core.errors import DataError, GenerationError, RolloutError, UserCodeError
 from nexrl_async.core.records import (
     DataItem,
     EvalResult,
@@ -50,14 +56,17 @@ from nexrl_async.core.records import (
 )
 from nexrl_async.data.fields import missing_fields
 from nexrl_async.rollout.events import NoEvents, RolloutEvents
-from nexrl_async.rollout.faults import SampleFailed, classify
-from nexrl_async.rollout.generation import AssembledTurn, TurnGenerator, generate_turn
+from nexrl_async.rollout.faults import SampleFailed, Stage, classify
+from nexrl_async.rollout.generation import GeneratedTurn, TurnGenerator, generate_turn
 from nexrl_async.rollout.rendering import ChatRenderer, Tokenizer, as_token_ids
 from nexrl_async.rollout.scoring import as_evaluate_fn, score
 from nexrl_async.rollout.tools import Message, Tool, ToolCall, parse_tool_calls, run_tool_calls
-from nexrl_async.rollout.transcript import Episode, default_mask
+from nexrl_async.rollout.transcript import Episode, assistant_turn, decode_both, default_mask
 
 _ROLES: frozenset[str] = frozenset(get_args(Role))
+T = TypeVar("T")
+_Opening = GeneratedTurn | Exception | None
+"""A sample's first segment from the group request, or the error it met; ``None`` once used."""
 
 
 class RolloutWorker:
@@ -153,64 +162,107 @@ class RolloutWorker:
     # ---- groups and samples ------------------------------------------------------------------
 
     async def run_group(self, item: DataItem, token: VersionToken, *, group_id: str) -> Group:
-        """Run and score ``rollout.group_size`` samples of ``item`` concurrently."""
-        n = self.cfg.group_size
-        missing = missing_fields(item, self.required)
-        results: list[Trajectory | None] = [None] * n
+        """Run and score ``rollout.group_size`` samples of ``item``.
 
-        async def one(index: int) -> None:
-            results[index] = await self.run_sample(
-                item, token, group_id=group_id, sample_index=index, missing=missing
-            )
+        The samples share their opening (format, render, the first turn as one group request);
+        then each goes on concurrently in its own task (resumes, tools, later turns, scoring).
+        """
+        n = self.cfg.group_size
+        episodes = [
+            Episode(group_id=group_id, item_key=item.key, sample_index=i, token=token)
+            for i in range(n)
+        ]
+        start = anyio.current_time()
+        deadline = start + self.cfg.sample_timeout_s
+        missing = missing_fields(item, self.required)
+        firsts = await self._guarded(episodes, deadline, self._open, item, episodes, missing)
+        done: list[Trajectory] = []
+
+        async def one(ep: Episode, first: _Opening) -> None:
+            result = None
+            if ep.failure is None:
+                result = await self._guarded([ep], deadline, self._play_and_score, item, ep, first)
+            done.append(self._finish(ep, result, start))
 
         async with anyio.create_task_group() as tg:
-            for index in range(n):
-                tg.start_soon(one, index, name=f"rollout {group_id}:{index}")
-        trajectories = [t for t in results if t is not None]
-        assert len(trajectories) == n, "every sample task stores its trajectory"
+            for ep in episodes:
+                first = firsts[ep.sample_index] if firsts else None
+                tg.start_soon(one, ep, first, name=f"rollout {ep.sticky_key}")
+        trajectories = sorted(done, key=lambda t: t.sample_index)
         return Group(group_id=group_id, item_key=item.key, token=token, trajectories=trajectories)
 
-    async def run_sample(
-        self,
-        item: DataItem,
-        token: VersionToken,
-        *,
-        group_id: str,
-        sample_index: int,
-        missing: Sequence[str] = (),
-    ) -> Trajectory:
-        """One sample, scored or FAILED; raises only cancellation (the fault boundary)."""
-        ep = Episode(group_id=group_id, item_key=item.key, sample_index=sample_index, token=token)
-        start = anyio.current_time()
-        result: EvalResult | None = None
-        failure: tuple[FailureReason, str] | None = None
+    async def _guarded(
+        self, episodes: list[Episode], deadline: float, fn: Callable[..., Awaitable[T]], *args: Any
+    ) -> T | None:
+        """``await fn(*args)`` under the samples' deadline: the per-sample fault boundary.
+
+        What it raises (but cancellation) or a passed deadline marks every one of ``episodes``
+        FAILED (``ep.failure``) and returns ``None``.
+        """
+        lead = episodes[0]
         try:
-            with anyio.move_on_after(self.cfg.sample_timeout_s) as deadline:
-                if missing:
-                    raise DataError(f"item {item.key} lacks required fields {list(missing)}")
-                result = await self._play_and_score(item, ep)
-            if deadline.cancelled_caught:
-                limit = self.cfg.sample_timeout_s
-                failure = (FailureReason.TIMEOUT, f"over sample_timeout_s = {limit} in {ep.stage}")
+            with anyio.CancelScope(deadline=deadline):
+                return await fn(*args)
+            limit = self.cfg.sample_timeout_s  # only reached when the deadline cancelled fn
+            failure = (FailureReason.TIMEOUT, f"over sample_timeout_s = {limit} in {lead.stage}")
         except anyio.get_cancelled_exc_class():
             raise
         except Exception as err:  # noqa: BLE001 - the per-sample fault boundary
-            failure = classify(err, ep.stage)
+            failure = classify(err, lead.stage)
             if failure[0] is FailureReason.INTERNAL:
-                logger.opt(exception=err).warning("sample {} failed", ep.sticky_key)
+                logger.opt(exception=err).warning("sample {} failed", lead.sticky_key)
+        for ep in episodes:
+            ep.failure = failure
+        return None
+
+    def _finish(self, ep: Episode, result: EvalResult | None, start: float) -> Trajectory:
         ep.clock("total_s", anyio.current_time() - start)
-        trajectory = ep.trajectory(result, failure)
+        trajectory = ep.trajectory(result, ep.failure)
         self.events.scored(
-            group_id=group_id,
-            sample_index=sample_index,
+            group_id=ep.group_id,
+            sample_index=ep.sample_index,
             reward=trajectory.reward,
             status=trajectory.status,
             failure=trajectory.failure,
         )
         return trajectory
 
-    async def _play_and_score(self, item: DataItem, ep: Episode) -> EvalResult:
-        await self._play(item, ep)
+    async def _open(
+        self, item: DataItem, episodes: list[Episode], missing: Sequence[str]
+    ) -> list[GeneratedTurn | Exception]:
+        """The group's shared opening: every episode gets the rendered prompt; returns each
+        sample's first segment (or the error it met) from one group request."""
+        if missing:
+            raise DataError(f"item {item.key} lacks required fields {list(missing)}")
+        _set_stage(episodes, "format")
+        messages = self._with_system_prompt(_as_messages(self.format_query(item)))
+        _set_stage(episodes, "render")
+        inline = self.renderer.renders_inline(messages)
+        prompt = as_token_ids(await self.renderer.run(self.render, list(messages), inline=inline))
+        limit = self.max_total_tokens
+        if limit is not None and len(prompt) >= limit:
+            raise SampleFailed(
+                FailureReason.PROMPT_REJECTED, f"prompt has {len(prompt)} tokens, limit {limit}"
+            )
+        for ep in episodes:
+            ep.messages = [dict(m) for m in messages]
+            ep.append(Turn(role="user", token_ids=list(prompt), loss_mask=[0] * len(prompt)))
+        _set_stage(episodes, "generate")
+        start = anyio.current_time()
+        firsts = await self.generator.generate_group(
+            list(prompt),
+            max_new_tokens=self._budget(episodes[0]),  # >= 1: the prompt is under the limit
+            sampling=self.cfg.sampling,
+            sticky_keys=[ep.sticky_key for ep in episodes],
+        )
+        if len(firsts) != len(episodes):
+            raise GenerationError(f"{len(firsts)} answers for a group of {len(episodes)}")
+        for ep in episodes:
+            ep.clock("generate_s", anyio.current_time() - start)
+        return firsts
+
+    async def _play_and_score(self, item: DataItem, ep: Episode, first: _Opening) -> EvalResult:
+        await self._play(item, ep, first)
         ep.stage = "hooks"
         ep.turns = self._checked_masks(ep.turns)
         ep.stage = "evaluate"
@@ -221,24 +273,14 @@ class RolloutWorker:
 
     # ---- the agent loop ----------------------------------------------------------------------
 
-    async def _play(self, item: DataItem, ep: Episode) -> None:
-        ep.stage = "format"
-        ep.messages = self._with_system_prompt(_as_messages(self.format_query(item)))
-        ep.stage = "render"
-        prompt = as_token_ids(await self.renderer.run(self.render, list(ep.messages)))
-        limit = self.max_total_tokens
-        if limit is not None and len(prompt) >= limit:
-            raise SampleFailed(
-                FailureReason.PROMPT_REJECTED, f"prompt has {len(prompt)} tokens, limit {limit}"
-            )
-        ep.append(Turn(role="user", token_ids=prompt, loss_mask=[0] * len(prompt)))
+    async def _play(self, item: DataItem, ep: Episode, first: _Opening) -> None:
+        """The turns after the opening; ``first`` is the first turn's segment (or ``None``)."""
         for turn_index in range(self.cfg.max_turns):
-            budget = self.cfg.max_new_tokens
-            if limit is not None:
-                budget = min(budget, limit - len(ep.context))
+            budget = self._budget(ep)
             if budget <= 0:
                 return
-            turn, calls = await self._assistant_turn(ep, budget, turn_index)
+            turn, calls = await self._assistant_turn(ep, budget, turn_index, first)
+            first = None
             ep.stage = "hooks"
             follow = self.on_turn(item, ep.messages, turn)
             if inspect.isawaitable(follow):
@@ -252,10 +294,18 @@ class RolloutWorker:
                 return
             await self._followup(ep, _as_messages(follow), turn)
 
+    def _budget(self, ep: Episode) -> int:
+        """Tokens the next turn may generate: ``max_new_tokens``, capped by the token budget."""
+        limit = self.max_total_tokens
+        budget = self.cfg.max_new_tokens
+        return budget if limit is None else min(budget, limit - len(ep.context))
+
     async def _assistant_turn(
-        self, ep: Episode, budget: int, turn_index: int
+        self, ep: Episode, budget: int, turn_index: int, first: _Opening
     ) -> tuple[Turn, list[ToolCall]]:
         ep.stage = "generate"
+        if isinstance(first, Exception):
+            raise first  # this sample's answer to the group request
         start = anyio.current_time()
         gen = await generate_turn(
             self.generator,
@@ -264,10 +314,14 @@ class RolloutWorker:
             sampling=self.cfg.sampling,
             sticky_key=ep.sticky_key,
             max_resumes=self.max_resumes,
+            first=first,
         )
         ep.clock("generate_s", anyio.current_time() - start)
-        raw, text = await self.renderer.run(_decode_both, self.renderer, gen.output_ids)
-        turn = _assistant(gen, text)
+        inline = self.renderer.decodes_inline(gen.output_ids)
+        raw, text = await self.renderer.run(
+            decode_both, self.renderer, gen.output_ids, inline=inline
+        )
+        turn = assistant_turn(gen, text)
         ep.append(turn)
         self.events.turn_generated(
             group_id=ep.group_id,
@@ -296,8 +350,10 @@ class RolloutWorker:
 
     async def _followup(self, ep: Episode, messages: list[Message], after: Turn) -> None:
         ep.stage = "render"
-        ids = await self.renderer.run(self.render_followup, messages, list(after.token_ids))
-        ids = as_token_ids(ids)
+        inline, generated = self.renderer.renders_inline(messages), list(after.token_ids)
+        ids = as_token_ids(
+            await self.renderer.run(self.render_followup, messages, generated, inline=inline)
+        )
         role = messages[0].get("role")
         names = [str(m["name"]) for m in messages if m.get("role") == "tool" and m.get("name")]
         ep.append(
@@ -339,18 +395,6 @@ def _as_messages(query: Any) -> list[Message]:
     )
 
 
-def _assistant(gen: AssembledTurn, text: str) -> Turn:
-    return Turn(
-        role="assistant",
-        token_ids=gen.output_ids,
-        loss_mask=[1] * len(gen.output_ids),
-        logprobs=gen.logprobs,
-        versions=gen.versions,
-        text=text,
-        finish_reason=gen.finish_reason,
-    )
-
-
-def _decode_both(renderer: ChatRenderer, ids: list[int]) -> tuple[str, str]:
-    """The raw text (special tokens kept, for tool-call parsing) and the clean text."""
-    return renderer.decode(ids, skip_special_tokens=False), renderer.decode(ids)
+def _set_stage(episodes: list[Episode], stage: Stage) -> None:
+    for ep in episodes:
+        ep.stage = stage

@@ -2,7 +2,8 @@
 
 Every request (one sample) has a token schedule: the first token is due ``prefill_latency_s +
 token_latency_s`` after admission, the next ones every ``token_latency_s``. A request's output
-is a deterministic function of (server seed, prompt ids, ``sampling_seed``, sample index): its
+is a deterministic function of (server seed, prompt ids, ``sampling_seed``, the sample's position
+in its request), so the samples of one request differ even when their prompts are equal: its
 natural length is drawn from a log-normal distribution (long tail), it ends with the EOS token
 unless ``ignore_eos``, is cut at ``max_new_tokens``, and stops early on ``stop_token_ids``.
 Concurrent requests are independent (each HTTP request drives its own samples), so timing is

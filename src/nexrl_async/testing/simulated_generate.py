@@ -116,7 +116,7 @@ def parse_generate(body: dict[str, Any], engine: SimulatedEngine) -> GenerateJob
         return rids
     requests = [
         SimRequest(config, rid=rids[p * n + k], prompt=prompt, sampling=_spec(s, prompt, config),
-                   sample_index=k)
+                   sample_index=p * n + k)
         for p, (prompt, s) in enumerate(zip(prompt_ids, samplings, strict=True))
         for k in range(n)
     ]  # fmt: skip

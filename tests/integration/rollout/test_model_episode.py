@@ -13,6 +13,7 @@ Run: ``.venv/bin/pytest tests/integration/rollout -q``
 from __future__ import annotations
 
 import string
+from collections.abc import Sequence
 from typing import Any
 
 import anyio.to_thread
@@ -31,7 +32,7 @@ from nexrl_async.core.records import (
     VersionSpan,
     VersionToken,
 )
-from nexrl_async.rollout import GeneratedTurn, Message, RolloutWorker
+from nexrl_async.rollout import GeneratedTurn, Message, RolloutWorker, generate_each
 from nexrl_async.train.build import build_char_tokenizer, build_model
 
 TINY = BuiltModel(
@@ -96,6 +97,22 @@ class SamplingGenerator:
             logprobs=logprobs,
             finish_reason=finish,
             weight_version=0 if first else 1,
+        )
+
+    async def generate_group(
+        self,
+        input_ids: list[int],
+        *,
+        max_new_tokens: int,
+        sampling: SamplingConfig,
+        sticky_keys: Sequence[str],
+    ) -> list[GeneratedTurn | Exception]:
+        return await generate_each(
+            self,
+            input_ids,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            sticky_keys=sticky_keys,
         )
 
     @torch.no_grad()

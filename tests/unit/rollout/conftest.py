@@ -4,7 +4,7 @@ The tokenizer has one token per printable ASCII character plus ``<pad> <bos> <eo
 <|im_start|> <|im_end|>``, and a Qwen-like chat template (``<|im_start|>role\\ncontent
 <|im_end|>\\n`` per message, a tool list in a system block). The scripted generator plays the
 inference server: a test gives it a function from the call to a :class:`GeneratedTurn` (or an
-exception to raise), and it records every call.
+exception to raise), and it records every call; a group call is one scripted call per sample.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from nexrl_async.core.records import (
     Trajectory,
     VersionToken,
 )
-from nexrl_async.rollout.generation import GeneratedTurn
+from nexrl_async.rollout.generation import GeneratedTurn, generate_each
 from nexrl_async.rollout.tools import Tool
 from nexrl_async.rollout.worker import RolloutWorker
 
@@ -86,6 +86,8 @@ class ScriptedGenerator:
 
     reply: Reply
     calls: list[Call] = field(default_factory=list)
+    groups: list[list[str]] = field(default_factory=list)
+    """The sticky keys of every ``generate_group`` call."""
 
     async def generate(
         self,
@@ -104,6 +106,24 @@ class ScriptedGenerator:
         if isinstance(out, BaseException):
             raise out
         return out
+
+    async def generate_group(
+        self,
+        input_ids: list[int],
+        *,
+        max_new_tokens: int,
+        sampling: SamplingConfig,
+        sticky_keys: Sequence[str],
+    ) -> list[GeneratedTurn | Exception]:
+        """One scripted call per sample (``generate_each``); the group call is recorded."""
+        self.groups.append(list(sticky_keys))
+        return await generate_each(
+            self,
+            input_ids,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            sticky_keys=sticky_keys,
+        )
 
     def for_sample(self, key: str) -> list[Call]:
         return [c for c in self.calls if c.sticky_key == key]

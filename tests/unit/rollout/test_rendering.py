@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import pytest
 from transformers import PreTrainedTokenizerFast
 
 from nexrl_async.core.errors import RolloutError
-from nexrl_async.rollout.rendering import ChatRenderer
+from nexrl_async.rollout.rendering import INLINE_DECODE_TOKENS, INLINE_RENDER_CHARS, ChatRenderer
 
 USER = [{"role": "user", "content": "1+1?"}]
 TOOL = {"role": "tool", "name": "add", "content": "2"}
@@ -108,3 +111,46 @@ def _with_template(tok: PreTrainedTokenizerFast, template: str) -> PreTrainedTok
         chat_template=template,
     )
     return clone
+
+
+async def test_cheap_work_runs_on_the_loop_and_the_rest_in_the_thread(
+    tok: PreTrainedTokenizerFast,
+) -> None:
+    renderer = ChatRenderer(tok)
+    loop = threading.get_ident()
+    assert await renderer.run(threading.get_ident, inline=True) == loop
+    assert await renderer.run(threading.get_ident) != loop
+
+
+async def test_inline_work_goes_to_the_thread_while_the_thread_holds_the_tokenizer(
+    tok: PreTrainedTokenizerFast,
+) -> None:
+    """The tokenizer is never used by two threads at once."""
+    renderer = ChatRenderer(tok)
+    entered, release = threading.Event(), threading.Event()
+
+    def busy() -> None:
+        entered.set()
+        release.wait(5)
+
+    async def release_soon() -> None:
+        await anyio.sleep(0.05)
+        release.set()
+
+    loop = threading.get_ident()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(renderer.run, busy)
+        await anyio.to_thread.run_sync(entered.wait, 5)
+        tg.start_soon(release_soon)
+        assert await renderer.run(threading.get_ident, inline=True) != loop
+    assert await renderer.run(threading.get_ident, inline=True) == loop
+
+
+def test_which_work_is_cheap(tok: PreTrainedTokenizerFast) -> None:
+    plain = ChatRenderer(tok, apply_chat_template=False)
+    short = [{"role": "user", "content": "x" * INLINE_RENDER_CHARS}]
+    assert plain.renders_inline(short)
+    assert not plain.renders_inline([{"role": "user", "content": "x" * (INLINE_RENDER_CHARS + 1)}])
+    assert not ChatRenderer(tok).renders_inline(short), "chat templates cost more than a hop"
+    assert plain.decodes_inline([1] * INLINE_DECODE_TOKENS)
+    assert not plain.decodes_inline([1] * (INLINE_DECODE_TOKENS + 1))

@@ -53,6 +53,36 @@ async def test_sync_evaluators_run_in_a_worker_thread() -> None:
     assert ev.threads[0] != threading.get_ident()
 
 
+class InlineEvaluator(SyncEvaluator):
+    inline = True
+
+
+def inline_function(item: DataItem, trajectory: Trajectory) -> float:
+    inline_function.threads.append(threading.get_ident())  # type: ignore[attr-defined]
+    return 0.75
+
+
+inline_function.inline = True  # type: ignore[attr-defined]
+inline_function.threads = []  # type: ignore[attr-defined]
+
+
+async def test_evaluators_that_declare_inline_run_on_the_event_loop() -> None:
+    ev = InlineEvaluator()
+    assert (await score(as_evaluate_fn(ev), ITEM, TRAJ)).reward == 1.0
+    assert ev.threads == [threading.get_ident()]
+    assert (await score(as_evaluate_fn(inline_function), ITEM, TRAJ)).reward == 0.75
+    assert inline_function.threads == [threading.get_ident()]  # type: ignore[attr-defined]
+
+
+async def test_a_truthy_inline_that_is_not_true_keeps_the_thread() -> None:
+    class Vague(SyncEvaluator):
+        inline = "yes"
+
+    ev = Vague()
+    await score(as_evaluate_fn(ev), ITEM, TRAJ)
+    assert ev.threads[0] != threading.get_ident()
+
+
 async def test_async_evaluators_and_functions() -> None:
     assert (await score(as_evaluate_fn(AsyncEvaluator()), ITEM, TRAJ)).reward == 0.5
     assert (await score(as_evaluate_fn(plain_function), ITEM, TRAJ)).reward == 0.25

@@ -7,6 +7,7 @@ the server's message; broken streams raise :class:`GenerationError` (see ``trans
 
 Generation: :meth:`SGLangClient.generate` returns a :class:`GenerateResult` (aborts are results
 with ``finish_reason.type == "abort"`` and valid partial output, not errors);
+:meth:`SGLangClient.generate_samples` returns ``n`` samples of one prompt from one request;
 :meth:`SGLangClient.stream_generate` yields delta :class:`StreamChunk` s from SGLang's
 cumulative or incremental streams. Cancelling a generation, or its deadline passing, aborts it
 on the server (``/abort_request`` with the rid, shielded, within ``abort_grace_s``).
@@ -24,7 +25,7 @@ from typing import Any
 import anyio
 import httpx
 
-from nexrl_async.core.errors import EngineUnavailable, GenerationError
+from nexrl_async.core.errors import EngineUnavailable, GenerationError, InferenceError
 from nexrl_async.inference.client.control import ServerControl
 from nexrl_async.inference.client.retry import RetryPolicy
 from nexrl_async.inference.client.stream import GenerationStream, attempt_rid
@@ -40,7 +41,7 @@ from nexrl_async.inference.client.structs import (
     WeightVersionSpan,
     parse_version,
 )
-from nexrl_async.inference.client.wire import decode_batch, decode_event, to_result
+from nexrl_async.inference.client.wire import WireGenerate, decode_batch, decode_event, to_result
 
 __all__ = [
     "ControlResult",
@@ -134,6 +135,53 @@ class SGLangClient(ServerControl):
             close_grace_s=self.abort_grace_s,
         )
 
+    async def generate_samples(
+        self,
+        input_ids: Sequence[int],
+        n: int,
+        sampling: SamplingParams,
+        *,
+        return_logprob: bool = True,
+        timeout_s: float | None = None,
+    ) -> list[GenerateResult | InferenceError]:
+        """``n`` independent samples of one prompt in one request (a group's first turn).
+
+        Sent as SGLang's batch form, the prompt ``n`` times with one rid per sample, rather than
+        ``sampling_params.n``: with ``n`` SGLang replaces the rids, so a cancelled request could
+        not be aborted by rid (docs/sglang_api.md §2.3). The answer is a list in sample order.
+        Item ``i`` is sample ``i``'s result (an abort is a result with its partial output), or
+        the error decoding it met (mismatched logprobs, an abort carrying an HTTP status);
+        errors of the request itself are raised as :meth:`generate` raises them.
+        """
+        if sampling.n not in (None, 1):
+            raise ValueError("generate_samples() sends n prompts; leave sampling.n unset")
+        rids = [new_rid() for _ in range(n)]
+        current = list(rids)
+        body: dict[str, Any] = {
+            "input_ids": [list(input_ids)] * n,
+            "sampling_params": sampling,
+            "return_logprob": return_logprob,
+            "stream": False,
+        }
+
+        def body_for(attempt: int) -> dict[str, Any]:
+            current[:] = [attempt_rid(rid, attempt) for rid in rids]
+            return {**body, "rid": list(current)}
+
+        response = await self._abort_on_exit(
+            self._transport.request(
+                "POST",
+                "/generate",
+                body_for=body_for,
+                timeout_s=timeout_s or self.request_timeout_s,
+            ),
+            current,
+        )
+        wires = decode_batch(response.content)
+        if len(wires) != n:
+            raise GenerationError(f"expected {n} results, got {len(wires)}")
+        return [_result_or_error(wire, return_logprob) for wire in wires]
+
     async def generate_batch(
         self,
         prompts: Sequence[Sequence[int]],
@@ -145,7 +193,7 @@ class SGLangClient(ServerControl):
         """One request for several prompts, ``sampling.n`` samples each → results per prompt.
 
         With ``n > 1`` SGLang replaces the rids, so such a request cannot be aborted by rid;
-        RL workers should prefer one :meth:`generate` per sample.
+        RL workers use :meth:`generate_samples` for a group's samples.
         """
         n = sampling.n or 1
         rids = [new_rid() for _ in prompts]
@@ -202,3 +250,10 @@ class SGLangClient(ServerControl):
             if isinstance(err.__cause__, TimeoutError):
                 await self._abort_quietly(*rids)
             raise
+
+
+def _result_or_error(wire: WireGenerate, return_logprob: bool) -> GenerateResult | InferenceError:
+    try:
+        return to_result(wire, return_logprob=return_logprob)
+    except InferenceError as err:
+        return err

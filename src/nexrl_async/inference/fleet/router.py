@@ -8,8 +8,10 @@
 - **Least outstanding**: a new key goes to the available server with the fewest leases (running
   or waiting for a slot), ties broken by fewest leases granted so far, then by index.
 - **Sticky**: a key stays on its server across turns (KV-cache reuse) while that server is
-  available and has a free slot (or no other server has one); ``release(key)`` forgets it
-  when the trajectory ends. At most ``max_sticky_keys`` keys are remembered (oldest forgotten).
+  available and has a free slot (or no other server has one); ``stick(keys, server)`` binds
+  the other samples of a group request to the server that answers it; ``release(key)``
+  forgets a key when the trajectory ends. At most ``max_sticky_keys`` keys are remembered
+  (oldest forgotten).
 - **Capped**: at most ``max_concurrency`` leases run per server (an anyio Semaphore, FIFO).
 - **Down servers**: ``mark_down`` takes a server out of routing, re-routes leases waiting for
   its slots, and cancels the leases running on it: their ``async with`` body raises
@@ -24,7 +26,7 @@ Pure anyio state: no processes, no HTTP. One event loop only (not thread-safe).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -105,11 +107,17 @@ class Router:
                 return bound
         best = min(free or up, key=lambda s: (s.outstanding, s.leases, s.index))
         if key is not None:
-            self._sticky[key] = best
-            self._sticky.move_to_end(key)
-            if len(self._sticky) > self._max_sticky_keys:
-                self._sticky.popitem(last=False)
+            self.stick([key], best)
         return best
+
+    def stick(self, keys: Iterable[str], server: ServerHandle) -> None:
+        """Bind ``keys`` to ``server``: the samples of a group request it answers, so that
+        their later turns go there too."""
+        for key in keys:
+            self._sticky[key] = server
+            self._sticky.move_to_end(key)
+        while len(self._sticky) > self._max_sticky_keys:
+            self._sticky.popitem(last=False)
 
     def release(self, key: str) -> None:
         """Forget the server of ``key`` (its trajectory ended)."""

@@ -27,7 +27,7 @@ A fleet failure cancels the fleet's task group, so the ``async with`` body is ca
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import NoReturn
@@ -96,6 +96,10 @@ class Fleet:
     def lease(self, key: str | None = None) -> AbstractAsyncContextManager[ServerHandle]:
         """``async with fleet.lease(key) as server``: one request slot; see ``Router.lease``."""
         return self.router.lease(key)
+
+    def stick(self, keys: Iterable[str], server: ServerHandle) -> None:
+        """Route later requests of ``keys`` to ``server``; see ``Router.stick``."""
+        self.router.stick(keys, server)
 
     def release(self, key: str) -> None:
         """The trajectory ``key`` ended: forget its server."""
