@@ -31,6 +31,9 @@ def positional_accuracy(answer: str, response: str) -> float:
 class ReverseEvaluator:
     """Scores one sample: positional accuracy of the reversal, and exact match as a metric."""
 
+    inline = True
+    """A few string comparisons (about 2 µs): cheaper on the event loop than a thread hop."""
+
     def evaluate(self, item: DataItem, trajectory: Trajectory) -> EvalResult:
         answer = str(item.fields["answer"])
         response = trajectory.response_text.strip()
