@@ -290,6 +290,6 @@ class Flow:
                 item_keys=[g.item_key for g in batch.groups],
                 head_versions=[g.head_version for g in batch.groups],
                 staleness=batch.staleness,
-                policy_version=batch.step + 1,
+                policy_version=self.gate.version_after(batch.step),
             )
         )

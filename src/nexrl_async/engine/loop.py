@@ -177,7 +177,7 @@ async def _train_and_publish(
     ctx: RunContext, parts: Parts, batch: TrainBatch, clock: StepClock
 ) -> dict[str, float]:
     """Step ``batch.step``, publish version ``step + 1``, let the gate admit on it."""
-    version = batch.step + 1
+    version = parts.flow.gate.version_after(batch.step)
     metrics = await parts.train_step(batch)
     published = await parts.publisher.publish(version)
     await parts.flow.advance(version)

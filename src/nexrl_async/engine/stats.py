@@ -7,7 +7,6 @@ from collections import Counter
 
 from nexrl_async.core.records import FailureReason, Status, TrainBatch
 from nexrl_async.obs.ledger import RunLedger
-from nexrl_async.pipeline.staleness import staleness_metrics
 from nexrl_async.rollout.events import LedgerEvents
 
 
@@ -71,3 +70,14 @@ def batch_metrics(batch: TrainBatch) -> dict[str, float]:
     }
     out.update(staleness_metrics(batch))
     return out
+
+
+def staleness_metrics(batch: TrainBatch) -> dict[str, float]:
+    """``pipeline/staleness_{max,mean}`` of one batch (``step - head_version`` per group)."""
+    values = batch.staleness
+    if not values:
+        return {}
+    return {
+        "pipeline/staleness_max": float(max(values)),
+        "pipeline/staleness_mean": sum(values) / len(values),
+    }

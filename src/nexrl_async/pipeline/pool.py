@@ -42,97 +42,37 @@ lease, or a requeue; ``can_put`` after a step, a put, or a released lease; the g
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import msgspec
 
 from nexrl_async.config.pipeline import PoolConfig
 from nexrl_async.core.errors import CheckpointError, ConfigError
 from nexrl_async.core.records import Group, TrainBatch, VersionToken
+from nexrl_async.pipeline.pool_events import (
+    GroupDropped,
+    GroupFailed,
+    GroupFiltered,
+    GroupPooled,
+    GroupRequeued,
+    LeaseOverdue,
+    PoolEvent,
+    StepWaiting,
+)
 from nexrl_async.pipeline.staleness import Fate, StalenessGate
 
-
-class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
-    replay: ClassVar[bool] = False
-    """Whether the engine should hand the group's item out again."""
-
-
-class GroupPooled(_Event, frozen=True, kw_only=True, tag="pooled"):
-    """A group is kept, waiting for a step."""
-
-    group_id: str
-    item_key: str
-    token: VersionToken
-    head_version: int
-    pool_size: int
-
-
-class GroupFailed(_Event, frozen=True, kw_only=True, tag="failed"):
-    """A group with a FAILED trajectory: not trained, lease released."""
-
-    replay: ClassVar[bool] = True
-    group_id: str
-    item_key: str
-    token: VersionToken
-    reasons: list[str]
-
-
-class GroupFiltered(_Event, frozen=True, kw_only=True, tag="filtered"):
-    """All rewards equal (no learning signal): not trained, lease released."""
-
-    group_id: str
-    item_key: str
-    token: VersionToken
-    reward: float
-
-
-class GroupDropped(_Event, frozen=True, kw_only=True, tag="dropped"):
-    """Overdue at ``step``: not trained, lease released."""
-
-    replay: ClassVar[bool] = True
-    group_id: str
-    item_key: str
-    token: VersionToken
-    head_version: int
-    step: int
-
-
-class GroupRequeued(_Event, frozen=True, kw_only=True, tag="requeued"):
-    """Overdue at ``step``: re-leased at a newer version and kept (its head version stays)."""
-
-    group_id: str
-    item_key: str
-    old_token: VersionToken
-    token: VersionToken
-    head_version: int
-    step: int
-
-
-class LeaseOverdue(_Event, frozen=True, kw_only=True, tag="lease_overdue"):
-    """A lease still in flight can no longer be trained by ``step`` under its current token."""
-
-    token: VersionToken
-    step: int
-    action: Literal["drop", "requeue"]
-
-
-class StepWaiting(_Event, frozen=True, kw_only=True, tag="step_waiting"):
-    """Step ``step`` waits for these in-flight leases (reported once per step)."""
-
-    step: int
-    waiting_for: list[VersionToken]
-
-
-PoolEvent = (
-    GroupPooled
-    | GroupFailed
-    | GroupFiltered
-    | GroupDropped
-    | GroupRequeued
-    | LeaseOverdue
-    | StepWaiting
-)
-"""Every outcome the pool reports; ``msgspec`` encodes it with a ``kind`` tag."""
+__all__ = [
+    "GroupDropped",
+    "GroupFailed",
+    "GroupFiltered",
+    "GroupPooled",
+    "GroupRequeued",
+    "Handout",
+    "LeaseOverdue",
+    "PoolEvent",
+    "StepWaiting",
+    "TrajectoryPool",
+]
 
 
 class Handout(msgspec.Struct, frozen=True, kw_only=True):

@@ -57,16 +57,14 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Collection, Iterable, Mapping
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
 from nexrl_async.config.pipeline import StalenessConfig
 from nexrl_async.core.errors import CheckpointError, ConfigError
-from nexrl_async.core.records import TrainBatch, VersionToken
-
-Mode = Literal["sync", "batch-async", "fully-async"]
-OverdueAction = Literal["wait", "drop", "requeue"]
+from nexrl_async.core.records import VersionToken
+from nexrl_async.pipeline.gate_state import GateCounters, GateState, Mode, OverdueAction
 
 
 class Fate(enum.StrEnum):
@@ -78,34 +76,6 @@ class Fate(enum.StrEnum):
     """Overdue: release the lease, replay the item."""
     REQUEUE = "requeue"
     """Overdue: re-lease at the current version and keep it (head version stays old)."""
-
-
-class GateCounters(msgspec.Struct, kw_only=True):
-    """Cumulative lease counts (checkpointed)."""
-
-    issued: int = 0
-    """Leases ever issued (requeues not included)."""
-    redeemed: int = 0
-    """Leases whose group was trained."""
-    released: int = 0
-    """Leases given back: failed, filtered or abandoned groups."""
-    dropped: int = 0
-    """Leases given back because their group was overdue."""
-    requeued: int = 0
-    """Times an overdue lease was re-issued at a newer version."""
-    refused: int = 0
-    """``try_lease`` calls answered ``None``."""
-
-
-class _GateState(msgspec.Struct, kw_only=True):
-    mode: Mode
-    max_staleness: int | None
-    batch_groups: int
-    version: int
-    next_lease_id: int
-    outstanding: list[VersionToken]
-    requeued: list[int]
-    counters: GateCounters
 
 
 class StalenessGate:
@@ -160,6 +130,11 @@ class StalenessGate:
     def version(self) -> int:
         """Policy version the whole fleet has loaded."""
         return self._version
+
+    @staticmethod
+    def version_after(step: int) -> int:
+        """The policy version step ``step`` produces (``step + 1``); the one place it is defined."""
+        return step + 1
 
     @property
     def next_step(self) -> int:
@@ -355,7 +330,7 @@ class StalenessGate:
 
     def state_dict(self) -> dict[str, Any]:
         """JSON- and msgpack-able state; :meth:`load_state_dict` continues exactly from it."""
-        state = _GateState(
+        state = GateState(
             mode=self._mode,
             max_staleness=self._k,
             batch_groups=self._batch,
@@ -371,7 +346,7 @@ class StalenessGate:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`; the config must match the one it was saved under."""
         try:
-            loaded = msgspec.convert(dict(state), _GateState)
+            loaded = msgspec.convert(dict(state), GateState)
         except msgspec.ValidationError as err:
             raise CheckpointError(f"staleness gate state is malformed: {err}") from err
         saved = (loaded.mode, loaded.max_staleness, loaded.batch_groups)
@@ -401,14 +376,3 @@ class StalenessGate:
     def _retire(self, lease_id: int) -> None:
         del self._outstanding[lease_id]
         self._requeued.discard(lease_id)
-
-
-def staleness_metrics(batch: TrainBatch) -> dict[str, float]:
-    """``pipeline/staleness_{max,mean}`` of one batch (``step - head_version`` per group)."""
-    values = batch.staleness
-    if not values:
-        return {}
-    return {
-        "pipeline/staleness_max": float(max(values)),
-        "pipeline/staleness_mean": sum(values) / len(values),
-    }

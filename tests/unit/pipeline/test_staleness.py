@@ -8,7 +8,8 @@ import pytest
 from nexrl_async.config.pipeline import StalenessConfig
 from nexrl_async.core.errors import CheckpointError
 from nexrl_async.core.records import Group, TrainBatch, VersionToken
-from nexrl_async.pipeline.staleness import Fate, StalenessGate, staleness_metrics
+from nexrl_async.engine.stats import staleness_metrics
+from nexrl_async.pipeline.staleness import Fate, StalenessGate
 
 
 def gate_for(mode: str = "batch-async", batch: int = 2, **kw: object) -> StalenessGate:
