@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from nexrl_async.core.errors import NexRLError
+from nexrl_async.inference.local.http_io import DEFAULT_MAX_BODY_BYTES
 from nexrl_async.inference.local.server import ServeOptions, main_serve
 
 
@@ -32,6 +33,9 @@ def parse_options(argv: list[str] | None = None) -> ServeOptions:
     arg("--torch-threads", type=int, default=0)
     arg("--seed", "--random-seed", dest="seed", type=int, default=0)
     arg("--update-group-timeout-s", type=float, default=300.0, help="weight-update group deadline")
+    arg("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger bodies: 413")
+    arg("--max-n", type=int, default=64, help="largest n (samples per prompt) of a request")
+    arg("--max-request-sequences", type=int, default=4096, help="prompts x n per request")
     return ServeOptions(**vars(parser.parse_args(argv)))
 
 

@@ -10,7 +10,7 @@ from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from nexrl_async.core.errors import RequestRejected
-from nexrl_async.inference.local.protocol import Limits
+from nexrl_async.inference.local.protocol import Limits, check_text_length
 from nexrl_async.inference.local.scheduler import Scheduler
 from nexrl_async.inference.local.update_group import WeightSyncState
 
@@ -46,7 +46,10 @@ class ServerContext:
         return text
 
     async def encode(self, texts: list[str]) -> list[list[int]]:
-        """Tokenize with the tokenizer's default special tokens (BOS as the tokenizer adds it)."""
+        """Tokenize with the tokenizer's default special tokens (BOS as the tokenizer adds it).
+
+        Texts that cannot fit the context are refused first (``RequestRejected``)."""
+        check_text_length(texts, self.limits)
 
         def run() -> list[list[int]]:
             return [list(self.tokenizer(t)["input_ids"]) for t in texts]
@@ -73,9 +76,18 @@ class ServerContext:
                 continue_final_message=continue_final_message,
                 **options,
             )
+            check_text_length([str(text)], self.limits)
             return list(self.tokenizer(str(text), add_special_tokens=False)["input_ids"])
 
         try:
             return await anyio.to_thread.run_sync(run)
-        except (ValueError, TypeError, KeyError, TemplateError) as err:
+        except RequestRejected:
+            raise
+        except (ValueError, TypeError, KeyError, RecursionError, TemplateError) as err:
             raise RequestRejected(400, f"cannot apply the chat template: {err}") from err
+
+
+def longest_token(tokenizer: Tokenizer) -> int:
+    """Characters of the longest vocabulary entry (at least 1): no token stands for more."""
+    vocab = tokenizer.get_vocab()
+    return max((len(token) for token in vocab), default=1) or 1

@@ -6,7 +6,6 @@ import time
 from typing import Any, TypeVar
 
 import anyio
-import msgspec
 from starlette.requests import Request as HttpRequest
 from starlette.responses import PlainTextResponse, Response
 
@@ -14,8 +13,10 @@ from nexrl_async.__about__ import __version__
 from nexrl_async.core.errors import EngineUnavailable
 from nexrl_async.inference.local.app_state import ServerContext
 from nexrl_async.inference.local.error_responses import json_response, unparseable_body
+from nexrl_async.inference.local.http_io import JsonError, decode_json
 from nexrl_async.inference.local.protocol import (
     AbortRequest,
+    ContinueRequest,
     PauseRequest,
     UpdateWeightsFromDiskRequest,
     new_rid,
@@ -42,10 +43,12 @@ class BodyError(Exception):
 
 
 async def decode_body(http: HttpRequest, kind: type[T]) -> T:
+    """The JSON body as ``kind`` (an empty body is ``{}``); malformed, too deeply nested or
+    off-schema bodies raise :class:`BodyError` with SGLang's 400 envelope."""
     raw = await http.body()
     try:
-        return msgspec.json.decode(raw or b"{}", type=kind)
-    except (msgspec.DecodeError, msgspec.ValidationError) as err:
+        return decode_json(raw or b"{}", kind)
+    except JsonError as err:
         raise BodyError(unparseable_body(str(err))) from err
 
 
@@ -56,7 +59,7 @@ async def pause_generation(http: HttpRequest, ctx: ServerContext) -> Response:
 
 
 async def continue_generation(http: HttpRequest, ctx: ServerContext) -> Response:
-    await http.body()
+    await decode_body(http, ContinueRequest)
     ctx.scheduler.resume()
     return json_response({"message": "Generation continued successfully.", "status": "ok"})
 

@@ -4,7 +4,8 @@
 |---------------------------------------------|--------|----------------------------------------|
 | ``/generate`` body fails the schema         | 400    | ``{"error": "<text>"}``                |
 | ``/generate`` value error (sampling, length)| 400    | ``{"error": {"message": "<text>"}}``   |
-| body not parseable (other routes)           | 400    | OpenAI-style envelope, type Bad Request |
+| body not parseable or nested too deeply     | 400    | OpenAI-style envelope, type Bad Request |
+| body over ``--max-body-bytes``              | 413    | envelope, type Request Entity Too Large |
 | OpenAI route value error                    | 400    | envelope, type ``BadRequestError``     |
 | missing / wrong API key                     | 401    | ``{"error": "Unauthorized"}``          |
 | unknown route                               | 404    | ``{"detail": "Not Found"}``            |
@@ -19,9 +20,13 @@ import msgspec
 from starlette.responses import Response
 
 
-def json_response(content: Any, status_code: int = 200) -> Response:
+def json_response(
+    content: Any, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
     """A JSON response encoded with msgspec (non-finite floats become ``null``)."""
-    return Response(msgspec.json.encode(content), status_code, media_type="application/json")
+    return Response(
+        msgspec.json.encode(content), status_code, headers, media_type="application/json"
+    )
 
 
 def schema_error(message: str) -> Response:
@@ -54,10 +59,14 @@ def unavailable(message: str) -> Response:
     return openai_error(503, message, "503")
 
 
+def too_large(message: str) -> Response:
+    return openai_error(413, message, "Request Entity Too Large")
+
+
 def unauthorized() -> Response:
     return json_response({"error": "Unauthorized"}, 401)
 
 
-def http_error(status_code: int, detail: str) -> Response:
+def http_error(status_code: int, detail: str, headers: dict[str, str] | None = None) -> Response:
     """FastAPI's default body for routing errors (404, 405)."""
-    return json_response({"detail": detail}, status_code)
+    return json_response({"detail": detail}, status_code, headers)

@@ -13,7 +13,6 @@ from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import anyio
-import msgspec
 from starlette.requests import Request as HttpRequest
 from starlette.responses import Response
 
@@ -25,8 +24,10 @@ from nexrl_async.inference.local.error_responses import (
     schema_error,
     unavailable,
 )
+from nexrl_async.inference.local.http_io import JsonError, decode_json
 from nexrl_async.inference.local.protocol import (
     GenerateRequest,
+    check_counts,
     check_prompt,
     logprob_request,
     new_rid,
@@ -52,19 +53,31 @@ def _per_item(value: Any, count: int, name: str) -> list[Any]:
     return [value] * count
 
 
-async def _prompts(body: GenerateRequest, ctx: ServerContext) -> tuple[list[list[int]], bool]:
-    """Prompt token ids and whether the request is a batch (the text decides the shape)."""
+def _batched_ids(ids: list[Any]) -> bool:
+    return bool(ids) and all(isinstance(x, list) for x in ids)
+
+
+def _prompt_count(body: GenerateRequest) -> int:
+    """How many prompts the request holds, before anything is tokenized or checked."""
     if body.input_embeds is not None:
         raise RequestRejected(400, "input_embeds is not supported by the nexrl_async local server.")
     if body.lora_path is not None or body.session_params is not None:
         raise RequestRejected(400, "LoRA adapters and sessions are not supported by this server.")
     if body.input_ids is not None:
-        ids = body.input_ids
-        batched = bool(ids) and all(isinstance(x, list) for x in ids)
-        rows = [check_prompt(row, ctx.limits) for row in (ids if batched else [ids])]
-        return rows, batched or isinstance(body.text, list)
+        return len(body.input_ids) if _batched_ids(body.input_ids) else 1
     if body.text is None:
         raise RequestRejected(400, "Either text, input_ids or input_embeds should be provided.")
+    return len(body.text) if isinstance(body.text, list) else 1
+
+
+async def _prompts(body: GenerateRequest, ctx: ServerContext) -> tuple[list[list[int]], bool]:
+    """Prompt token ids and whether the request is a batch (the text decides the shape)."""
+    if body.input_ids is not None:
+        ids = body.input_ids
+        batched = _batched_ids(ids)
+        rows = [check_prompt(row, ctx.limits) for row in (ids if batched else [ids])]
+        return rows, batched or isinstance(body.text, list)
+    assert body.text is not None  # _prompt_count checked
     texts = body.text if isinstance(body.text, list) else [body.text]
     encoded = await ctx.encode(texts)
     if any(not row for row in encoded):
@@ -74,12 +87,13 @@ async def _prompts(body: GenerateRequest, ctx: ServerContext) -> tuple[list[list
 
 async def build_requests(body: GenerateRequest, ctx: ServerContext) -> tuple[list[Request], bool]:
     """Validated scheduler requests (prompt-major) and whether to answer with a list."""
-    prompts, batched = await _prompts(body, ctx)
-    count = len(prompts)
+    count = _prompt_count(body)
     params = _per_item(body.sampling_params or SamplingParamsBody(), count, "sampling_params")
     if len({p.n for p in params}) > 1:
         raise RequestRejected(400, "n must be equal across the sampling_params of a batch.")
     n = params[0].n
+    check_counts(count, n, ctx.limits)
+    prompts, batched = await _prompts(body, ctx)
     wants = _per_item(body.return_logprob, count, "return_logprob")
     starts = _per_item(body.logprob_start_len, count, "logprob_start_len")
     tops = _per_item(body.top_logprobs_num, count, "top_logprobs_num")
@@ -212,8 +226,8 @@ async def _native_stream(
 
 async def handle_generate(http: HttpRequest, ctx: ServerContext) -> Response:
     try:
-        body = msgspec.json.decode(await http.body(), type=GenerateRequest)
-    except (msgspec.DecodeError, msgspec.ValidationError) as err:
+        body = decode_json(await http.body(), GenerateRequest)
+    except JsonError as err:
         return schema_error(str(err))
     try:
         requests, batched = await build_requests(body, ctx)

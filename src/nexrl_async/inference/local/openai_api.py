@@ -12,7 +12,6 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
-import msgspec
 from msgspec import Struct
 from starlette.requests import Request as HttpRequest
 from starlette.responses import Response
@@ -26,6 +25,7 @@ from nexrl_async.inference.local.error_responses import (
     unparseable_body,
 )
 from nexrl_async.inference.local.generate import wait_finished
+from nexrl_async.inference.local.http_io import JsonError, decode_json
 from nexrl_async.inference.local.openai_format import (
     chat_choice,
     chat_chunks,
@@ -34,6 +34,7 @@ from nexrl_async.inference.local.openai_format import (
     usage,
 )
 from nexrl_async.inference.local.protocol import (
+    check_counts,
     check_prompt,
     logprob_request,
     new_rid,
@@ -143,6 +144,7 @@ def _samples(
 ) -> list[Request]:
     """``n`` requests per prompt (prompt-major); ``logprobs`` = (enabled, input start, top n)."""
     enabled, start, top_n = logprobs
+    check_counts(len(prompts), params.n, ctx.limits)
     notifier = Notifier()
     out: list[Request] = []
     for raw in prompts:
@@ -214,10 +216,6 @@ async def _completion_prompts(body: CompletionRequest, ctx: ServerContext) -> li
     raise RequestRejected(400, "prompt must be a string, a list of strings, or token ids.")
 
 
-def _decode(http_body: bytes, kind: type[Any]) -> Any:
-    return msgspec.json.decode(http_body, type=kind)
-
-
 async def _run(
     http: HttpRequest, ctx: ServerContext, kind: type[Any]
 ) -> tuple[Any, list[Request]] | Response:
@@ -225,10 +223,11 @@ async def _run(
     if http.headers.get("content-type", "application/json").split(";")[0] != "application/json":
         return openai_error(400, "Unsupported Media Type: only 'application/json' is allowed")
     try:
-        body = _decode(await http.body(), kind)
-    except (msgspec.DecodeError, msgspec.ValidationError) as err:
+        body = decode_json(await http.body(), kind)
+    except JsonError as err:
         return unparseable_body(str(err))
     try:
+        check_counts(1, body.n, ctx.limits)
         if isinstance(body, ChatRequest):
             requests = await _chat_requests(body, ctx)
         else:

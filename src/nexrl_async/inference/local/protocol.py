@@ -89,6 +89,10 @@ class PauseRequest(Struct, kw_only=True):
     mode: Literal["abort", "retract", "in_place"] = "abort"
 
 
+class ContinueRequest(Struct, kw_only=True):
+    torch_empty_cache: bool = True
+
+
 class AbortRequest(Struct, kw_only=True):
     rid: str = ""
     abort_all: bool = False
@@ -96,10 +100,42 @@ class AbortRequest(Struct, kw_only=True):
 
 @dataclass(frozen=True, kw_only=True)
 class Limits:
-    """What the served model allows."""
+    """What the served model allows, and what one request may ask of the server."""
 
     context_length: int
     vocab_size: int
+    max_n: int = 64
+    """Largest ``sampling_params.n`` (``--max-n``)."""
+    max_sequences: int = 4096
+    """Most sequences (prompts x ``n``) in one request (``--max-request-sequences``)."""
+    chars_per_token: int = 64
+    """Most characters one token can stand for (the longest vocabulary entry): a text longer
+    than ``context_length * chars_per_token`` cannot fit and is refused before tokenizing."""
+
+
+def check_counts(prompts: int, n: int, limits: Limits) -> None:
+    """Refuse an ``n`` or a number of sequences over the server's caps (before any work)."""
+    if n > limits.max_n:
+        raise RequestRejected(400, f"n must be at most {limits.max_n}, got {n}.")
+    if prompts * n > limits.max_sequences:
+        raise RequestRejected(
+            400,
+            f"A request may ask for at most {limits.max_sequences} sequences (prompts x n), "
+            f"got {prompts * n}.",
+        )
+
+
+def check_text_length(texts: list[str], limits: Limits) -> None:
+    """Refuse, before tokenizing, a text too long to fit the context whatever its tokens."""
+    bound = limits.context_length * limits.chars_per_token
+    for text in texts:
+        if len(text) > bound:
+            raise RequestRejected(
+                400,
+                f"The input ({len(text)} characters) is longer than the model's context length "
+                f"({limits.context_length} tokens) can hold; texts over {bound} characters are "
+                "not tokenized.",
+            )
 
 
 def _unsupported(params: SamplingParamsBody) -> str | None:

@@ -14,6 +14,7 @@ python -m nexrl_async.inference.local --model /tmp/tiny --port 30000
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import signal
 import socket
 from collections.abc import Iterator
@@ -29,7 +30,8 @@ from loguru import logger
 
 from nexrl_async.core.errors import ConfigError
 from nexrl_async.inference.local.app import build_app
-from nexrl_async.inference.local.app_state import ServerContext
+from nexrl_async.inference.local.app_state import ServerContext, longest_token
+from nexrl_async.inference.local.http_io import DEFAULT_MAX_BODY_BYTES
 from nexrl_async.inference.local.protocol import Limits
 from nexrl_async.inference.local.runner import ModelRunner
 from nexrl_async.inference.local.scheduler import Scheduler
@@ -38,6 +40,16 @@ from nexrl_async.inference.local.weights import LoadedModel, load_model
 
 GRACE_S = 5.0
 """How long uvicorn may drain open connections on shutdown."""
+
+KEEP_ALIVE_S = 65
+"""Idle keep-alive connections are closed after this. Longer than clients keep idle
+connections (httpx: 5 s), so a client never reuses one that the server is closing at that
+moment (uvicorn's default is 5 s too: the two race, and the request fails with a read error)."""
+
+HTTP_PROTOCOL: Literal["httptools", "h11"] = (
+    "httptools" if importlib.util.find_spec("httptools") is not None else "h11"
+)
+"""uvicorn's HTTP parser: httptools (C) where installed, h11 (pure Python) otherwise."""
 
 _SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
@@ -71,11 +83,26 @@ class ServeOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """Seed of the RNG used by requests without ``sampling_seed``."""
     update_group_timeout_s: float = 300.0
     """Deadline of a weight-update group's rendezvous and of each broadcast it receives."""
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    """Request bodies above this many bytes are refused with 413."""
+    max_n: int = 64
+    """Largest ``n`` (samples per prompt) one request may ask for."""
+    max_request_sequences: int = 4096
+    """Most sequences (prompts x ``n``) in one request."""
 
     def __post_init__(self) -> None:
         checks = [
             (0 <= self.port <= 65535, f"port = {self.port}: expected 0..65535"),
             (self.max_batch >= 1, f"max_batch = {self.max_batch}: expected >= 1"),
+            (
+                self.max_body_bytes >= 1024,
+                f"max_body_bytes = {self.max_body_bytes}: expected >= 1024",
+            ),
+            (self.max_n >= 1, f"max_n = {self.max_n}: expected >= 1"),
+            (
+                self.max_request_sequences >= self.max_n,
+                f"max_request_sequences = {self.max_request_sequences}: expected >= max_n",
+            ),
             (self.torch_threads >= 0, f"torch_threads = {self.torch_threads}: expected >= 0"),
             (
                 self.update_group_timeout_s > 0,
@@ -123,6 +150,9 @@ def _context(options: ServeOptions, loaded: LoadedModel, scheduler: Scheduler) -
         limits=Limits(
             context_length=loaded.context_length,
             vocab_size=int(loaded.model.get_output_embeddings().weight.shape[0]),
+            max_n=options.max_n,
+            max_sequences=options.max_request_sequences,
+            chars_per_token=longest_token(loaded.tokenizer),
         ),
         served_model_name=options.served_model_name,
         tokenizer_path=options.model_dir,
@@ -193,13 +223,15 @@ async def serve(
     )
     ctx = _context(options, loaded, scheduler)
     config = uvicorn.Config(
-        build_app(ctx, api_key=options.api_key),
+        build_app(ctx, api_key=options.api_key, max_body_bytes=options.max_body_bytes),
         host=options.host,
         port=options.port,
+        http=HTTP_PROTOCOL,
         log_config=None,
         access_log=False,
         lifespan="off",
         timeout_graceful_shutdown=int(GRACE_S),
+        timeout_keep_alive=KEEP_ALIVE_S,
     )
     server = _Uvicorn(config)
     async with anyio.create_task_group() as tg:
@@ -223,5 +255,7 @@ async def serve(
 
 
 def main_serve(options: ServeOptions) -> None:
-    """Blocking entry point (``nexrl-async serve``, ``python -m ...inference.local``)."""
-    anyio.run(lambda: serve(options))
+    """Blocking entry point (``nexrl-async serve``, ``python -m ...inference.local``); runs on
+    uvloop where it is installed."""
+    uvloop = importlib.util.find_spec("uvloop") is not None
+    anyio.run(lambda: serve(options), backend_options={"use_uvloop": uvloop})
