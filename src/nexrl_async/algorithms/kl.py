@@ -13,6 +13,9 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
+from nexrl_async.config.training import KLConfig
+from nexrl_async.core.errors import ConfigError
+
 KLKind = Literal["k1", "abs", "k2", "k3"]
 KL_KINDS: tuple[str, ...] = get_args(KLKind)
 
@@ -146,3 +149,16 @@ class AdaptiveKLController:
         if coef <= 0:
             raise ValueError(f"coef must be > 0; got {coef}")
         self.coef = coef
+
+
+KLController = FixedKLController | AdaptiveKLController
+
+
+def kl_controller(cfg: KLConfig) -> KLController:
+    """The controller ``[algorithm.kl]`` asks for (raises ``ConfigError`` on bad values)."""
+    try:
+        if cfg.controller == "adaptive":
+            return AdaptiveKLController(cfg.coef, cfg.target, cfg.horizon)
+        return FixedKLController(cfg.coef)
+    except ValueError as err:
+        raise ConfigError(f"algorithm.kl: {err}", path="algorithm.kl") from err

@@ -290,3 +290,22 @@ def forward_metrics(
     if kl is not None:
         metrics["train/kl"] = masked_mean(kl, mask)
     return metrics
+
+
+def pre_pass_optional(algo: AlgorithmConfig) -> bool:
+    """Whether nothing needs the policy's pre-step log-probs before its one optimizer step."""
+    return (
+        algo.minibatches == 1
+        and algo.epochs == 1
+        and algo.kl.placement != "reward"
+        and not algo.tis.enabled
+        and algo.prepare_batch is None
+    )
+
+
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Active dropout makes the training forward differ from the eval-mode pre-pass."""
+    config = getattr(model, "config", None)
+    rates = [getattr(config, "attention_dropout", 0.0) or 0.0]
+    rates += [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    return any(float(rate) > 0 for rate in rates)

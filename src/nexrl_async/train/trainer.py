@@ -59,9 +59,9 @@ from torch.optim.lr_scheduler import LRScheduler
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from nexrl_async.algorithms import AdaptiveKLController, FixedKLController
-from nexrl_async.config.training import AlgorithmConfig, KLConfig, OptimConfig, TrainerConfig
-from nexrl_async.core.errors import ConfigError, TrainError
+from nexrl_async.algorithms.kl import kl_controller
+from nexrl_async.config.training import AlgorithmConfig, OptimConfig, TrainerConfig
+from nexrl_async.core.errors import TrainError
 from nexrl_async.core.records import TrainBatch
 from nexrl_async.train.checkpoint import load_trainer, save_trainer
 from nexrl_async.train.evaluation import validation_loss
@@ -81,7 +81,13 @@ from nexrl_async.train.ranks.topology import ProcessGroups, Topology, training_d
 from nexrl_async.train.schedule import build_optimizer, build_scheduler
 from nexrl_async.train.spec import TrainerSpec
 from nexrl_async.train.step import UpdateSettings, run_updates
-from nexrl_async.train.targets import PrePass, build_targets, prepass_metrics
+from nexrl_async.train.targets import (
+    PrePass,
+    build_targets,
+    has_dropout,
+    pre_pass_optional,
+    prepass_metrics,
+)
 from nexrl_async.train.tensors import SequenceBatch, sequences_from_batch
 
 StepMetrics = dict[str, float]
@@ -89,8 +95,6 @@ StepMetrics = dict[str, float]
 
 GREEDY_TEMPERATURE = 1e-6
 """Below this the server samples greedily and reports plain log-softmax log-probs."""
-
-KLController = FixedKLController | AdaptiveKLController
 
 
 class Trainer:
@@ -151,13 +155,13 @@ class Trainer:
         self.reference = frozen_copy(model, on_cpu=algorithm.reference_on_cpu) if uses_kl else None
         if self.groups.distributed:
             self._shard(trainer.param_dtype, reference_on_cpu=algorithm.reference_on_cpu)
-        self.kl_controller = _kl_controller(algorithm.kl) if uses_kl else None
+        self.kl_controller = kl_controller(algorithm.kl) if uses_kl else None
         self.optimizer: Optimizer = build_optimizer(model.parameters(), optim)
         self.scheduler: LRScheduler = build_scheduler(self.optimizer, optim, total_steps)
         self._hook = None
         if rl and algorithm.prepare_batch is not None:
             self._hook = PrepareBatchHook.load(algorithm.prepare_batch, base_dir or Path.cwd())
-        self._skip_policy_pre_pass = _pre_pass_optional(algorithm) and not _has_dropout(model)
+        self._skip_policy_pre_pass = pre_pass_optional(algorithm) and not has_dropout(model)
         self._settings = UpdateSettings(
             epochs=algorithm.epochs,
             minibatches=algorithm.minibatches,
@@ -388,31 +392,3 @@ def _pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
         if isinstance(candidate, int):
             return candidate
     return 0
-
-
-def _pre_pass_optional(algo: AlgorithmConfig) -> bool:
-    """Whether nothing needs the policy's pre-step log-probs before its one optimizer step."""
-    return (
-        algo.minibatches == 1
-        and algo.epochs == 1
-        and algo.kl.placement != "reward"
-        and not algo.tis.enabled
-        and algo.prepare_batch is None
-    )
-
-
-def _has_dropout(model: torch.nn.Module) -> bool:
-    """Active dropout makes the training forward differ from the eval-mode pre-pass."""
-    config = getattr(model, "config", None)
-    rates = [getattr(config, "attention_dropout", 0.0) or 0.0]
-    rates += [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
-    return any(float(rate) > 0 for rate in rates)
-
-
-def _kl_controller(cfg: KLConfig) -> KLController:
-    try:
-        if cfg.controller == "adaptive":
-            return AdaptiveKLController(cfg.coef, cfg.target, cfg.horizon)
-        return FixedKLController(cfg.coef)
-    except ValueError as err:
-        raise ConfigError(f"algorithm.kl: {err}", path="algorithm.kl") from err
