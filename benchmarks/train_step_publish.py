@@ -1,20 +1,31 @@
-"""Part (3) of the train-step benchmark: weight publication by ``disk`` and ``distributed``.
+"""Weight publication by ``disk`` and ``distributed`` into one local server.
 
-A Qwen2 of ~100M parameters (``--publish-*``) is built, saved, and served by one local server
+Part (3) of the train-step benchmark (``train_step.py``): a Qwen2 of ~100M parameters
+(``--publish-*``) is built, saved, and served by one local server
 (``python -m nexrl_async serve --model DIR --port N --torch-threads 1``, a subprocess). One
 :class:`weights.Publisher` per transport publishes the trainer's weights into it through an
 attached fleet (``inference.fleet.open_fleet``): ``disk`` (``Trainer.save_hf`` to safetensors,
 then ``/update_weights_from_disk``) and ``distributed_<n>mb`` per ``--bucket-mb`` (gloo broadcast
-by ``train.broadcast.WeightSender`` in buckets of ``n`` MiB, ``/update_weights_from_distributed``,
+by ``weights.sender.WeightSender`` in buckets of ``n`` MiB, ``/update_weights_from_distributed``,
 each transport its own group). Rounds publish once by each, in turn. Every publication is timed
 end to end by the publisher (:class:`weights.PublishStats`: prepare, hold, transfer, verify
 ``weight_version``, flush); the first by each (distributed: it opens the group) is reported
 apart from the median of the rest. Wall time: two processes share the machine.
+
+Standalone (``python benchmarks/train_step_publish.py``): the demo's shape
+(``recipes/reverse_digits``: hidden 64, 2 layers) under the demo's load. ``--load`` client
+tasks keep short requests (a 5-token prompt, 3 new tokens) running through the fleet's leases,
+as rollout workers do, while one publisher per ``transport:inflight`` mode (``--modes``)
+publishes in turn, in a rotating order, ``--rounds`` times. Reported per mode: the median
+``publish_s`` (what the engine logs as ``weights/publish_s``) and ``pause_s`` over the rounds
+after the first, and the ratio to ``disk:drain`` (the old default) in the same run. Writes
+``<out-dir>/publish.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import subprocess
@@ -30,15 +41,21 @@ from typing import Any
 import anyio
 import httpx
 
-from harness import free_port, stop_process
+from harness import RESULTS_DIR, free_port, machine, stop_process, table, write_json
 from nexrl_async.config.inference import AttachInference, WeightsConfig
 from nexrl_async.config.model import BuiltModel, CharTokenizer
 from nexrl_async.config.training import AlgorithmConfig, OptimConfig, TrainerConfig
 from nexrl_async.inference.client.sglang import SGLangClient
-from nexrl_async.inference.fleet.supervisor import open_fleet
+from nexrl_async.inference.fleet.supervisor import Fleet, open_fleet
 from nexrl_async.train.build import build_char_tokenizer, build_model, save_model_dir
 from nexrl_async.train.trainer import Trainer
-from nexrl_async.weights import DiskTransport, DistributedTransport, Publisher, Transport
+from nexrl_async.weights import (
+    DiskTransport,
+    DistributedTransport,
+    Publisher,
+    PublishStats,
+    Transport,
+)
 from nexrl_async.weights.sender import WeightSender
 
 
@@ -160,13 +177,18 @@ async def publish_rounds(setup: PublishSetup, args: argparse.Namespace) -> dict[
                 for name, publisher in publishers.items():
                     version += 1
                     stats = await publisher.publish(version)
-                    out[name].append({f: float(getattr(stats, f)) for f in stats.__struct_fields__})
+                    out[name].append(numbers(stats))
                     print(f"  publish {i + 1}/{args.publish_rounds} {name}: "
                           f"{stats.total_s:.2f} s", flush=True)  # fmt: skip
         finally:
             for publisher in publishers.values():
                 await publisher.aclose()
     return out
+
+
+def numbers(stats: PublishStats) -> dict[str, float]:
+    """The numeric fields of ``stats`` as floats."""
+    return {f: float(getattr(stats, f)) for f in stats.__struct_fields__}
 
 
 def summarise_publications(runs: list[dict[str, float]]) -> dict[str, Any]:
@@ -198,3 +220,144 @@ def measure_publish(args: argparse.Namespace, setup: PublishSetup) -> dict[str, 
         "server": {"argv": setup.argv[1:], "ready_s": ready_s}, "transports": summaries,
         "speedup_vs_disk": {n: disk_s / s["median_total_s"] for n, s in summaries.items()},
     }  # fmt: skip
+
+
+# ---- standalone: the demo's shape under load ----------------------------------------------
+
+DEMO_PROMPT = [1, 4, 5, 6, 7]
+"""A reverse-digits prompt: BOS and four characters."""
+
+
+def mode_transport(
+    mode: str, setup: PublishSetup, clients: dict[str, SGLangClient]
+) -> tuple[WeightsConfig, Transport]:
+    """``transport:inflight`` → its config and transport (each mode its own group/folder)."""
+    transport, inflight = mode.split(":")
+    cfg = WeightsConfig(
+        transport=transport,  # type: ignore[arg-type]
+        inflight=inflight,  # type: ignore[arg-type]
+        step_timeout_s=60.0,
+        retries=0,
+        keep_versions=1,
+    )
+    if transport == "disk":
+        folder = setup.work / "weights" / mode.replace(":", "_")
+        export = setup.trainer.save_hf
+        return cfg, DiskTransport(cfg, clients=clients, weights_dir=folder, export=export)
+    group = f"bench_{mode.replace(':', '_')}"
+    params = setup.trainer.named_parameters_for_sync
+    return cfg, DistributedTransport(
+        cfg, clients=clients, sender_factory=WeightSender, group_name=group, params=params
+    )
+
+
+async def keep_busy(fleet: Fleet, http: httpx.AsyncClient, tasks: int, done: list[int]) -> None:
+    """``tasks`` loops of one short generation each through the fleet's leases (forever)."""
+    body = {
+        "input_ids": DEMO_PROMPT,
+        "sampling_params": {"max_new_tokens": 3, "temperature": 1.0},
+        "return_logprob": True,
+    }
+
+    async def loop(i: int) -> None:
+        while True:
+            async with fleet.lease(f"load{i}") as server:
+                reply = await http.post(f"{server.url}/generate", json=body, timeout=60.0)
+                reply.raise_for_status()
+            done[0] += 1
+
+    async with anyio.create_task_group() as tg:
+        for i in range(tasks):
+            tg.start_soon(loop, i)
+
+
+async def demo_rounds(setup: PublishSetup, args: argparse.Namespace) -> dict[str, Any]:
+    """Every mode publishes once per round (rotating order) while the load runs."""
+    fleet_cfg = AttachInference(urls=[setup.url], retries=0, health_interval_s=60.0)
+    async with (
+        httpx.AsyncClient(timeout=None) as http,
+        open_fleet(fleet_cfg, model_dir=setup.work, log_dir=setup.work, http=http) as fleet,
+        anyio.create_task_group() as tg,
+    ):
+        clients = {u: SGLangClient(u, http=http, retries=0) for u in fleet.urls}
+        publishers = {}
+        for mode in args.modes:
+            cfg, transport = mode_transport(mode, setup, clients)
+            publishers[mode] = Publisher(cfg, fleet=fleet, clients=clients, transport=transport)
+        done = [0]
+        tg.start_soon(keep_busy, fleet, http, args.load, done)
+        runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in args.modes}
+        version, start = 0, time.perf_counter()
+        try:
+            for i in range(args.rounds):
+                order = args.modes[i % len(args.modes) :] + args.modes[: i % len(args.modes)]
+                for mode in order:
+                    version += 1
+                    await anyio.sleep(args.gap_s)  # requests in flight again
+                    runs[mode].append(numbers(await publishers[mode].publish(version)))
+                print(f"  round {i + 1}/{args.rounds}", flush=True)
+        finally:
+            elapsed = time.perf_counter() - start
+            tg.cancel_scope.cancel()
+            for publisher in publishers.values():
+                await publisher.aclose()
+    return {"runs": runs, "requests_per_s": done[0] / elapsed}
+
+
+def summarise_modes(runs: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
+    """Median ms per mode over the rounds after the first; ratio to ``disk:drain``."""
+    out: dict[str, Any] = {}
+    for mode, rows in runs.items():
+        steady = rows[1:] or rows
+        out[mode] = {
+            f"median_{k}_ms": 1e3 * statistics.median(r[k] for r in steady)
+            for k in ("total_s", "pause_s", "transfer_s", "export_s")
+        }
+        totals = sorted(r["total_s"] for r in steady)
+        out[mode]["p90_total_ms"] = 1e3 * totals[max(0, math.ceil(0.9 * len(totals)) - 1)]
+    base = out.get("disk:drain", {}).get("median_total_s_ms")
+    for summary in out.values():
+        summary["vs_disk_drain"] = summary["median_total_s_ms"] / base if base else None
+    return out
+
+
+def parse_demo_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="publication cost at the demo's shape")
+    add = parser.add_argument
+    add("--modes", nargs="+", default=MODES, help="transport:inflight pairs")
+    add("--rounds", type=int, default=12, help="publications per mode")
+    add("--load", type=int, default=64, help="concurrent request loops (0: idle server)")
+    add("--gap-s", type=float, default=0.05, help="pause between publications")
+    add("--out-dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    tok = build_char_tokenizer(CharTokenizer(alphabet="0123456789"))
+    demo = {"publish_hidden": 64, "publish_intermediate": 128, "publish_layers": 2,
+            "publish_heads": 4, "publish_vocab": len(tok), "publish_dtype": "float32"}  # fmt: skip
+    for key, value in demo.items():
+        setattr(args, key, value)
+    return args
+
+
+MODES = ["disk:drain", "disk:in_place", "distributed:drain", "distributed:in_place"]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_demo_args(argv)
+    with publication_setup(args) as setup:
+        setup.wait_ready()
+        measured = anyio.run(demo_rounds, setup, args)
+    summary = summarise_modes(measured["runs"])
+    results = {
+        "benchmark": "publish", "machine": machine(), "modes": summary,
+        "requests_per_s": measured["requests_per_s"], "runs": measured["runs"],
+        "settings": {k: str(v) for k, v in vars(args).items()},
+    }  # fmt: skip
+    keys = ["median_total_s_ms", "p90_total_ms", "median_pause_s_ms", "vs_disk_drain"]
+    print(table(["mode", *keys], [[m, *(s[k] for k in keys)] for m, s in summary.items()]))
+    print(f"load: {measured['requests_per_s']:.0f} requests/s; load avg {machine()['load_avg']}")
+    print(f"results: {write_json(args.out_dir, 'publish', results)}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

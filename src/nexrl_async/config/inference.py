@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import msgspec
 from msgspec import Struct
 
 from nexrl_async.config.types import NonNegFloat, NonNegInt, PathStr, Port, PosFloat, PosInt
@@ -92,16 +93,45 @@ InferenceConfig = LocalInference | SGLangInference | AttachInference | NoInferen
 
 
 class WeightsConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Publication of new weights to the fleet (docs/architecture.md §4)."""
+    """Publication of new weights to the fleet (docs/architecture.md §4).
 
-    transport: Literal["disk", "distributed"] = "disk"
-    """``disk``: safetensors + /update_weights_from_disk; ``distributed``: NCCL/gloo broadcast."""
-    inflight: Literal["drain", "interrupt"] = "drain"
-    """Running requests during a publication: let them finish, or abort and resume them."""
+    ``"auto"`` values are resolved per inference backend by :func:`resolve_weights`.
+    """
+
+    transport: Literal["auto", "disk", "distributed"] = "auto"
+    """``disk``: safetensors + /update_weights_from_disk; ``distributed``: NCCL/gloo broadcast
+    (no files). ``auto``: ``distributed`` (gloo) for ``backend = "local"`` (measured: no export,
+    one broadcast), ``disk`` for the others (a broadcast to SGLang needs NCCL on the trainer)."""
+    inflight: Literal["auto", "drain", "interrupt", "in_place"] = "auto"
+    """Running requests during a publication.
+
+    - ``drain``: hold new requests, wait until every running one has finished, then swap.
+    - ``interrupt``: abort running requests (``pause_generation`` abort); workers resume them
+      with their partial tokens once routing resumes.
+    - ``in_place``: no drain. Servers are paused in place (``pause_generation`` in_place),
+      the weights are swapped between two decode steps, then generation continues; a request
+      that straddles the swap keeps its tokens and its KV from the older weights.
+
+    The rule: the staleness contract (docs/architecture.md §3) is over head versions, the oldest
+    weight version that produced any token of a group. ``in_place`` keeps it in every staleness
+    mode when the server reports per-token ``weight_versions`` spans (a straddling turn is headed
+    by its older version, so ``s - head <= k`` is checked on what really produced it) and keeps
+    no prefix cache across versions. The local server does both; SGLang's radix cache would
+    reuse prefixes computed by older weights under newer labels, so use ``drain`` or
+    ``interrupt`` there. A drain only matters where running requests exist: in ``sync`` none do
+    at a publication, so every mode costs the same; with ``k >= 1`` a drain holds routing until
+    the slowest running request ends. ``auto``: ``in_place`` for ``backend = "local"``,
+    ``drain`` for the others (and wherever :func:`resolve_weights` was not applied)."""
     step_timeout_s: PosFloat = 300.0
     """Deadline of every publication step (pause, transfer, verify, flush, continue)."""
     retries: NonNegInt = 2
-    """Retries of a failed step per server before it is restarted or the run fails."""
+    """Retries of a failed step per server. A server that the fleet marks down meanwhile is
+    skipped instead (it gets the current weights when its restart completes)."""
+    retry_window_s: PosFloat | None = None
+    """A server that the fleet still routes but that does not answer (connection errors, 5xx,
+    timeouts) is retried for at least this long, past ``retries``; ``None``: the fleet's
+    ``inference.health_timeout_s``, so a server restarting behind the fleet's back comes back
+    within it. A rejection (4xx, a wrong version) uses ``retries`` only."""
     dir: PathStr | None = None
     """Where disk publications are written; defaults to ``<run>/weights``."""
     keep_versions: PosInt = 2
@@ -110,3 +140,15 @@ class WeightsConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     """Bucket size of the distributed broadcast."""
     master_port: Port = 0
     """Port of the weight-update process group; 0 picks a free one."""
+
+
+def resolve_weights(weights: WeightsConfig, inference: InferenceConfig) -> WeightsConfig:
+    """``weights`` with its ``"auto"`` values resolved for ``inference`` (see the fields)."""
+    local = isinstance(inference, LocalInference)
+    transport = weights.transport
+    if transport == "auto":
+        transport = "distributed" if local else "disk"
+    inflight = weights.inflight
+    if inflight == "auto":
+        inflight = "in_place" if local else "drain"
+    return msgspec.structs.replace(weights, transport=transport, inflight=inflight)

@@ -1,10 +1,11 @@
 """The disk transport: HF safetensors written by the trainer, loaded by every server.
 
 ``prepare`` exports the trainer's weights to ``<weights_dir>/v<version>`` atomically (a
-temporary folder renamed into place) while rollouts go on; ``transfer`` asks every server,
+temporary folder renamed into place) while rollouts go on; ``transfer`` asks every live server,
 concurrently, for ``/update_weights_from_disk`` of that folder labelled with the version (each
-server retried ``weights.retries`` times). The servers must see the same filesystem. The last
-``weights.keep_versions`` folders are kept; a relaunched server reloads the newest one.
+server retried as ``weights.steps`` says; one that goes down is dropped). The servers must see
+the same filesystem. The last ``weights.keep_versions`` folders are kept; a relaunched server
+reloads the newest one.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from nexrl_async.config.inference import WeightsConfig
 from nexrl_async.core.errors import WeightSyncError
 from nexrl_async.inference.client.control import ServerControl
 from nexrl_async.inference.fleet.router import ServerHandle
-from nexrl_async.weights.steps import each_server, run_step
+from nexrl_async.weights.steps import Targets, each_server, run_step
 
 Exporter = Callable[[Path], object]
 """Writes the current trainer weights as an HF folder at the given path (blocking)."""
@@ -52,7 +53,7 @@ class DiskTransport:
     def path(self, version: int) -> Path:
         return self.weights_dir / f"v{version}"
 
-    async def prepare(self, version: int) -> None:
+    async def prepare(self, version: int, targets: Targets) -> None:
         """Export the trainer's weights to :meth:`path` (blocking work in a thread)."""
         path = self.path(version)
         tmp = path.with_name(path.name + ".tmp")
@@ -69,12 +70,13 @@ class DiskTransport:
             raise WeightSyncError(f"weights export to {path} failed: {err}") from err
         self._pending = path
 
-    async def transfer(self, version: int) -> int:
+    async def transfer(self, version: int, targets: Targets) -> int:
         path = self._pending or self.path(version)
         if not path.is_dir():
             raise WeightSyncError(f"weights folder {path} does not exist (prepare first)")
+        flush = not targets.in_place
         await each_server(
-            self.cfg, self.clients, "transfer", lambda c: self._load(c, path, version)
+            self.cfg, targets, "transfer", lambda c: self._load(c, path, version, flush=flush)
         )
         return await anyio.to_thread.run_sync(_folder_bytes, path)
 
@@ -96,9 +98,11 @@ class DiskTransport:
     async def aclose(self) -> None:
         return None
 
-    async def _load(self, client: ServerControl, path: Path, version: int) -> None:
+    async def _load(
+        self, client: ServerControl, path: Path, version: int, *, flush: bool = True
+    ) -> None:
         await client.update_weights_from_disk(
-            str(path), weight_version=version, timeout_s=self.cfg.step_timeout_s
+            str(path), weight_version=version, flush_cache=flush, timeout_s=self.cfg.step_timeout_s
         )
 
 

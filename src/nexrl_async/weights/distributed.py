@@ -43,7 +43,7 @@ from nexrl_async.weights.group import (
     LoadFormat,
     SenderFactory,
 )
-from nexrl_async.weights.steps import backoff_s
+from nexrl_async.weights.steps import Attempts, Targets, sleep_unless_down
 
 T = TypeVar("T")
 
@@ -88,18 +88,19 @@ class DistributedTransport(Generic[BucketT]):
             load_format=load_format,
         )
         self._group: BroadcastGroup[BucketT] | None = None
+        self._lock = anyio.Lock()
+        """Group changes: ``prepare`` runs outside the publisher's lock."""
 
-    async def prepare(self, version: int) -> None:
+    async def prepare(self, version: int, targets: Targets) -> None:
         """Open the group if there is none (the servers keep generating meanwhile)."""
         if self._group is None:
-            await self._attempts("init", self._open)
+            await self._attempts("init", targets, self._group_for)
 
-    async def transfer(self, version: int) -> int:
-        async def once() -> int:
-            group = self._group or await self._open()
-            return await self._send(group, version)
+    async def transfer(self, version: int, targets: Targets) -> int:
+        async def once(live: Mapping[str, ServerControl]) -> int:
+            return await self._send(await self._group_for(live), version)
 
-        return await self._attempts("transfer", once)
+        return await self._attempts("transfer", targets, once) or 0
 
     def committed(self, version: int) -> None:
         return None
@@ -107,7 +108,8 @@ class DistributedTransport(Generic[BucketT]):
     async def restore(self, server: ServerHandle, version: int) -> None:
         """The relaunched server left the group: close it (re-opened by the next publication)
         and, past version 0, send the current weights to that server alone."""
-        await self._close()
+        async with self._lock:
+            await self._close()
         if version == 0:
             return
         client = {server.url: self.clients[server.url]}
@@ -120,14 +122,24 @@ class DistributedTransport(Generic[BucketT]):
         logger.info("restored weights v{} into {}", version, server.url)
 
     async def aclose(self) -> None:
-        await self._close()
+        async with self._lock:
+            await self._close()
 
-    async def _open(self) -> BroadcastGroup[BucketT]:
-        await self._close()
-        group = self._make_group(self.group_name, self.clients)
-        self._group = group  # closed (every server leaves it) if the open fails
-        await group.open()
-        return group
+    async def _group_for(self, live: Mapping[str, ServerControl]) -> BroadcastGroup[BucketT]:
+        """The open group if its members are ``live``, else a new group over them."""
+        async with self._lock:
+            group = self._group
+            if (
+                group is not None
+                and group.sender is not None
+                and group.clients.keys() == live.keys()
+            ):
+                return group
+            await self._close()
+            group = self._make_group(self.group_name, dict(live))
+            self._group = group  # closed (every server leaves it) if the open fails
+            await group.open()
+            return group
 
     async def _send(self, group: BroadcastGroup[BucketT], version: int) -> int:
         sender = group.sender
@@ -144,21 +156,33 @@ class DistributedTransport(Generic[BucketT]):
         if group is not None:
             await group.close()
 
-    async def _attempts(self, step: str, attempt: Callable[[], Awaitable[T]]) -> T:
-        """``attempt()`` with ``weights.retries`` retries; a failure closes the group first."""
-        last: WeightSyncError | None = None
-        for n in range(self.cfg.retries + 1):
+    async def _attempts(
+        self,
+        step: str,
+        targets: Targets,
+        attempt: Callable[[Mapping[str, ServerControl]], Awaitable[T]],
+    ) -> T | None:
+        """``attempt(live servers)`` until it succeeds (None: no server is up). A failure closes
+        the group; one where a member went down is retried at once without it, others after a
+        backoff within ``weights.retries`` and, for unanswered servers, the targets' window."""
+        attempts = Attempts(self.cfg.retries, targets.window_s)
+        while live := targets.live():
             try:
-                return await attempt()
+                return await attempt(live)
             except WeightSyncError as err:
-                last = err
-                logger.warning("distributed weights {} failed (attempt {}): {}", step, n + 1, err)
-                await self._close()
-                if n < self.cfg.retries:
-                    await anyio.sleep(backoff_s(n))
-        raise WeightSyncError(
-            f"distributed weights {step} failed after {self.cfg.retries + 1} attempts: {last}"
-        ) from last
+                async with self._lock:
+                    await self._close()
+                if any(not targets.up(url) for url in live):
+                    continue
+                logger.warning(
+                    "distributed weights {} failed (attempt {}): {}", step, attempts.made + 1, err
+                )
+                if not attempts.again(err):
+                    raise WeightSyncError(
+                        f"distributed weights {step} failed after {attempts.made} attempts: {err}"
+                    ) from err
+            await sleep_unless_down(attempts.backoff_s(), targets, list(live))
+        return None
 
 
 def reachable_address(urls: list[str]) -> str:

@@ -32,12 +32,27 @@ from torch import Tensor
 from nexrl_async.config.inference import WeightsConfig
 from nexrl_async.core.errors import InferenceError, RequestRejected, WeightSyncError
 from nexrl_async.inference.client.control import ServerControl
-from nexrl_async.weights.steps import best_effort, each_server
+from nexrl_async.weights.steps import best_effort, each_server, retryable
 
 LoadFormat = Literal["flattened_bucket"] | None
 Backend = Literal["gloo", "nccl"]
 CLEANUP_S = 10.0
 """Bound of best-effort cleanup (leave groups, end sessions, release the sender)."""
+
+Failures = list[tuple[str, BaseException]]
+"""``(where, error)``: ``"init on http://…"``, ``"transfer on the trainer (rank 0)"``."""
+
+
+class GroupError(WeightSyncError):
+    """A group step failed; ``retryable`` when a server did not answer or the trainer's side
+    failed on its own (a peer died), not when a server rejected the update."""
+
+    def __init__(self, failures: Failures) -> None:
+        servers = [err for where, err in failures if "the trainer" not in where]
+        self.retryable = any(retryable(err) for err in servers) or not servers
+        # servers first: a trainer-side error is usually their consequence
+        ordered = sorted(failures, key=lambda f: "the trainer" in f[0])
+        super().__init__("; ".join(f"{where}: {err}" for where, err in ordered))
 
 
 class WireBucket(Protocol):
@@ -119,17 +134,17 @@ class BroadcastGroup(Generic[BucketT]):
         offsets, world = await self._layout()
         sender = await anyio.to_thread.run_sync(self._new_sender, world)
         self.sender = sender
-        failures: list[str] = []
+        failures: Failures = []
         async with anyio.create_task_group() as tg:
             for url, client in self.clients.items():
                 tg.start_soon(self._join, url, client, sender, offsets[url], world, failures, tg)
             try:
                 await anyio.to_thread.run_sync(sender.connect, abandon_on_cancel=True)
             except WeightSyncError as err:
-                failures.append(f"init on the trainer (rank 0): {err}")
+                failures.append(("init on the trainer (rank 0)", err))
                 tg.cancel_scope.cancel()
         if failures:
-            raise WeightSyncError(_describe(failures))
+            raise GroupError(failures)
         return sender
 
     def _new_sender(self, world: int) -> Sender[BucketT]:
@@ -164,7 +179,7 @@ class BroadcastGroup(Generic[BucketT]):
         sender: Sender[BucketT],
         offset: int,
         world: int,
-        failures: list[str],
+        failures: Failures,
         tg: anyio.abc.TaskGroup,
     ) -> None:
         try:
@@ -178,7 +193,7 @@ class BroadcastGroup(Generic[BucketT]):
                 timeout_s=self.cfg.step_timeout_s,
             )
         except (InferenceError, WeightSyncError) as err:
-            failures.append(f"init on {url}: {err}")
+            failures.append((f"init on {url}", err))
             sender.abort()
             tg.cancel_scope.cancel()
 
@@ -232,7 +247,7 @@ class BroadcastGroup(Generic[BucketT]):
     async def _broadcast(
         self, sender: Sender[BucketT], buckets: Sequence[BucketT], version: int
     ) -> int:
-        failures: list[str] = []
+        failures: Failures = []
         nbytes = 0
         async with anyio.create_task_group() as tg:
             for url, client in self.clients.items():
@@ -242,13 +257,13 @@ class BroadcastGroup(Generic[BucketT]):
                     sender.send_buckets, buckets, self.load_format, abandon_on_cancel=True
                 )
             except WeightSyncError as err:
-                failures.append(f"transfer on the trainer (rank 0): {err}")
+                failures.append(("transfer on the trainer (rank 0)", err))
                 tg.cancel_scope.cancel()  # the servers' calls would wait for a broadcast
             except BaseException:
                 sender.abort()  # cancelled: the abandoned thread returns within a poll
                 raise
         if failures:
-            raise WeightSyncError(_describe(failures))
+            raise GroupError(failures)
         return nbytes
 
     async def _post(
@@ -258,7 +273,7 @@ class BroadcastGroup(Generic[BucketT]):
         sender: Sender[BucketT],
         buckets: Sequence[BucketT],
         version: int,
-        failures: list[str],
+        failures: Failures,
     ) -> None:
         last = len(buckets) - 1
         try:
@@ -274,7 +289,7 @@ class BroadcastGroup(Generic[BucketT]):
                     timeout_s=self.cfg.step_timeout_s,
                 )
         except (InferenceError, WeightSyncError) as err:
-            failures.append(f"transfer on {url}: {err}")
+            failures.append((f"transfer on {url}", err))
             sender.abort()  # its broadcast would wait for this server until the timeout
 
     # ------------------------------------------------------------------ close
@@ -295,9 +310,3 @@ class BroadcastGroup(Generic[BucketT]):
                 # a broadcast still in flight holds the backend until its timeout
                 await anyio.to_thread.run_sync(sender.close, abandon_on_cancel=True)
         logger.debug("weight-update group {} closed", self.name)
-
-
-def _describe(failures: list[str]) -> str:
-    """Server failures first: a trainer-side error is usually their consequence."""
-    ordered = sorted(failures, key=lambda f: "the trainer" in f)
-    return "; ".join(ordered)

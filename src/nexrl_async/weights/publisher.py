@@ -1,43 +1,52 @@
 """Weight publication: new trainer weights into every inference server (docs/architecture.md §4).
 
 One publication of version ``v`` is a state machine; every step runs under
-``weights.step_timeout_s`` and per-server steps are retried ``weights.retries`` times::
+``weights.step_timeout_s`` and per-server steps are retried (``weights.steps``)::
 
     prepare  transport work that needs no pause (disk: export HF safetensors; distributed:
              make sure the broadcast group exists)                       rollouts go on
     hold     drain: stop routing new requests, wait for running ones to finish
              interrupt: stop routing, pause_generation(abort) (partials come back to workers)
+             in_place: stop routing, pause_generation(in_place) (running requests frozen
+             between two decode steps, nothing waited for)
     transfer the transport moves the weights into every server, labelled ``v``
     verify   every server reports weight_version == v
-    flush    every server's prefix cache flushed
-    continue interrupt: continue_generation; routing resumes (always, in a finally)
+    flush    every server's prefix cache flushed (not in_place: requests still hold KV)
+    continue interrupt, in_place: continue_generation; routing resumes (always, in a finally)
 
 The transport is the seam (:class:`Transport`): :class:`~nexrl_async.weights.disk.DiskTransport`
 (``/update_weights_from_disk``) or
 :class:`~nexrl_async.weights.distributed.DistributedTransport` (``/update_weights_from_distributed``
-with the trainer's broadcast). A relaunched server is brought to the current version by
-:meth:`Publisher.on_restart` (the fleet's restart hook) under the same lock, so it never overlaps
-a publication. A failure after the retry budget raises :class:`WeightSyncError` naming the server
-and the step: the run fails loudly rather than training against stale servers.
+with the trainer's broadcast).
+
+Crashes: a publication addresses the servers the fleet routes (``ServerHandle.available``). A
+server that is down, or goes down during a step, is dropped from the publication, which
+completes on the others; when its restart completes the fleet calls :meth:`Publisher.on_restart`
+before routing it again, which loads the current weights and verifies the version under the
+same lock, so it never overlaps a publication (a failure there is the server's: the fleet
+restarts it again, and fails the run once its restart budget is spent). A server still routed
+that does not answer is retried for at least ``weights.retry_window_s`` (default the fleet's
+health timeout). Any other failure after the retry budget raises :class:`WeightSyncError`
+naming the server and the step: the run fails loudly rather than training against stale servers.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import anyio
 from loguru import logger
 from msgspec import Struct
 
-from nexrl_async.config.inference import WeightsConfig
+from nexrl_async.config.inference import InferenceConfig, WeightsConfig
 from nexrl_async.core.errors import WeightSyncError
 from nexrl_async.inference.client.control import ServerControl
 from nexrl_async.inference.fleet.router import ServerHandle
 from nexrl_async.weights.disk import DiskTransport, Exporter
-from nexrl_async.weights.steps import best_effort, each_server
+from nexrl_async.weights.steps import Targets, best_effort, each_server, run_step
 
 CLEANUP_S = 10.0
 """Bound of best-effort cleanup calls after a failed publication."""
@@ -55,6 +64,10 @@ class PublishStats(Struct, frozen=True, kw_only=True):
     """Routing held: hold, transfer, verify, flush, continue."""
     transfer_s: float
     total_s: float
+    hold_s: float = 0.0
+    """The hold alone (part of ``pause_s``): a drain waits here for running requests."""
+    skipped: int = 0
+    """Servers left out because the fleet marked them down (loaded on restart)."""
 
 
 class Transport(Protocol):
@@ -62,15 +75,16 @@ class Transport(Protocol):
 
     name: str
 
-    async def prepare(self, version: int) -> None:
+    async def prepare(self, version: int, targets: Targets) -> None:
         """Work that needs no pause (runs before the hold, outside the lock)."""
 
-    async def transfer(self, version: int) -> int:
-        """Load the trainer's weights into every server as ``version`` (servers held);
-        returns the payload bytes. Raises :class:`WeightSyncError` after its retry budget."""
+    async def transfer(self, version: int, targets: Targets) -> int:
+        """Load the trainer's weights into every live server of ``targets`` as ``version``
+        (servers held); returns the payload bytes. A server that goes down is dropped from
+        ``targets``; raises :class:`WeightSyncError` after its retry budget."""
 
     def committed(self, version: int) -> None:
-        """Every server verified ``version`` (disk: forget old folders)."""
+        """Every live server verified ``version`` (disk: forget old folders)."""
 
     async def restore(self, server: ServerHandle, version: int) -> None:
         """Bring a relaunched ``server`` to ``version`` (0: the initial weights)."""
@@ -82,11 +96,22 @@ class Transport(Protocol):
 class Routing(Protocol):
     """What the publisher needs of the fleet (``inference.fleet.Fleet``)."""
 
+    @property
+    def cfg(self) -> InferenceConfig:
+        """Its ``health_timeout_s`` is the default retry window (``weights.retry_window_s``)."""
+
+    @property
+    def servers(self) -> Sequence[ServerHandle]:
+        """Which servers are up (``available``); a down one is skipped."""
+
     def pause_routing(self) -> None: ...
 
     def resume_routing(self) -> None: ...
 
     async def wait_drained(self) -> None: ...
+
+
+Inflight = Literal["drain", "interrupt", "in_place"]
 
 
 class Publisher:
@@ -105,12 +130,22 @@ class Publisher:
         self.clients = clients
         self.transport = transport
         self.version = 0
+        self.inflight: Inflight = "drain" if cfg.inflight == "auto" else cfg.inflight
+        """``weights.inflight`` (``auto`` left unresolved: ``drain``, right for any server)."""
+        self.window_s = cfg.retry_window_s or fleet.cfg.health_timeout_s
+        self._handles = {server.url: server for server in fleet.servers}
         self._lock = anyio.Lock()
+
+    def is_up(self, url: str) -> bool:
+        """Whether the fleet routes ``url`` now (a server it does not know counts as up)."""
+        handle = self._handles.get(url)
+        return handle is None or handle.available
 
     async def publish(self, version: int) -> PublishStats:
         """Run the whole state machine for ``version``; return its costs.
 
-        Without servers (``inference.backend = "none"``) the version only advances.
+        Without servers (``inference.backend = "none"``) the version only advances. Servers
+        that are down, or go down meanwhile, are skipped: :meth:`on_restart` loads them.
         """
         if not self.clients:
             self.version = version
@@ -118,74 +153,122 @@ class Publisher:
                 version=version, bytes=0, export_s=0.0, pause_s=0.0, transfer_s=0.0, total_s=0.0
             )
         start = time.perf_counter()
-        await self.transport.prepare(version)
+        targets = Targets(
+            self.clients, self.is_up, window_s=self.window_s, in_place=self.inflight == "in_place"
+        )
+        await self.transport.prepare(version, targets)
         export_s = time.perf_counter() - start
         async with self._lock:
             pause_start = time.perf_counter()
-            resumed = False
-            try:
-                await self._hold()
-                transfer_start = time.perf_counter()
-                nbytes = await self.transport.transfer(version)
-                transfer_s = time.perf_counter() - transfer_start
-                deadline = self.cfg.step_timeout_s
-                await self._each("verify", lambda c: _verify(c, version, deadline))
-                await self._each("flush", lambda c: _flush(c, deadline))
-                if self.cfg.inflight == "interrupt":
-                    await self._each(
-                        "continue", lambda c: c.continue_generation(timeout_s=deadline)
-                    )
-                resumed = True
-            finally:
-                if not resumed and self.cfg.inflight == "interrupt":
-                    await best_effort(
-                        self.clients,
-                        "continue",
-                        lambda c: c.continue_generation(timeout_s=CLEANUP_S),
-                        timeout_s=CLEANUP_S,
-                    )
-                self.fleet.resume_routing()
+            nbytes, hold_s, transfer_s = await self._held(version, targets)
             pause_s = time.perf_counter() - pause_start
             self.version = version
             self.transport.committed(version)
-        logger.info(
-            "published v{} by {}: {:.1f} MB in {:.2f} s (paused {:.2f} s)",
-            version,
-            self.transport.name,
-            nbytes / 1e6,
-            transfer_s,
-            pause_s,
-        )
-        return PublishStats(
+            for url in targets.live():
+                if url in self._handles:
+                    self._handles[url].weight_version = str(version)
+        stats = PublishStats(
             version=version,
             bytes=nbytes,
             export_s=export_s,
             pause_s=pause_s,
             transfer_s=transfer_s,
             total_s=time.perf_counter() - start,
+            hold_s=hold_s,
+            skipped=len(targets.dropped),
         )
+        _log(stats, self.transport.name, self.inflight, targets)
+        return stats
 
     async def on_restart(self, server: ServerHandle) -> None:
-        """Fleet restart hook: load the current weights into a relaunched server."""
+        """Fleet restart hook: load the current weights into a relaunched server and verify
+        them before it is routed again. A failure here is the server's (the fleet restarts
+        it again, within its budget), never the run's."""
         async with self._lock:
             logger.info("bringing restarted {} to weights v{}", server.url, self.version)
             await self.transport.restore(server, self.version)
+            if self.version > 0:
+                client = self.clients[server.url]
+                deadline = self.cfg.step_timeout_s
+                await run_step(
+                    self.cfg, "restore", server.url, lambda: _verify(client, self.version, deadline)
+                )
+                server.weight_version = str(self.version)
 
     async def aclose(self) -> None:
         """Release the transport's resources (bounded; safe to call more than once)."""
         with anyio.CancelScope(shield=True):
             await self.transport.aclose()
 
-    async def _each(self, step: str, call: Callable[[ServerControl], Awaitable[object]]) -> None:
-        await each_server(self.cfg, self.clients, step, call)
-
-    async def _hold(self) -> None:
-        self.fleet.pause_routing()
-        if self.cfg.inflight == "interrupt":
+    async def _held(self, version: int, targets: Targets) -> tuple[int, float, float]:
+        """hold → transfer → verify → flush → continue; routing resumes whatever happens.
+        Returns the bytes, the hold's and the transfer's seconds."""
+        resumed = False
+        try:
+            hold_start = time.perf_counter()
+            await self._hold(targets)
+            transfer_start = time.perf_counter()
+            hold_s = transfer_start - hold_start
+            nbytes = await self.transport.transfer(version, targets)
+            transfer_s = time.perf_counter() - transfer_start
             deadline = self.cfg.step_timeout_s
-            await self._each("pause", lambda c: c.pause_generation("abort", timeout_s=deadline))
-        with anyio.fail_after(self.cfg.step_timeout_s):
+            await self._each(targets, "verify", lambda c: _verify(c, version, deadline))
+            if self.inflight != "in_place":  # in place: requests (and their KV) stay
+                await self._each(targets, "flush", lambda c: _flush(c, deadline))
+            if self.inflight != "drain":
+                await self._each(
+                    targets, "continue", lambda c: c.continue_generation(timeout_s=deadline)
+                )
+            resumed = True
+        finally:
+            if not resumed and self.inflight != "drain":
+                await best_effort(
+                    targets.live(),
+                    "continue",
+                    lambda c: c.continue_generation(timeout_s=CLEANUP_S),
+                    timeout_s=CLEANUP_S,
+                )
+            self.fleet.resume_routing()
+        return nbytes, hold_s, transfer_s
+
+    async def _each(
+        self, targets: Targets, step: str, call: Callable[[ServerControl], Awaitable[object]]
+    ) -> None:
+        await each_server(self.cfg, targets, step, call)
+
+    async def _hold(self, targets: Targets) -> None:
+        """Routing held; ``interrupt`` aborts running requests and ``drain`` waits for them;
+        ``in_place`` freezes every server between two decode steps and waits for nothing."""
+        self.fleet.pause_routing()
+        deadline = self.cfg.step_timeout_s
+        if self.inflight == "in_place":
+            await self._each(
+                targets, "pause", lambda c: c.pause_generation("in_place", timeout_s=deadline)
+            )
+            return
+        if self.inflight == "interrupt":
+            await self._each(
+                targets, "pause", lambda c: c.pause_generation("abort", timeout_s=deadline)
+            )
+        with anyio.fail_after(deadline):
             await self.fleet.wait_drained()
+
+
+def _log(stats: PublishStats, transport: str, inflight: str, targets: Targets) -> None:
+    skipped = f"; skipped {', '.join(sorted(targets.dropped))} (down)" if targets.dropped else ""
+    logger.info(
+        "published v{} by {}: {:.2f} MB in {:.1f} ms; paused {:.1f} ms ({} hold {:.1f} ms), "
+        "total {:.1f} ms{}",
+        stats.version,
+        transport,
+        stats.bytes / 1e6,
+        1e3 * stats.transfer_s,
+        1e3 * stats.pause_s,
+        inflight,
+        1e3 * stats.hold_s,
+        1e3 * stats.total_s,
+        skipped,
+    )
 
 
 async def _verify(client: ServerControl, version: int, timeout_s: float) -> None:

@@ -7,6 +7,7 @@ servers' sampled log-probs must equal the trainer's own for the same tokens.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -152,15 +153,19 @@ async def test_a_server_killed_mid_publication_fails_it_without_hanging(
             return super().send_buckets(buckets, load_format)
 
     trainer = make_trainer()
-    cfg = WeightsConfig(transport="distributed", step_timeout_s=5.0, retries=1, bucket_mb=1)
+    cfg = WeightsConfig(
+        transport="distributed", step_timeout_s=5.0, retries=1, bucket_mb=1, retry_window_s=2.0
+    )
     start = time.monotonic()
     with anyio.fail_after(45):
         async with publishing(pair, trainer, cfg, KillingSender, tmp_path) as (publisher, _):
             nudge(trainer, seed=1)
+            # attached: nobody restarts it, and the fleet does not count failed probes while
+            # routing is held, so the unanswered server is retried for the window, then fails
             with pytest.raises(WeightSyncError) as failure:
                 await publisher.publish(1)
     message = str(failure.value)
-    assert "distributed weights transfer failed after 2 attempts" in message
+    assert re.search(r"distributed weights (transfer|init) failed after \d+ attempts", message)
     assert f"on {victim.url}" in message
     assert f"on {pair[0].url}" not in message
     assert time.monotonic() - start < 30

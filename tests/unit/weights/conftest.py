@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import httpx
 import pytest
 
+from nexrl_async.config.inference import AttachInference
 from nexrl_async.inference.client.sglang import SGLangClient
+from nexrl_async.inference.fleet.router import ServerHandle
 from nexrl_async.testing.simulated import SimulatedConfig, SimulatedServer
 
 
 class Routing:
-    """The fleet as the publisher sees it; records what happened to routing."""
+    """The fleet as the publisher sees it; records what happened to routing. ``servers``: the
+    fleet's view of server health (``ServerHandle.available``), flipped by tests."""
 
-    def __init__(self) -> None:
+    def __init__(self, urls: Sequence[str] = (), *, health_timeout_s: float = 1.0) -> None:
         self.events: list[str] = []
+        self.cfg = AttachInference(urls=list(urls), health_timeout_s=health_timeout_s)
+        self.servers: list[ServerHandle] = []
+        for i, url in enumerate(urls):
+            self.servers.append(ServerHandle(i, url, max_concurrency=4, launched=True))
+            self.servers[-1].available = True
+
+    def handle(self, url: str) -> ServerHandle:
+        return next(s for s in self.servers if s.url == url)
 
     def pause_routing(self) -> None:
         self.events.append("pause")
@@ -28,8 +39,8 @@ class Routing:
 
 
 @pytest.fixture
-def routing() -> Routing:
-    return Routing()
+def routing(sims: dict[str, SimulatedServer]) -> Routing:
+    return Routing(list(sims))
 
 
 def make_sims(count: int, *, legacy: bool = False) -> dict[str, SimulatedServer]:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from nexrl_async.config.inference import WeightsConfig
-from nexrl_async.core.errors import WeightSyncError
+from nexrl_async.core.errors import EngineUnavailable, WeightSyncError
 from nexrl_async.inference.client.sglang import SGLangClient
 from nexrl_async.inference.fleet.router import ServerHandle
 from nexrl_async.testing.simulated import SimulatedServer
@@ -233,3 +233,40 @@ async def test_cancellation_mid_broadcast_aborts_the_sender(
     assert "abort" in factory.made[0].calls
     assert routing.events[-1] == "resume"
     await pub.aclose()
+
+
+async def test_a_down_server_is_left_out_of_the_group_until_its_restart(
+    routing: Routing, sims: dict[str, SimulatedServer], clients: dict[str, SGLangClient]
+) -> None:
+    factory = Factory()
+    pub = publisher(clients, routing, factory, retries=0)
+    down = routing.handle("http://sim1")
+    down.available = False
+    await pub.publish(1)
+    assert factory.made[0].kwargs["world_size"] == 2  # the trainer and sim0
+    assert not sims["http://sim1"].engine.stats.weight_updates
+    await pub.on_restart(down)  # restore group of two, then the fleet routes it again
+    down.available = True
+    assert sims["http://sim1"].engine.weight_version == "1"
+    await pub.publish(2)
+    assert [s.kwargs["world_size"] for s in factory.made] == [2, 2, 3]
+    assert all(sim.engine.weight_version == "2" for sim in sims.values())
+
+
+async def test_a_server_dying_mid_broadcast_is_dropped_and_the_rest_retried_at_once(
+    routing: Routing, sims: dict[str, SimulatedServer], clients: dict[str, SGLangClient]
+) -> None:
+    factory = Factory()
+    pub = publisher(clients, routing, factory, retries=0)  # no retry budget needed
+    victim = clients["http://sim1"]
+
+    async def dies(*args: Any, **kwargs: Any) -> Any:
+        routing.handle("http://sim1").available = False  # the supervisor saw the exit
+        raise EngineUnavailable("http://sim1: ConnectError")
+
+    victim.update_weights_from_distributed = dies  # type: ignore[method-assign]
+    with anyio.fail_after(5):
+        assert (await pub.publish(1)).version == 1
+    assert [s.kwargs["world_size"] for s in factory.made] == [3, 2]
+    assert sims["http://sim0"].engine.weight_version == "1"
+    assert routing.events[-1] == "resume"

@@ -13,6 +13,7 @@ from nexrl_async.inference.client.sglang import SGLangClient
 from nexrl_async.inference.fleet.router import ServerHandle
 from nexrl_async.testing.simulated import SimulatedServer
 from nexrl_async.weights import DiskTransport, Publisher, WeightPublisher
+from nexrl_async.weights.steps import Targets
 
 from .conftest import Routing
 
@@ -102,10 +103,10 @@ class _NoTransfer:
 
     name = "none"
 
-    async def prepare(self, version: int) -> None:
+    async def prepare(self, version: int, targets: Targets) -> None:
         return None
 
-    async def transfer(self, version: int) -> int:
+    async def transfer(self, version: int, targets: Targets) -> int:
         return 0
 
     def committed(self, version: int) -> None:
@@ -130,11 +131,11 @@ async def test_verify_catches_a_server_without_the_new_version(
 
 async def test_a_hung_step_times_out(routing: Routing, clients: dict[str, SGLangClient]) -> None:
     class Hanging(_NoTransfer):
-        async def transfer(self, version: int) -> int:
+        async def transfer(self, version: int, targets: Targets) -> int:
             await anyio.sleep_forever()
             return 0
 
-    routing_hang = Routing()
+    routing_hang = Routing(list(clients))
 
     async def never_drains() -> None:
         await anyio.sleep_forever()
@@ -163,3 +164,28 @@ async def test_restart_reloads_the_current_folder(
     assert [u["model_path"] for u in updates] == [str(tmp_path / "weights" / "v1")] * 2
     assert isinstance(publisher.transport, DiskTransport)
     assert publisher.transport.current_path == tmp_path / "weights" / "v1"
+
+
+async def test_in_place_mode_freezes_swaps_and_continues_without_drain_or_flush(
+    tmp_path: Path,
+    routing: Routing,
+    sims: dict[str, SimulatedServer],
+    clients: dict[str, SGLangClient],
+) -> None:
+    publisher, _ = disk(tmp_path, routing, clients, inflight="in_place")
+    await publisher.publish(1)
+    assert routing.events == ["pause", "resume"]  # routing held, nothing waited for
+    for sim in sims.values():
+        assert list(sim.engine.stats.pauses) == ["in_place"]
+        assert sim.engine.stats.continues == 1
+        assert sim.engine.stats.flushes == 0  # requests keep their KV: no flush asked for
+        assert sim.engine.weight_version == "1"
+
+
+async def test_unresolved_auto_inflight_drains(
+    tmp_path: Path, routing: Routing, clients: dict[str, SGLangClient]
+) -> None:
+    publisher, _ = disk(tmp_path, routing, clients, inflight="auto")
+    assert publisher.inflight == "drain"
+    await publisher.publish(1)
+    assert routing.events == ["pause", "drained", "resume"]
