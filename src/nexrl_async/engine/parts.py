@@ -289,7 +289,13 @@ def _workers(
         )  # fmt: skip
 
     worker = build(cfg.rollout, trainer.tokenizer)
+    check_serverless(cfg, worker)
     val_worker = build(validation_rollout(cfg).rollout, copy.deepcopy(trainer.tokenizer))
+    return worker, val_worker
+
+
+def check_serverless(cfg: RecipeConfig, worker: GroupWorker) -> None:
+    """``inference.backend = "none"`` needs a worker that never generates."""
     if isinstance(cfg.inference, NoInference) and worker.generates:
         name = cfg.rollout.worker or "RolloutWorker"
         raise ConfigError(
@@ -297,4 +303,3 @@ def _workers(
             "(set generates = False on a worker that does not, e.g. "
             '"nexrl_async.rollout.sft_worker:SFTWorker")'
         )
-    return worker, val_worker

@@ -112,13 +112,13 @@ def test_sft_recipe_lowers_validation_loss(run_small) -> None:
 def test_a_serverless_run_needs_a_worker_that_never_generates(generates: bool) -> None:
     from types import SimpleNamespace
 
-    from nexrl_async.engine.parts import _check_serverless
+    from nexrl_async.engine.parts import check_serverless
 
     recipe = Path(__file__).parents[3] / "recipes" / "reverse_digits" / "sft.toml"
     cfg = load_recipe(recipe, ['rollout.worker="my_worker.py:Agent"']).config
     worker: Any = SimpleNamespace(generates=generates)
     if not generates:
-        _check_serverless(cfg, worker)
+        check_serverless(cfg, worker)
         return
     with pytest.raises(ConfigError, match=r"rollout.worker = '.*my_worker.py:Agent' generates"):
-        _check_serverless(cfg, worker)
+        check_serverless(cfg, worker)
