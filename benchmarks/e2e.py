@@ -2,7 +2,7 @@
 
 Run::
 
-    python benchmarks/e2e.py                   # both, the recipe's 350 steps (~15-25 min, 2 cores)
+    python benchmarks/e2e.py                   # both, the recipe's 350 steps (~6-30 min, 2 cores)
     python benchmarks/e2e.py --steps 250       # enough to cross val/reward_mean 0.8
     python benchmarks/e2e.py --skip-engine --steps 50
     python benchmarks/e2e.py --skip-loop --set rollout.workers=8 --set inference.max_batch=128
@@ -25,7 +25,11 @@ when the validation finished, same clock as the benchmark); without that file, f
 following train step). Time to target = the first validation with ``val/reward_mean >= 0.8``
 minus the wall time at which the benchmark launched the subprocess (so it includes Python
 start-up, imports, the inference server's start and the step-0 validation); the time since the
-engine's own ``run_started`` event is reported too.
+engine's own ``run_started`` event is reported too. CPU seconds: of the engine's process tree
+(``RUSAGE_CHILDREN`` after it exits: the trainer process and its reaped server), of this process
+for the loop; per step = the whole run's CPU / steps. On a shared machine wall seconds depend on
+the others' load (the JSON keeps the 1-minute load average before and after each run); CPU
+seconds much less so.
 
 (b) **loop**: a single-process GRPO loop written here, on one torch thread. It is "the same" as
 the engine's run in:
@@ -69,7 +73,9 @@ import importlib.util
 import inspect
 import json
 import math
+import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -375,7 +381,7 @@ def run_loop(cfg: LoopConfig, *, log: Callable[[str], None] = print) -> dict[str
 
 
 def _run_loop(cfg: LoopConfig, log: Callable[[str], None]) -> dict[str, Any]:
-    start = time.time()
+    start, cpu_start, load_before = time.time(), time.process_time(), _load_avg()
     model, tok = build_policy(cfg)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.AdamW(
@@ -447,7 +453,7 @@ def _run_loop(cfg: LoopConfig, log: Callable[[str], None]) -> dict[str, Any]:
                 "validate_s": t3 - t2,
                 "reward_mean": float(rewards.mean()),
                 "response_len_mean": statistics.fmean(len(r) for r in responses),
-                "loss": float(loss),
+                "loss": float(loss.detach()),
                 "grad_norm": float(norm),
                 **stats,
             }
@@ -459,6 +465,8 @@ def _run_loop(cfg: LoopConfig, log: Callable[[str], None]) -> dict[str, Any]:
         "steps": steps,
         "validations": validations,
         "wall_s": time.time() - start,
+        "cpu_s": time.process_time() - cpu_start,
+        "load_avg_1m": [load_before, _load_avg()],
         "params": sum(p.numel() for p in model.parameters()),
         "max_weight_change": changed,
         "initial_state": initial,
@@ -486,11 +494,12 @@ def read_jsonl(path: Path, *, contains: Sequence[str] = ()) -> list[dict[str, An
 ENGINE_PARTS = (
     ("train_s", "train/step_s"),
     ("batch_wait_s", "pipeline/batch_wait_s"),
-    ("gate_wait_s", "pipeline/gate_wait_s"),
+    ("gate_wait_sum_s", "pipeline/gate_wait_s"),  # summed over the rollout workers
     ("publish_s", "weights/publish_s"),
     ("pause_s", "weights/pause_s"),
 )
-"""Per-step parts of the engine's ``timing/step_s`` kept in the result (``metrics.jsonl``)."""
+"""Per-step figures of the engine's ``metrics.jsonl`` kept in the result: the wall parts of its
+``timing/step_s`` and the rollout workers' summed wait at the staleness gate."""
 
 
 def parse_engine_run(run_dir: Path, *, launch_time: float | None = None) -> dict[str, Any]:
@@ -557,6 +566,8 @@ def run_engine(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     argv = engine_argv(args.recipe, run_dir, steps=args.steps, seed=args.seed, sets=args.set)
     print("engine:", " ".join(argv[1:]), flush=True)
     seen: set[int] = set()
+    load_before = _load_avg()
+    cpu_before = _children_cpu_s()
     with log_path.open("wb") as sink:
         launch = time.time()
         process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -580,8 +591,21 @@ def run_engine(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         raise RuntimeError(f"the engine exited with {process.returncode}:\n{tail}")
     result = parse_engine_run(run_dir, launch_time=launch)
     result["wall_s"] = wall
+    result["cpu_s"] = _children_cpu_s() - cpu_before
+    result["load_avg_1m"] = [load_before, _load_avg()]
     result["argv"] = argv[1:]
     return result
+
+
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of this process's finished children and their descendants
+    (the engine reaps its server, so the server's CPU time is in the engine's total)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _load_avg() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
 
 
 def _echo_validations(path: Path, seen: set[int], launch: float) -> None:
@@ -625,6 +649,8 @@ def summarize(run: dict[str, Any], *, target: float = TARGET, skip: int = SKIP_S
     run["first_validation_s"] = vals[0]["time_s"] if vals else math.nan
     run["time_to_target_after_first_val_s"] = hit["time_s"] - vals[0]["time_s"] if hit else math.nan
     run["final_val_reward_mean"] = vals[-1]["reward_mean"] if vals else math.nan
+    cpu, n = run.get("cpu_s"), len(run["steps"])
+    run["cpu_s_per_step"] = cpu / n if cpu is not None and n else math.nan
     for key in ("sample_s", "update_s", *(k for k, _ in ENGINE_PARTS)):
         values = [s[key] for s in run["steps"] if s["step"] >= skip and key in s]
         values = [v for v in values if math.isfinite(v)]
@@ -637,11 +663,27 @@ def ratios(engine: dict[str, Any], loop: dict[str, Any]) -> dict[str, float]:
         a, b = engine.get(key, math.nan), loop.get(key, math.nan)
         return a / b if b and math.isfinite(a) and math.isfinite(b) else math.nan
 
-    keys = ("s_per_step_median", "time_to_target_s", "time_to_target_after_first_val_s", "wall_s")
+    keys = (
+        "s_per_step_median",
+        "time_to_target_s",
+        "time_to_target_after_first_val_s",
+        "wall_s",
+        "cpu_s_per_step",
+    )
     return {key: ratio(key) for key in keys}
 
 
 # ---- main -------------------------------------------------------------------------------------
+
+
+def git_state() -> dict[str, Any]:
+    """The commit measured and whether ``src/`` had uncommitted changes (the engine's code)."""
+
+    def git(*cmd: str) -> str:
+        done = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    return {"commit": git("rev-parse", "HEAD"), "src_dirty": bool(git("status", "-s", "src"))}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -672,7 +714,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     results: dict[str, Any] = {
         "benchmark": NAME, "machine": machine(), "settings": settings, "target": args.target,
-        "skip_steps": SKIP_STEPS,
+        "skip_steps": SKIP_STEPS, "git": git_state(),
     }  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="e2e_engine_"))
     try:

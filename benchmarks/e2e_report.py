@@ -17,6 +17,7 @@ ROWS = (
     ("step-0 validation done (s since start)", "first_validation_s"),
     ("final val/reward_mean", "final_val_reward_mean"),
     ("wall s (whole run)", "wall_s"),
+    ("CPU s per step (whole run, all processes)", "cpu_s_per_step"),
 )
 
 
@@ -50,6 +51,14 @@ def print_summary(results: dict[str, Any]) -> None:
     if loop and loop.get("median_parts_s"):
         shown = ", ".join(f"{k} {v:.3f}" for k, v in loop["median_parts_s"].items())
         print(f"loop per-step medians (s): {shown}")
+    loads = {n: results[n]["load_avg_1m"] for n in RUNS if results.get(n, {}).get("load_avg_1m")}
+    if loads:
+        shown = "; ".join(f"{n} {a:.1f} -> {b:.1f}" for n, (a, b) in loads.items())
+        print(f"1-minute load average before -> after each run: {shown}")
+    code = results.get("git") or {}
+    if code.get("commit"):
+        dirty = " (src/ with uncommitted changes)" if code.get("src_dirty") else ""
+        print(f"code: commit {code['commit'][:10]}{dirty}")
     gap = results.get("initial_weights_max_abs_diff")
     if gap is not None:
         print(f"initial weights, engine vs loop: max |diff| = {gap:.3g}")
