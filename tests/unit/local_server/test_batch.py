@@ -53,3 +53,33 @@ def test_select_nothing_empties_the_batch(model: PreTrainedModel) -> None:
         batch = DecodeBatch.prefill(model, [[1, 5]], all_logits=False).batch
     batch.select([])
     assert (batch.size, batch.width, batch.layers) == (0, 0, [])
+
+
+def test_identical_prompts_are_prefilled_once(model: PreTrainedModel) -> None:
+    """A group (``n`` samples, or separate requests of one prompt) costs one prefill row."""
+    p, q = [1, 5, 6, 7], [1, 8]
+    prompts = [p, p, q, p, q]
+    rows: list[int] = []
+    hook = model.register_forward_hook(
+        lambda _m, _a, kw, _o: rows.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        with torch.inference_mode():
+            shared = DecodeBatch.prefill(model, prompts, all_logits=True)
+    finally:
+        hook.remove()
+    assert rows == [2]
+    assert shared.batch.size == 5
+    assert shared.all_logits is not None
+    assert shared.all_logits.shape[0] == 5
+    for i, prompt in enumerate(prompts):
+        assert torch.allclose(
+            torch.log_softmax(shared.last_logits[i].float(), -1), _alone(model, prompt), atol=1e-5
+        )
+    assert torch.equal(shared.batch.positions, torch.tensor([4, 4, 2, 4, 2]))
+    with torch.inference_mode():
+        tokens = torch.tensor([9, 10, 11, 12, 13])
+        shared.batch.last = tokens
+        logits = torch.log_softmax(shared.batch.decode(model).float(), -1)
+    for i, prompt in enumerate(prompts):
+        assert torch.allclose(logits[i], _alone(model, [*prompt, int(tokens[i])]), atol=1e-5)

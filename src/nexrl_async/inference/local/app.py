@@ -28,7 +28,7 @@ from typing import Any
 
 from starlette.requests import Request as HttpRequest
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from nexrl_async.inference.local import control_routes as control
 from nexrl_async.inference.local import distributed_api, openai_api
@@ -48,7 +48,8 @@ from nexrl_async.inference.local.http_io import (
     replay,
 )
 
-Handler = Callable[[HttpRequest, ServerContext], Awaitable[Response]]
+Handler = Callable[[HttpRequest, ServerContext], Awaitable[ASGIApp]]
+"""A route: returns the ASGI response to send (a Starlette ``Response`` or one that waits)."""
 
 _OPEN_PREFIXES = ("/health", "/ready", "/metrics")
 _DISTRIBUTED = (

@@ -12,9 +12,9 @@ import time
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
-import anyio
 from starlette.requests import Request as HttpRequest
 from starlette.responses import Response
+from starlette.types import ASGIApp
 
 from nexrl_async.core.errors import EngineUnavailable, RequestRejected
 from nexrl_async.inference.local.app_state import ServerContext
@@ -39,6 +39,7 @@ from nexrl_async.inference.local.step_plan import LogprobEntry
 from nexrl_async.inference.local.streaming import (
     DONE,
     EventStreamResponse,
+    WhenFinished,
     abort_unfinished,
     sse,
     updates,
@@ -187,23 +188,6 @@ def payload(
     return out
 
 
-async def wait_finished(requests: list[Request], http: HttpRequest, ctx: ServerContext) -> None:
-    """Wait for every request; a client disconnect aborts the unfinished ones."""
-
-    async def watch_disconnect() -> None:
-        while True:
-            message = await http.receive()
-            if message["type"] == "http.disconnect":
-                abort_unfinished(requests, ctx.scheduler)
-                return
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(watch_disconnect)
-        for req in requests:
-            await req.done.wait()
-        tg.cancel_scope.cancel()
-
-
 async def _native_stream(
     requests: list[Request], batched: bool, body: GenerateRequest, ctx: ServerContext
 ) -> AsyncGenerator[bytes, None]:
@@ -224,7 +208,7 @@ async def _native_stream(
     yield DONE
 
 
-async def handle_generate(http: HttpRequest, ctx: ServerContext) -> Response:
+async def handle_generate(http: HttpRequest, ctx: ServerContext) -> ASGIApp:
     try:
         body = decode_json(await http.body(), GenerateRequest)
     except JsonError as err:
@@ -238,14 +222,10 @@ async def handle_generate(http: HttpRequest, ctx: ServerContext) -> Response:
         return unavailable(str(err))
     if body.stream:
         return EventStreamResponse(_native_stream(requests, batched, body, ctx))
-    await wait_finished(requests, http, ctx)
-    results = [
-        payload(
-            r,
-            ctx,
-            logprob_text=body.return_text_in_logprobs,
-            prompt_ids=body.return_prompt_token_ids,
-        )
-        for r in requests
-    ]
-    return json_response(results if batched else results[0])
+
+    def build() -> Response:
+        text, prompt_ids = body.return_text_in_logprobs, body.return_prompt_token_ids
+        results = [payload(r, ctx, logprob_text=text, prompt_ids=prompt_ids) for r in requests]
+        return json_response(results if batched else results[0])
+
+    return WhenFinished(requests, ctx.scheduler, build)

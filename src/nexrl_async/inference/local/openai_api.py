@@ -15,6 +15,7 @@ from typing import Any
 from msgspec import Struct
 from starlette.requests import Request as HttpRequest
 from starlette.responses import Response
+from starlette.types import ASGIApp
 
 from nexrl_async.core.errors import EngineUnavailable, RequestRejected
 from nexrl_async.inference.local.app_state import ServerContext
@@ -24,7 +25,6 @@ from nexrl_async.inference.local.error_responses import (
     unavailable,
     unparseable_body,
 )
-from nexrl_async.inference.local.generate import wait_finished
 from nexrl_async.inference.local.http_io import JsonError, decode_json
 from nexrl_async.inference.local.openai_format import (
     chat_choice,
@@ -45,6 +45,7 @@ from nexrl_async.inference.local.sglang_schema import SamplingParamsBody
 from nexrl_async.inference.local.streaming import (
     DONE,
     EventStreamResponse,
+    WhenFinished,
     abort_unfinished,
     sse,
     updates,
@@ -252,7 +253,7 @@ async def _run(
     return body, requests
 
 
-async def chat_completions(http: HttpRequest, ctx: ServerContext) -> Response:
+async def chat_completions(http: HttpRequest, ctx: ServerContext) -> ASGIApp:
     ran = await _run(http, ctx, ChatRequest)
     if isinstance(ran, Response):
         return ran
@@ -260,21 +261,24 @@ async def chat_completions(http: HttpRequest, ctx: ServerContext) -> Response:
     created = int(time.time())
     if body.stream:
         return _streaming(chat_chunks, body, requests, ctx, created)
-    await wait_finished(requests, http, ctx)
-    return json_response(
-        {
-            "id": requests[0].rid,
-            "object": "chat.completion",
-            "created": created,
-            "model": body.model,
-            "choices": [chat_choice(r, ctx, body.logprobs) for r in requests],
-            "usage": usage(requests),
-            "metadata": {"weight_version": ctx.scheduler.weight_version},
-        }
-    )
+
+    def build() -> Response:
+        return json_response(
+            {
+                "id": requests[0].rid,
+                "object": "chat.completion",
+                "created": created,
+                "model": body.model,
+                "choices": [chat_choice(r, ctx, body.logprobs) for r in requests],
+                "usage": usage(requests),
+                "metadata": {"weight_version": ctx.scheduler.weight_version},
+            }
+        )
+
+    return WhenFinished(requests, ctx.scheduler, build)
 
 
-async def completions(http: HttpRequest, ctx: ServerContext) -> Response:
+async def completions(http: HttpRequest, ctx: ServerContext) -> ASGIApp:
     ran = await _run(http, ctx, CompletionRequest)
     if isinstance(ran, Response):
         return ran
@@ -282,18 +286,21 @@ async def completions(http: HttpRequest, ctx: ServerContext) -> Response:
     created = int(time.time())
     if body.stream:
         return _streaming(completion_chunks, body, requests, ctx, created)
-    await wait_finished(requests, http, ctx)
-    return json_response(
-        {
-            "id": requests[0].rid,
-            "object": "text_completion",
-            "created": created,
-            "model": body.model,
-            "choices": [completion_choice(r, ctx, body.echo) for r in requests],
-            "usage": usage(requests),
-            "metadata": {"weight_version": ctx.scheduler.weight_version},
-        }
-    )
+
+    def build() -> Response:
+        return json_response(
+            {
+                "id": requests[0].rid,
+                "object": "text_completion",
+                "created": created,
+                "model": body.model,
+                "choices": [completion_choice(r, ctx, body.echo) for r in requests],
+                "usage": usage(requests),
+                "metadata": {"weight_version": ctx.scheduler.weight_version},
+            }
+        )
+
+    return WhenFinished(requests, ctx.scheduler, build)
 
 
 def _streaming(

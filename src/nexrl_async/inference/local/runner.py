@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from nexrl_async.inference.local.batch import DecodeBatch
 from nexrl_async.inference.local.detokenizer import IncrementalText, final_text, find_stop
+from nexrl_async.inference.local.lean_forward import forward_for
 from nexrl_async.inference.local.sampling import RowSampler, draw
 from nexrl_async.inference.local.step_plan import (
     Admission,
@@ -33,12 +34,13 @@ from nexrl_async.inference.local.step_plan import (
 from nexrl_async.inference.local.weights import load_tensors, read_safetensors, swap_weights
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, slots=True)
 class _Row:
     admission: Admission
     sampler: RowSampler
     output_ids: list[int]
-    text: IncrementalText
+    text: IncrementalText | None
+    """Tracked only where needed: streams (cumulative text) and stop strings."""
 
 
 def _entries(values: torch.Tensor, ids: torch.Tensor) -> list[LogprobEntry]:
@@ -56,6 +58,7 @@ class ModelRunner:
         self.eos_ids = eos_ids
         self.weight_version = version
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.forward = forward_for(model)
         self._batch = DecodeBatch.empty()
         self._rows: list[_Row] = []
 
@@ -69,7 +72,7 @@ class ModelRunner:
             outputs: list[RowOutput] = []
             stepping = 0
             if plan.decode:
-                logits = [self._batch.decode(self.model)] if self._rows else []
+                logits = [self._batch.decode(self.forward)] if self._rows else []
                 new_rows, new_logits, inputs = self._prefill(plan.admit)
                 if new_logits is not None:
                     logits.append(new_logits)
@@ -126,7 +129,7 @@ class ModelRunner:
             return [], None, {}
         want_inputs = any(a.logprobs.input_start >= 0 for a in admits)
         prompts = [a.prompt_ids + a.output_ids for a in admits]
-        done = DecodeBatch.prefill(self.model, prompts, all_logits=want_inputs)
+        done = DecodeBatch.prefill(self.forward, prompts, all_logits=want_inputs)
         self._batch.extend(done.batch)
         rows = []
         for a, prompt in zip(admits, prompts, strict=True):
@@ -136,9 +139,11 @@ class ModelRunner:
             )
             for token in a.output_ids:
                 sampler.observe(token)
-            text = IncrementalText(self.tokenizer, skip_special_tokens=spec.skip_special_tokens)
-            if a.output_ids:
-                text.advance(a.output_ids)
+            text = None
+            if a.wants_text or spec.stop:
+                text = IncrementalText(self.tokenizer, skip_special_tokens=spec.skip_special_tokens)
+                if a.output_ids:
+                    text.advance(a.output_ids)
             rows.append(
                 _Row(admission=a, sampler=sampler, output_ids=list(a.output_ids), text=text)
             )
@@ -203,9 +208,7 @@ class ModelRunner:
             else:
                 row.output_ids.append(tokens[i])
                 row.sampler.observe(tokens[i])
-                out = self._row_output(
-                    row, tokens[i], token_lps[i], drawn.logprobs[i], inputs.get(key)
-                )
+                out = self._row_output(row, tokens[i], token_lps[i], drawn.logprobs, i, inputs)
             outputs.append(out)
             if out.finish is None:
                 keep.append(i)
@@ -218,13 +221,14 @@ class ModelRunner:
         row: _Row,
         token: int,
         logprob: float,
-        logprobs: torch.Tensor,
-        inputs: InputLogprobs | None,
+        all_logprobs: torch.Tensor,
+        index: int,
+        inputs: dict[int, InputLogprobs],
     ) -> RowOutput:
         spec = row.sampler.spec
-        added = row.text.advance(row.output_ids) if row.admission.wants_text or spec.stop else ""
+        added = row.text.advance(row.output_ids) if row.text is not None else ""
         finish = self._finish(row, token, added)
-        text = row.text.text if row.admission.wants_text else None
+        text = row.text.text if row.admission.wants_text and row.text is not None else None
         if finish is not None:
             text = final_text(
                 self.tokenizer,
@@ -234,15 +238,23 @@ class ModelRunner:
                 no_stop_trim=spec.no_stop_trim,
             )
         want = row.admission.logprobs
+        key = row.admission.key
+        if not want.enabled:
+            return RowOutput(key=key, token=token, text=text, finish=finish)
+        top = by_ids = None
+        if want.top_n > 0 or want.token_ids:
+            logprobs = all_logprobs[index]
+            top = self._top(logprobs, want.top_n)
+            by_ids = self._by_ids(logprobs, want.token_ids)
         return RowOutput(
-            key=row.admission.key,
+            key=key,
             token=token,
-            logprob=logprob if want.enabled else None,
-            top=self._top(logprobs, want.top_n) if want.enabled else None,
-            by_ids=self._by_ids(logprobs, want.token_ids) if want.enabled else None,
+            logprob=logprob,
+            top=top,
+            by_ids=by_ids,
             text=text,
             finish=finish,
-            input_logprobs=inputs,
+            input_logprobs=inputs.get(key) if inputs else None,
         )
 
     @staticmethod
@@ -253,6 +265,8 @@ class ModelRunner:
             return finish_length(spec.max_new_tokens)
         if token in row.sampler.stop_ids and made >= spec.min_new_tokens:
             return finish_stop(token)
+        if row.text is None:
+            return None
         stop = find_stop(row.text.text, added, spec.stop)
         if stop is not None and made >= spec.min_new_tokens:
             return finish_stop(stop)

@@ -232,6 +232,7 @@ async def serve(
         lifespan="off",
         timeout_graceful_shutdown=int(GRACE_S),
         timeout_keep_alive=KEEP_ALIVE_S,
+        proxy_headers=False,  # never behind a proxy whose X-Forwarded-For matters
     )
     server = _Uvicorn(config)
     async with anyio.create_task_group() as tg:

@@ -34,7 +34,7 @@ def finish_abort(*, waiting: bool = False) -> FinishReason:
     return {"type": "abort", "message": "Aborted", "status_code": None, "err_type": None}
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class LogprobRequest:
     """Which log-probs a sequence wants."""
 
@@ -45,7 +45,7 @@ class LogprobRequest:
     """First prompt position with input log-probs; -1 = none (SGLang ``logprob_start_len``)."""
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Admission:
     """A sequence entering the batch. After a retraction ``output_ids`` holds what it made."""
 
@@ -58,7 +58,7 @@ class Admission:
     """Send the cumulative text with every token (streaming), not only at the end."""
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class StepPlan:
     drop: list[int] = field(default_factory=list)
     """Rows leaving without finishing (aborted or retracted)."""
@@ -67,14 +67,14 @@ class StepPlan:
     """Advance the running rows; False while paused in place (drops and admits still apply)."""
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class InputLogprobs:
     tokens: list[LogprobEntry]
     top: list[list[LogprobEntry] | None]
     by_ids: list[list[LogprobEntry] | None]
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class RowOutput:
     """One new token of one row (or, with ``token is None``, a row that ended without one)."""
 
@@ -89,7 +89,7 @@ class RowOutput:
     input_logprobs: InputLogprobs | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class StepResult:
     outputs: list[RowOutput]
     dropped_text: dict[int, str]

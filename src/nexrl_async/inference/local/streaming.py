@@ -1,19 +1,24 @@
-"""Server-sent events: change feed of a group of requests and a disconnect-aware response.
+"""Responses that outlive their handler: SSE streams, and answers sent once requests finish.
 
 :class:`EventStreamResponse` always listens for the client going away (Starlette only does so
 for old ASGI servers) and closes the body generator in every case, so the generator's
 ``finally`` — which aborts the unfinished requests — runs at once, not at garbage collection.
+
+:class:`WhenFinished` waits for its requests, then sends the response built from them; a client
+that disconnects meanwhile aborts them. Its disconnect watcher is never cancelled: uvicorn's
+``receive`` answers ``http.disconnect`` as soon as the response is complete, which ends it (a
+cancellation costs more than the rest of a small request).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import anyio
 import msgspec
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from nexrl_async.inference.local.request import Request
@@ -76,3 +81,26 @@ class EventStreamResponse(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()
+
+
+class WhenFinished:
+    """An ASGI response: wait for ``requests``, then send ``build()``."""
+
+    def __init__(
+        self, requests: list[Request], scheduler: Scheduler, build: Callable[[], Response]
+    ) -> None:
+        self.requests = requests
+        self.scheduler = scheduler
+        self.build = build
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        abort_unfinished(self.requests, self.scheduler)  # a no-op once all have finished
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watch, receive)
+            for req in self.requests:
+                await req.done.wait()
+            await self.build()(scope, receive, send)
