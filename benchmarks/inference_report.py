@@ -15,9 +15,9 @@ def plot(results: dict[str, Any], out_dir: Path, name: str) -> Path:
     use_agg_backend()
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
-    client, local = results.get("client"), results.get("local")
-    for ax, part in zip(axes, (client, local), strict=True):
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.4))
+    client, local, demo = results.get("client"), results.get("local"), results.get("demo")
+    for ax, part in zip(axes, (client, local, demo), strict=True):
         if not part:
             ax.axis("off")
             ax.text(0.5, 0.5, "not run (--part)", ha="center", va="center")
@@ -25,6 +25,8 @@ def plot(results: dict[str, Any], out_dir: Path, name: str) -> Path:
         _plot_client(axes[0], client)
     if local:
         _plot_local(axes[1], local)
+    if demo:
+        _plot_demo(axes[2], demo)
     fig.suptitle("Inference benchmarks")
     return save_figure(fig, out_dir, name)
 
@@ -63,15 +65,41 @@ def _plot_local(ax: Any, local: dict[str, Any]) -> None:
     ax.set_title(f"(b) local server: x{local['speedup']:.1f} ({local['speedup_of']})", fontsize=10)
 
 
+def _plot_demo(ax: Any, demo: dict[str, Any]) -> None:
+    names = list(demo["medians"])
+    loop = [demo["medians"][n]["loop_cpu_ms_per_sample"] for n in names]
+    ax.bar(range(len(names)), loop, color="tab:orange", alpha=0.8, label="loop CPU ms / sample")
+    ax.axhline(demo["target_loop_ms"], color="tab:red", ls="--", label="target")
+    ax.set_xticks(range(len(names)), [Path(n).parent.name or n for n in names], fontsize=8)
+    ax.set_ylabel("event-loop CPU per sample (ms)")
+    steps = ax.twinx()
+    steps.plot(range(len(names)), [demo["medians"][n]["step_s_median"] for n in names], "o",
+               color="tab:blue", label="s / step")  # fmt: skip
+    steps.set_ylabel("median s / step")
+    handles = ax.get_legend_handles_labels()[0] + steps.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="upper right", fontsize=8)
+    ax.set_title(f"(c) demo, {demo['settings']['steps']} steps", fontsize=10)
+
+
 def print_summary(results: dict[str, Any]) -> None:
     if client := results.get("client"):
         rows = [
-            ["SGLangClient", client["client_requests_per_s"], client["client_cpu_us_per_request"]],
-            ["bare httpx", client["httpx_requests_per_s"], client["httpx_cpu_us_per_request"]],
-        ]
-        print(table(["(a) sender", "req/s", "client CPU us/req"], rows))
+            ["SGLangClient", client["client_requests_per_s"], client["client_cpu_us_per_request"],
+             client["client_requests_per_cpu_s"]],
+            ["bare httpx", client["httpx_requests_per_s"], client["httpx_cpu_us_per_request"],
+             client["httpx_requests_per_cpu_s"]],
+        ]  # fmt: skip
+        print(table(["(a) sender", "req/s", "client CPU us/req", "req/CPU-s"], rows))
         verdict = "PASS" if client["passed"] else "FAIL"
-        print(f"ratio {client['ratio']:.3f} (target >= {client['target']}): {verdict}\n")
+        print(f"ratio {client['ratio']:.3f} (target >= {client['target']}), "
+              f"{client['client_requests_per_cpu_s']:.0f} req/CPU-s "
+              f"(target >= {client['target_requests_per_cpu_s']:.0f}): {verdict}\n")  # fmt: skip
+    if demo := results.get("demo"):
+        keys = ("step_s_median", "loop_cpu_ms_per_sample", "server_cpu_ms_per_sample")
+        rows = [[src, *(m[k] for k in keys)] for src, m in demo["medians"].items()]
+        print(table(["(c) source", "s/step", "loop CPU ms/sample", "server CPU ms/sample"], rows))
+        verdict = "PASS" if demo["passed"] else "FAIL"
+        print(f"target <= {demo['target_loop_ms']} ms/sample: {verdict}\n")
     if local := results.get("local"):
         rows = [
             [r["concurrency"], r["tokens_per_s"], r["mean_latency_s"], r["mean_batch"],

@@ -8,6 +8,7 @@ from pathlib import Path
 from types import ModuleType
 
 import anyio
+import httpx
 import pytest
 
 from nexrl_async.inference.client.sglang import SamplingParams
@@ -64,8 +65,8 @@ async def test_both_senders_post_the_same_body_but_the_rid(bench: ModuleType):
     }  # fmt: skip
 
 
-def _trial(bench: ModuleType, kind: str, requests: int) -> object:
-    return bench.Trial(kind=kind, requests=requests, tokens=requests * 2, wall_s=1.0, cpu_s=0.5)
+def _trial(bench: ModuleType, kind: str, requests: int, cpu_s: float = 0.02) -> object:
+    return bench.Trial(kind=kind, requests=requests, tokens=requests * 2, wall_s=1.0, cpu_s=cpu_s)
 
 
 def test_the_client_ratio_is_of_medians_from_the_same_run(bench: ModuleType):
@@ -76,7 +77,16 @@ def test_the_client_ratio_is_of_medians_from_the_same_run(bench: ModuleType):
     assert summary["httpx_requests_per_s"] == 100
     assert summary["ratio"] == pytest.approx(0.9)
     assert summary["passed"] is True
-    assert summary["client_cpu_us_per_request"] == pytest.approx(1e6 * 0.5 / 90)
+    assert summary["client_cpu_us_per_request"] == pytest.approx(1e6 * 0.02 / 90)
+    assert summary["client_requests_per_cpu_s"] == pytest.approx(90 / 0.02)
+
+
+def test_a_client_under_2000_requests_per_cpu_second_fails(bench: ModuleType):
+    trials = [_trial(bench, "client", 100, cpu_s=0.06), _trial(bench, "httpx", 100, cpu_s=0.5)]
+    summary = bench.client_summary(trials)
+    assert summary["ratio"] == pytest.approx(1.0)
+    assert summary["client_requests_per_cpu_s"] == pytest.approx(100 / 0.06)
+    assert summary["passed"] is False
 
 
 def test_the_batching_speedup_is_highest_over_lowest_level(bench: ModuleType):
@@ -118,3 +128,39 @@ def test_a_tiny_local_server_run_reports_each_level(bench: ModuleType, tmp_path:
     assert levels[0]["mean_batch"] == pytest.approx(1.0)
     assert levels[1]["mean_batch"] > 1.0
     assert (tmp_path / "inference.png").exists()
+
+
+def test_demo_loop_cpu_is_per_sample_over_the_counted_steps(load_benchmark: Loader) -> None:
+    demo = load_benchmark("inference_demo")
+    metrics = [{"timing/step_s": s, "rollout/samples": 256.0} for s in (9.0, 1.0, 2.0, 3.0)]
+    metrics[2]["val/samples"] = 64.0
+    readings = [
+        demo.Sample(wall_s=1.0, steps=1, loop_cpu_s=5.0, server_cpu_s=1.0),
+        demo.Sample(wall_s=2.0, steps=2, loop_cpu_s=6.0, server_cpu_s=2.0),  # step 1 logged
+        demo.Sample(wall_s=4.0, steps=4, loop_cpu_s=6.576, server_cpu_s=3.152),  # last step
+    ]
+    run = demo.DemoRun(src="x", samples=readings, metrics=metrics)
+    summary = demo.summarize(run, warmup_steps=1)
+    assert summary["steps_counted"] == 3
+    assert summary["step_s_median"] == 2.0
+    assert summary["samples"] == 256 + 64 + 256  # the steps after the first counted one
+    assert summary["loop_cpu_ms_per_sample"] == pytest.approx(1.0)
+    assert summary["server_cpu_ms_per_sample"] == pytest.approx(2.0)
+    assert summary["window_wall_s"] == 2.0
+
+
+async def test_the_zero_server_answers_keep_alive_requests_at_once(load_benchmark: Loader):
+    zero = load_benchmark("zero_server")
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(zero.ZeroProtocol, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with httpx.AsyncClient() as http:
+            for _ in range(3):
+                response = await http.post(f"http://127.0.0.1:{port}/generate", json={"a": 1})
+                assert response.json()["output_ids"] == zero.OUTPUT_IDS
+            assert (await http.get(f"http://127.0.0.1:{port}/health")).status_code == 200
+    finally:
+        server.close()

@@ -41,13 +41,22 @@ class Transport:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._http = as_pool(http)
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._connect_timeout_s = connect_timeout_s
+        self._headers = [("Authorization", f"Bearer {api_key}")] if api_key else []
+        self._json_headers = [*self._headers, ("Content-Type", "application/json")]
+        self._timeouts = httpx.Timeout(None, connect=connect_timeout_s).as_dict()
+        self._urls: dict[str, httpx.URL] = {}
         self.retry = retry
         self._rng = rng
 
     def url(self, path: str) -> str:
         return f"{self.base_url}{path}"
+
+    def _url(self, path: str) -> httpx.URL:
+        """``path``'s URL, parsed once (httpx's URL parsing is a visible share of a request)."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = httpx.URL(self.url(path))
+        return url
 
     async def request(
         self,
@@ -114,23 +123,22 @@ class Transport:
         params: dict[str, str] | None,
         stream: bool,
     ) -> httpx.Response:
-        url = self.url(path)
-        headers = dict(self._headers)
+        url = self._url(path)
+        headers = self._headers
         content: bytes | None = None
         if payload is not None:
             content = msgspec.json.encode(payload)
-            headers["Content-Type"] = "application/json"
-        http = self._http.pick()
-        request = http.build_request(
+            headers = self._json_headers
+        request = httpx.Request(
             method,
             url,
             content=content,
             params=params,
             headers=headers,
-            timeout=httpx.Timeout(None, connect=self._connect_timeout_s),
+            extensions={"timeout": self._timeouts},
         )
         try:
-            response = await http.send(request, stream=stream)
+            response = await self._http.send(request, stream=stream)
         except httpx.UnsupportedProtocol as err:
             raise _unavailable(f"{method} {url}: {err}", retryable=False) from err
         except httpx.TransportError as err:
@@ -143,7 +151,7 @@ class Transport:
             raise _unavailable(f"{method} {url}: HTTP {response.status_code}, {err}") from err
         finally:
             await response.aclose()
-        raise status_error(response.status_code, raw, response.reason_phrase, url)
+        raise status_error(response.status_code, raw, response.reason_phrase, str(url))
 
 
 def status_error(status: int, body: bytes, reason: str, url: str) -> InferenceError:
