@@ -54,7 +54,7 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks (not part of CI): each writes JSON and a plot under benchmarks/results/."""
-    for script in ("inference.py", "pipeline.py", "train_step.py"):
+    for script in ("inference.py", "pipeline.py", "train_step.py", "e2e.py"):
         session.run(PYTHON, f"benchmarks/{script}", *session.posargs)
 
 
