@@ -122,9 +122,14 @@ class TrainerConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto`` uses CUDA when available."""
     micro_batch_tokens: PosInt = 8192
-    """Token budget of one packed micro-batch."""
+    """Token budget of one micro-batch: its tokens when packed, rows x longest row when padded."""
     packing: bool = True
-    """Pack sequences padding-free (else pad to the longest in a micro-batch)."""
+    """Pack sequences padding-free where it pays; ``false`` pads every micro-batch to its
+    longest row (rows bucketed by length). With a flash (varlen) kernel a micro-batch is always
+    packed. Under SDPA or eager attention a packed micro-batch attends over a dense ``N x N``
+    mask (pairs of rows that never see each other included), so the planner picks, per
+    minibatch, whichever of the packed and the length-bucketed padded plan costs fewer FLOPs
+    (``train.packing.plan_costs``): many short rows, as in the CPU demo, train padded."""
     activation_checkpointing: bool = False
     """Recompute decoder layers in backward."""
     param_dtype: Literal["float32", "bfloat16"] = "float32"

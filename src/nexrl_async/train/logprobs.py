@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 from nexrl_async.algorithms import entropy_from_logits, logprobs_from_logits
 from nexrl_async.train.microbatch import MicroBatch, micro_batches
 from nexrl_async.train.packing import packed_logits, unpack
+from nexrl_async.train.packing_plan import PlanCosts
 from nexrl_async.train.tensors import SequenceBatch
 
 
@@ -85,11 +86,13 @@ def batch_logprobs(
     temperature: float,
     with_entropy: bool = False,
     packing: bool = True,
+    costs: PlanCosts | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs ``[B, T]`` (and entropies) of every row, in eval mode, without gradients.
 
-    Runs micro-batch by micro-batch (packed unless ``packing=False``) on the model's device;
-    the results are float32 on CPU.
+    Runs micro-batch by micro-batch on the model's device: packed unless ``packing=False`` or
+    ``costs`` (:func:`~nexrl_async.train.packing.plan_costs` of the model) find the padded
+    plan cheaper. The results are float32 on CPU.
     """
     device = model_device(model)
     logprobs = torch.zeros(seq.input_ids.shape, dtype=torch.float32)
@@ -98,7 +101,12 @@ def batch_logprobs(
     model.eval()
     try:
         planned = micro_batches(
-            seq, range(seq.size), token_budget=token_budget, device=device, packing=packing
+            seq,
+            range(seq.size),
+            token_budget=token_budget,
+            device=device,
+            packing=packing,
+            costs=costs,
         )
         for mb in planned:
             lp, ent = forward_logprobs(

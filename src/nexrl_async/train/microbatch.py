@@ -2,10 +2,13 @@
 
 Two steps, so the layout can change without touching the step:
 
-1. :func:`plan_micro_batches` turns row lengths and a token budget into a *plan*: a list of row
-   index lists (:mod:`nexrl_async.train.packing_plan`). Packed (the default, ``trainer.packing``):
+1. :func:`plan_layout` turns row lengths and a token budget into a layout and a *plan*: a list
+   of row index lists (:mod:`nexrl_async.train.packing_plan`). Packed (``trainer.packing``):
    a micro-batch holds rows totalling at most the budget (first-fit decreasing). Padded: ``b``
-   rows padded to their longest ``L`` cost ``b · L``. A row longer than the budget goes alone.
+   rows padded to their longest ``L`` cost ``b · L`` (rows bucketed by length). A row longer
+   than the budget goes alone. With a cost model (``costs``, from
+   :func:`~nexrl_async.train.packing.plan_costs`: models whose packed attention is a dense
+   mask) packing picks whichever of the two plans costs less; without one it always packs.
 2. :func:`collate` gathers a plan entry's rows into a :class:`MicroBatch` on the device, trimmed
    to its longest row; a packed one also carries the rows concatenated into one sequence
    (:class:`~nexrl_async.train.packing.PackedRows`), which the forward uses instead of the
@@ -62,36 +65,56 @@ def split_minibatches(size: int, parts: int) -> Plan:
     return [chunk.tolist() for chunk in torch.arange(size).tensor_split(min(parts, size))]
 
 
+def plan_layout(
+    lengths: Tensor,
+    rows: Sequence[int],
+    token_budget: int,
+    *,
+    packing: bool = True,
+    costs: plans.PlanCosts | None = None,
+    min_count: int = 1,
+) -> tuple[bool, Plan]:
+    """``(packed, plan)``: group ``rows`` into micro-batches of at most ``token_budget`` tokens.
+
+    Packed: rows totalling at most the budget (first-fit decreasing). Padded (``packing=False``,
+    or packing whose ``costs`` say the padded plan is cheaper): rows are taken longest first and
+    a micro-batch grows while ``rows_in_it · longest_row <= token_budget``. Either way a longer
+    row goes alone and every row lands in exactly one micro-batch.
+
+    Args:
+        lengths: ``[B]`` real tokens per row of the sequence batch.
+        rows: the rows to plan (e.g. one minibatch).
+        token_budget: tokens (packed) or padded tokens per micro-batch, ``>= 1``.
+        packing: plan for the padding-free layout where it pays.
+        costs: the cost model that decides whether packing pays
+            (:func:`~nexrl_async.train.packing_plan.cheapest_plan`); ``None``: it always does.
+        min_count: at least this many micro-batches where rows allow (sharded ranks must run
+            the same number of forward passes: pass the maximum over ranks). The layout is
+            chosen before this split, so it does not depend on ``min_count``.
+    """
+    rows = list(rows)
+    sizes = [int(n) for n in lengths[rows].tolist()] if rows else []
+    if packing:
+        packed, local = plans.cheapest_plan(sizes, token_budget, costs, min_count=min_count)
+    else:
+        packed = False
+        local = plans.plan_padded_micro_batches(sizes, token_budget, min_count=min_count)
+    return packed, [[rows[i] for i in group] for group in local]
+
+
 def plan_micro_batches(
     lengths: Tensor,
     rows: Sequence[int],
     token_budget: int,
     *,
     packing: bool = True,
+    costs: plans.PlanCosts | None = None,
     min_count: int = 1,
 ) -> Plan:
-    """Group ``rows`` into micro-batches of at most ``token_budget`` tokens each.
-
-    Packed: rows totalling at most the budget (first-fit decreasing). Padded (``packing=False``):
-    rows are taken longest first and a micro-batch grows while ``rows_in_it · longest_row <=
-    token_budget``. Either way a longer row goes alone and every row lands in exactly one
-    micro-batch.
-
-    Args:
-        lengths: ``[B]`` real tokens per row of the sequence batch.
-        rows: the rows to plan (e.g. one minibatch).
-        token_budget: tokens (packed) or padded tokens per micro-batch, ``>= 1``.
-        packing: plan for the padding-free layout.
-        min_count: at least this many micro-batches where rows allow (sharded ranks must run
-            the same number of forward passes: pass the maximum over ranks).
-    """
-    rows = list(rows)
-    sizes = [int(lengths[r]) for r in rows]
-    if packing:
-        local = plans.plan_micro_batches(sizes, token_budget, min_count=min_count)
-    else:
-        local = plans.plan_padded_micro_batches(sizes, token_budget, min_count=min_count)
-    return [[rows[i] for i in group] for group in local]
+    """The plan of :func:`plan_layout` (same arguments), without its layout."""
+    return plan_layout(
+        lengths, rows, token_budget, packing=packing, costs=costs, min_count=min_count
+    )[1]
 
 
 def padding_frac(
@@ -109,19 +132,24 @@ def padding_frac(
 
 
 def micro_batch_metrics(
-    seq: SequenceBatch, minibatches: Sequence[Sequence[int]], *, token_budget: int, packing: bool
+    seq: SequenceBatch,
+    minibatches: Sequence[Sequence[int]],
+    *,
+    token_budget: int,
+    packing: bool,
+    costs: plans.PlanCosts | None = None,
 ) -> dict[str, float]:
-    """``train/padding_frac`` and ``train/micro_batches`` of one epoch over ``minibatches``."""
-    plan = [
-        mb
-        for rows in minibatches
-        for mb in plan_micro_batches(seq.lengths, rows, token_budget, packing=packing)
-    ]
+    """``train/padding_frac`` (slot-weighted over the minibatches' chosen layouts) and
+    ``train/micro_batches`` of one epoch over ``minibatches``."""
+    tokens, slots, count = 0, 0.0, 0
+    for rows in minibatches:
+        packed, plan = plan_layout(seq.lengths, rows, token_budget, packing=packing, costs=costs)
+        used = sum(int(seq.lengths[r]) for r in rows)
+        frac = padding_frac(seq.lengths, plan, token_budget=token_budget, packing=packed)
+        tokens, slots, count = tokens + used, slots + used / (1.0 - frac), count + len(plan)
     return {
-        "train/padding_frac": padding_frac(
-            seq.lengths, plan, token_budget=token_budget, packing=packing
-        ),
-        "train/micro_batches": float(len(plan)),
+        "train/padding_frac": 1.0 - tokens / slots if slots else 0.0,
+        "train/micro_batches": float(count),
     }
 
 
@@ -151,12 +179,12 @@ def micro_batches(
     token_budget: int,
     device: torch.device,
     packing: bool = True,
+    costs: plans.PlanCosts | None = None,
     min_count: int = 1,
 ) -> Iterator[MicroBatch]:
-    """Plan ``rows`` and yield their micro-batches one at a time (packed unless told not to).
-
-    ``min_count``: see :func:`plan_micro_batches`.
-    """
-    plan = plan_micro_batches(seq.lengths, rows, token_budget, packing=packing, min_count=min_count)
+    """Plan ``rows`` (:func:`plan_layout`) and yield their micro-batches one at a time."""
+    packed, plan = plan_layout(
+        seq.lengths, rows, token_budget, packing=packing, costs=costs, min_count=min_count
+    )
     for planned in plan:
-        yield collate(seq, planned, device, packing=packing)
+        yield collate(seq, planned, device, packing=packed)

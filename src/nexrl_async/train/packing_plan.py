@@ -10,6 +10,7 @@ ranks = balance_ranks(lengths, world_size)                 # rank r trains rows 
 mine = [lengths[i] for i in ranks[rank]]
 plan = plan_micro_batches(mine, budget)                    # indices into `mine`
 padding_fraction(mine, plan, packed=True, budget=budget)   # unused share of the budget
+packed, plan = cheapest_plan(mine, budget, costs)          # packed or padded, by cost
 ```
 
 Two layouts are planned:
@@ -20,12 +21,21 @@ Two layouts are planned:
   its longest row ``L`` and costs ``b · L``.
 
 In both, a row longer than the budget gets a micro-batch of its own.
+
+Which layout is cheaper depends on the attention (:class:`PlanCosts`, :func:`cheapest_plan`).
+A micro-batch costs ``forward + token · slots + pair · pairs``: ``slots`` are the token
+positions its linear layers compute (padded: ``b · L``; packed: ``N``, the rows' total), and
+``pairs`` the (query, key) pairs its attention computes (padded: ``b · L²``; packed with a
+dense ``N × N`` mask: ``N²``; packed with a varlen kernel: ``Σ n²``). Without a varlen kernel a
+packed micro-batch pays attention between rows that never see each other, so for many short
+rows the padded plan of rows bucketed by length (sorted, next fit) is far cheaper.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 Plan = list[list[int]]
 """Groups of indices into a ``lengths`` sequence (ranks, or micro-batches)."""
@@ -66,6 +76,8 @@ def plan_micro_batches(lengths: Sequence[int], budget: int, *, min_count: int = 
     """
     _check_lengths(lengths)
     _check_budget(budget)
+    if sum(lengths) <= budget:  # what first fit gives, without the search
+        return _split_to_count(lengths, [_longest_first(lengths)] if lengths else [], min_count)
     plan: Plan = []
     loads: list[int] = []
     for row in _longest_first(lengths):
@@ -89,6 +101,8 @@ def plan_padded_micro_batches(lengths: Sequence[int], budget: int, *, min_count:
     """
     _check_lengths(lengths)
     _check_budget(budget)
+    if len(lengths) * max(lengths, default=0) <= budget:  # what next fit gives
+        return _split_to_count(lengths, [_longest_first(lengths)] if lengths else [], min_count)
     plan: Plan = []
     current: list[int] = []
     longest = 0
@@ -102,6 +116,63 @@ def plan_padded_micro_batches(lengths: Sequence[int], budget: int, *, min_count:
     if current:
         plan.append(current)
     return _split_to_count(lengths, plan, min_count)
+
+
+@dataclass(frozen=True)
+class PlanCosts:
+    """What a micro-batch costs, in any one unit (e.g. forward FLOPs; only ratios matter)."""
+
+    token: float
+    """Per token slot: every layer's linear maps and the LM head."""
+    pair: float
+    """Per (query, key) pair the attention computes."""
+    forward: float = 0.0
+    """Per micro-batch: what a forward and backward cost beyond their arithmetic."""
+    dense: bool = True
+    """A packed micro-batch attends over its whole ``N × N`` (a mask); ``False``: over each
+    row's own ``n × n`` (a varlen kernel)."""
+
+
+def micro_batch_cost(sizes: Sequence[int], *, packed: bool, costs: PlanCosts) -> float:
+    """The cost of one micro-batch of rows of ``sizes`` tokens (module docstring)."""
+    if packed:
+        slots = sum(sizes)
+        pairs = slots * slots if costs.dense else sum(n * n for n in sizes)
+    else:
+        width = max(sizes)
+        slots = len(sizes) * width
+        pairs = slots * width
+    return costs.forward + costs.token * slots + costs.pair * pairs
+
+
+def plan_cost(
+    lengths: Sequence[int], plan: Sequence[Sequence[int]], *, packed: bool, costs: PlanCosts
+) -> float:
+    """The summed :func:`micro_batch_cost` of a plan's (non-empty) micro-batches."""
+    return sum(
+        micro_batch_cost([lengths[r] for r in rows], packed=packed, costs=costs)
+        for rows in plan
+        if rows
+    )
+
+
+def cheapest_plan(
+    lengths: Sequence[int], budget: int, costs: PlanCosts | None, *, min_count: int = 1
+) -> tuple[bool, Plan]:
+    """``(packed, plan)``: the packed or the padded plan of ``lengths``, whichever costs less.
+
+    ``costs=None`` always packs (a varlen kernel, where packing never costs more). Both
+    candidates are planned without ``min_count``, so the choice does not depend on it; the
+    chosen plan is then split up to ``min_count`` (as in :func:`plan_micro_batches`). Ties
+    go to packing.
+    """
+    packed = plan_micro_batches(lengths, budget)
+    if costs is not None:
+        padded = plan_padded_micro_batches(lengths, budget)
+        packed_cost = plan_cost(lengths, packed, packed=True, costs=costs)
+        if plan_cost(lengths, padded, packed=False, costs=costs) < packed_cost:
+            return False, _split_to_count(lengths, padded, min_count)
+    return True, _split_to_count(lengths, packed, min_count)
 
 
 def padding_fraction(

@@ -30,6 +30,7 @@ from nexrl_async.algorithms import aggregation_denominator
 from nexrl_async.train.logprobs import model_device
 from nexrl_async.train.loss import MicroLoss, MicroResult
 from nexrl_async.train.microbatch import split_minibatches
+from nexrl_async.train.packing import plan_costs
 from nexrl_async.train.ranks.collectives import all_reduce_max, all_reduce_sum
 from nexrl_async.train.ranks.lockstep import lockstep_micro_batches, rank_rows
 from nexrl_async.train.ranks.sharding import norm_value
@@ -45,7 +46,8 @@ class UpdateSettings:
     token_budget: int
     max_grad_norm: float | None
     packing: bool = True
-    """Padding-free micro-batches (``trainer.packing``)."""
+    """Padding-free micro-batches where they pay (``trainer.packing``; see
+    :func:`~nexrl_async.train.packing.plan_costs`)."""
     rank: int = 0
     world_size: int = 1
 
@@ -142,6 +144,7 @@ def accumulate_gradients(
 
     ``rows`` are this rank's rows; the denominator is summed over ranks, and at world size > 1
     the micro-batches run in lockstep with the other ranks (fillers contribute nothing).
+    ``packing`` packs where it pays for ``model`` (:func:`~nexrl_async.train.packing.plan_costs`).
     Gradients are added to ``.grad`` (call ``zero_grad`` first). The returned 0-dim tensor is
     the detached sum of this rank's micro-batch losses (at world size 1: the loss of ``rows``).
     """
@@ -151,7 +154,13 @@ def accumulate_gradients(
     denominator = all_reduce_sum(local).to(device)
     total = torch.zeros((), dtype=torch.float32, device=device)
     planned = lockstep_micro_batches(
-        seq, rows, token_budget=token_budget, device=device, packing=packing, world_size=world_size
+        seq,
+        rows,
+        token_budget=token_budget,
+        device=device,
+        packing=packing,
+        world_size=world_size,
+        costs=plan_costs(model) if packing else None,
     )
     for mb, real in planned:
         result = loss_fn(model, mb, denominator)

@@ -12,6 +12,7 @@ move the rows they need to the training device.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -57,31 +58,28 @@ class SequenceBatch:
 def sequences_from_batch(batch: TrainBatch, *, pad_token_id: int) -> SequenceBatch:
     """Concatenate each trajectory's turns into one row; see the module docstring.
 
+    Rows are assembled as Python lists and become each ``[B, T]`` tensor in one call.
+
     Raises:
         TrainError: the batch is empty, or holds a FAILED or token-less trajectory.
     """
     trajectories = batch.trajectories
     if not trajectories:
         raise TrainError(f"step {batch.step}: the batch holds no trajectories")
-    for traj in trajectories:
-        _check(traj, batch.step)
-    width = max(traj.num_tokens for traj in trajectories)
-    size = len(trajectories)
-    input_ids = torch.full((size, width), pad_token_id, dtype=torch.int64)
-    attention_mask = torch.zeros((size, width), dtype=torch.int64)
-    loss_mask = torch.zeros((size, width), dtype=torch.float32)
-    rollout_logprobs = torch.zeros((size, width), dtype=torch.float32)
-    rollout_known = torch.zeros((size, width), dtype=torch.bool)
-    for row, traj in enumerate(trajectories):
-        n = traj.num_tokens
-        input_ids[row, :n] = torch.tensor(traj.token_ids, dtype=torch.int64)
-        attention_mask[row, :n] = 1
-        loss_mask[row, :n] = torch.tensor(traj.loss_mask, dtype=torch.float32).clamp(0, 1)
-        logprobs, known = _rollout_logprobs(traj)
-        rollout_logprobs[row, :n] = logprobs
-        rollout_known[row, :n] = known
+    rows = [_row(traj, batch.step) for traj in trajectories]
+    lengths = [len(row[0]) for row in rows]
+    width = max(lengths)
+
+    def padded(column: int, fill: float | bool) -> list[list[Any]]:
+        return [row[column] + [fill] * (width - n) for row, n in zip(rows, lengths, strict=True)]
+
+    input_ids = torch.tensor(padded(0, pad_token_id), dtype=torch.int64)
+    attention_mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+    loss_mask = torch.tensor(padded(1, 0.0), dtype=torch.float32).clamp_(0, 1)
     loss_mask[:, 0] = 0.0
-    rollout_mask = rollout_known & (loss_mask != 0) & torch.isfinite(rollout_logprobs)
+    rollout_logprobs = torch.tensor(padded(2, 0.0), dtype=torch.float32)
+    rollout_mask = torch.tensor(padded(3, False), dtype=torch.bool)
+    rollout_mask &= (loss_mask != 0) & torch.isfinite(rollout_logprobs)
     groups: dict[str, int] = {}
     return SequenceBatch(
         input_ids=input_ids,
@@ -89,7 +87,7 @@ def sequences_from_batch(batch: TrainBatch, *, pad_token_id: int) -> SequenceBat
         loss_mask=loss_mask,
         rollout_logprobs=torch.where(rollout_mask, rollout_logprobs, 0.0),
         rollout_mask=rollout_mask,
-        lengths=attention_mask.sum(dim=-1),
+        lengths=torch.tensor(lengths, dtype=torch.int64),
         rewards=torch.tensor([t.reward for t in trajectories], dtype=torch.float32),
         group_index=torch.tensor(
             [groups.setdefault(t.group_id, len(groups)) for t in trajectories], dtype=torch.int64
@@ -100,6 +98,23 @@ def sequences_from_batch(batch: TrainBatch, *, pad_token_id: int) -> SequenceBat
     )
 
 
+def _row(traj: Trajectory, step: int) -> tuple[list[int], list[int], list[float], list[bool]]:
+    """A trajectory's token ids, loss mask, server log-probs (0.0 where none) and whether the
+    server reported them, over all its turns."""
+    _check(traj, step)
+    ids: list[int] = []
+    mask: list[int] = []
+    logprobs: list[float] = []
+    known: list[bool] = []
+    for turn in traj.turns:
+        n = len(turn.token_ids)
+        ids += turn.token_ids
+        mask += turn.loss_mask
+        logprobs += [0.0] * n if turn.logprobs is None else turn.logprobs
+        known += [turn.logprobs is not None] * n
+    return ids, mask, logprobs, known
+
+
 def _check(traj: Trajectory, step: int) -> None:
     if not traj.ok:
         raise TrainError(
@@ -108,20 +123,6 @@ def _check(traj: Trajectory, step: int) -> None:
         )
     if traj.num_tokens == 0:
         raise TrainError(f"step {step}: trajectory {traj.group_id}/{traj.sample_index} is empty")
-
-
-def _rollout_logprobs(traj: Trajectory) -> tuple[Tensor, Tensor]:
-    """``[n]`` server log-probs of the trajectory's tokens and ``[n]`` bool: reported or not."""
-    values: list[float] = []
-    known: list[bool] = []
-    for turn in traj.turns:
-        if turn.logprobs is None:
-            values.extend([0.0] * len(turn.token_ids))
-            known.extend([False] * len(turn.token_ids))
-        else:
-            values.extend(turn.logprobs)
-            known.extend([True] * len(turn.token_ids))
-    return torch.tensor(values, dtype=torch.float32), torch.tensor(known, dtype=torch.bool)
 
 
 def _response_length(traj: Trajectory) -> int:

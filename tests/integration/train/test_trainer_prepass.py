@@ -11,6 +11,7 @@ import torch
 from nexrl_async.config.training import AlgorithmConfig, KLConfig, TISConfig
 from nexrl_async.core.records import TrainBatch, Trajectory
 from nexrl_async.train.microbatch import plan_micro_batches
+from nexrl_async.train.packing import plan_costs
 from nexrl_async.train.tensors import sequences_from_batch
 from nexrl_async.train.trainer import Trainer
 
@@ -104,7 +105,8 @@ def test_the_policy_runs_one_forward_per_micro_batch_when_the_pre_pass_is_skippe
     assert trainer._skip_policy_pre_pass is skips
     seq = sequences_from_batch(batch, pad_token_id=trainer.pad_token_id)
     budget = trainer.config.micro_batch_tokens
-    pre_pass = len(plan_micro_batches(seq.lengths, range(seq.size), budget))
+    costs = plan_costs(trainer.model)  # the trainer's layout: packed or padded, by cost
+    pre_pass = len(plan_micro_batches(seq.lengths, range(seq.size), budget, costs=costs))
     assert pre_pass >= 2
     calls: list[int] = []
     ref_calls: list[int] = []

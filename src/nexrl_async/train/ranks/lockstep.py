@@ -24,6 +24,8 @@ from transformers import PreTrainedModel
 
 from nexrl_async.train.logprobs import batch_logprobs, forward_logprobs, model_device
 from nexrl_async.train.microbatch import MicroBatch, micro_batches, plan_micro_batches
+from nexrl_async.train.packing import plan_costs
+from nexrl_async.train.packing_plan import PlanCosts
 from nexrl_async.train.ranks.collectives import all_reduce_sum, max_over_ranks
 from nexrl_async.train.ranks.sharding import reshard
 from nexrl_async.train.ranks.topology import split_rows
@@ -48,14 +50,17 @@ def lockstep_micro_batches(
     device: torch.device,
     packing: bool,
     world_size: int,
+    costs: PlanCosts | None = None,
 ) -> Iterator[tuple[MicroBatch, bool]]:
     """``(micro-batch, real)`` pairs: this rank's micro-batches of ``rows``, as many as the
     busiest rank's (split further where rows allow), then fillers (``real = False``).
 
-    Every rank must call this at the same point (one all-reduce when ``world_size > 1``).
+    ``packing`` and ``costs`` choose the layout (:func:`~nexrl_async.train.microbatch.plan_layout`;
+    ranks may choose differently, only their counts must agree). Every rank must call this
+    at the same point (one all-reduce when ``world_size > 1``).
     """
-    own = len(plan_micro_batches(seq.lengths, rows, token_budget, packing=packing)) if rows else 0
-    count = max_over_ranks(own) if world_size > 1 else own
+    # at world size 1 no other rank's count needs matching: no plan to count
+    count = _busiest_count(seq, rows, token_budget, packing, costs) if world_size > 1 else 0
     made = 0
     if rows:
         planned = micro_batches(
@@ -64,6 +69,7 @@ def lockstep_micro_batches(
             token_budget=token_budget,
             device=device,
             packing=packing,
+            costs=costs,
             min_count=max(count, 1),
         )
         for mb in planned:
@@ -73,6 +79,20 @@ def lockstep_micro_batches(
         filler = filler_micro_batch(seq, device=device, packing=packing)
         for _ in range(count - made):
             yield filler, False
+
+
+def _busiest_count(
+    seq: SequenceBatch,
+    rows: Sequence[int],
+    token_budget: int,
+    packing: bool,
+    costs: PlanCosts | None,
+) -> int:
+    """The most micro-batches any rank plans for its rows (an all-reduce)."""
+    own = 0
+    if rows:
+        own = len(plan_micro_batches(seq.lengths, rows, token_budget, packing=packing, costs=costs))
+    return max_over_ranks(own)
 
 
 def filler_micro_batch(seq: SequenceBatch, *, device: torch.device, packing: bool) -> MicroBatch:
@@ -97,10 +117,12 @@ def rank_logprobs(
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs ``[B, T]`` (and entropies) of every row, each rank computing its share.
 
+    ``packing`` packs where it pays for ``model`` (:func:`~nexrl_async.train.packing.plan_costs`).
     The ranks' rows are disjoint and the rest of each rank's result is 0, so a sum over ranks
     assembles the whole batch exactly; every rank gets it (float32, CPU). Eval mode, no grad.
     At world size 1 this is :func:`~nexrl_async.train.logprobs.batch_logprobs`.
     """
+    costs = plan_costs(model) if packing else None
     if world_size == 1:
         return batch_logprobs(
             model,
@@ -109,6 +131,7 @@ def rank_logprobs(
             temperature=temperature,
             with_entropy=with_entropy,
             packing=packing,
+            costs=costs,
         )
     device = model_device(model)
     logprobs = torch.zeros(seq.input_ids.shape, dtype=torch.float32)
@@ -124,6 +147,7 @@ def rank_logprobs(
             device=device,
             packing=packing,
             world_size=world_size,
+            costs=costs,
         )
         for mb, real in planned:
             lp, ent = forward_logprobs(
