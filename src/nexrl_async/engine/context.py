@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 from pathlib import Path
 
 import msgspec
 
+from nexrl_async.config.inference import AttachInference, InferenceConfig, NoInference
 from nexrl_async.config.loader import LoadedRecipe, dump_recipe
 from nexrl_async.config.schema import RecipeConfig
 from nexrl_async.obs import (
@@ -45,6 +47,15 @@ class RunContext(msgspec.Struct, kw_only=True, dict=True):
     def close(self) -> None:
         self.metrics.close()
         self.ledger.close()
+
+
+def launch_key(inference: InferenceConfig) -> InferenceConfig:
+    """``inference`` with a random ``api_key`` where the engine launches the servers and the
+    recipe set none: no other local process can then pause them or swap their weights.
+    Attached servers keep the configured key (or none)."""
+    if isinstance(inference, AttachInference | NoInference) or inference.api_key is not None:
+        return inference
+    return msgspec.structs.replace(inference, api_key=secrets.token_urlsafe(32))
 
 
 def output_dir(recipe: LoadedRecipe, output: Path | None) -> Path:
@@ -81,8 +92,10 @@ def open_run(
     config_hash = hashlib.sha256(text.encode()).hexdigest()[:16]
     origin = None if resumed_from is None else str(resumed_from)
     ledger.emit(RunStarted(config_hash=config_hash, resumed_from=origin))
+    # after the recipe is written and hashed: the key is never on disk
+    keyed = msgspec.structs.replace(cfg, inference=launch_key(cfg.inference))
     return RunContext(
-        recipe=recipe,
+        recipe=msgspec.structs.replace(recipe, config=keyed),
         run_dir=run_dir,
         ledger=ledger,
         metrics=MetricsHub(sinks),
