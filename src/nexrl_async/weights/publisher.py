@@ -9,10 +9,12 @@ One publication of version ``v`` is a state machine; every step runs under
              interrupt: stop routing, pause_generation(abort) (partials come back to workers)
              in_place: stop routing, pause_generation(in_place) (running requests frozen
              between two decode steps, nothing waited for)
+             (pauses go only to servers with requests of this engine running: routing is
+             held, so an idle server stays idle, and pausing it would cost two calls)
     transfer the transport moves the weights into every server, labelled ``v``
     verify   every server reports weight_version == v
     flush    every server's prefix cache flushed (not in_place: requests still hold KV)
-    continue interrupt, in_place: continue_generation; routing resumes (always, in a finally)
+    continue the paused servers: continue_generation; routing resumes (always, in a finally)
 
 The transport is the seam (:class:`Transport`): :class:`~nexrl_async.weights.disk.DiskTransport`
 (``/update_weights_from_disk``) or
@@ -44,6 +46,7 @@ from msgspec import Struct
 from nexrl_async.config.inference import InferenceConfig, WeightsConfig
 from nexrl_async.core.errors import WeightSyncError
 from nexrl_async.inference.client.control import ServerControl
+from nexrl_async.inference.client.structs import PauseMode
 from nexrl_async.inference.fleet.router import ServerHandle
 from nexrl_async.weights.disk import DiskTransport, Exporter
 from nexrl_async.weights.steps import Targets, best_effort, each_server, run_step
@@ -203,10 +206,12 @@ class Publisher:
     async def _held(self, version: int, targets: Targets) -> tuple[int, float, float]:
         """hold → transfer → verify → flush → continue; routing resumes whatever happens.
         Returns the bytes, the hold's and the transfer's seconds."""
+        hold_start = time.perf_counter()
+        self.fleet.pause_routing()
+        paused = targets.subset(self._busy(targets)) if self.inflight != "drain" else None
         resumed = False
         try:
-            hold_start = time.perf_counter()
-            await self._hold(targets)
+            await self._hold(targets, paused)
             transfer_start = time.perf_counter()
             hold_s = transfer_start - hold_start
             nbytes = await self.transport.transfer(version, targets)
@@ -215,15 +220,15 @@ class Publisher:
             await self._each(targets, "verify", lambda c: _verify(c, version, deadline))
             if self.inflight != "in_place":  # in place: requests (and their KV) stay
                 await self._each(targets, "flush", lambda c: _flush(c, deadline))
-            if self.inflight != "drain":
+            if paused is not None:
                 await self._each(
-                    targets, "continue", lambda c: c.continue_generation(timeout_s=deadline)
+                    paused, "continue", lambda c: c.continue_generation(timeout_s=deadline)
                 )
             resumed = True
         finally:
-            if not resumed and self.inflight != "drain":
+            if not resumed and paused is not None:
                 await best_effort(
-                    targets.live(),
+                    paused.live(),
                     "continue",
                     lambda c: c.continue_generation(timeout_s=CLEANUP_S),
                     timeout_s=CLEANUP_S,
@@ -236,22 +241,25 @@ class Publisher:
     ) -> None:
         await each_server(self.cfg, targets, step, call)
 
-    async def _hold(self, targets: Targets) -> None:
-        """Routing held; ``interrupt`` aborts running requests and ``drain`` waits for them;
-        ``in_place`` freezes every server between two decode steps and waits for nothing."""
-        self.fleet.pause_routing()
+    def _busy(self, targets: Targets) -> list[str]:
+        """Servers with requests of this engine running (a server the fleet does not know
+        counts as busy). Routing is held, so an idle server stays idle until it resumes."""
+        handles = self._handles
+        return [u for u in targets.live() if u not in handles or handles[u].active > 0]
+
+    async def _hold(self, targets: Targets, paused: Targets | None) -> None:
+        """``drain`` waits for running requests; ``interrupt`` aborts them first; ``in_place``
+        freezes them between two decode steps and waits for nothing. Only ``paused`` (the busy
+        servers) are paused: pausing an idle server changes nothing and costs two calls."""
         deadline = self.cfg.step_timeout_s
-        if self.inflight == "in_place":
+        if paused is not None:
+            mode: PauseMode = "in_place" if self.inflight == "in_place" else "abort"
             await self._each(
-                targets, "pause", lambda c: c.pause_generation("in_place", timeout_s=deadline)
+                paused, "pause", lambda c: c.pause_generation(mode, timeout_s=deadline)
             )
-            return
-        if self.inflight == "interrupt":
-            await self._each(
-                targets, "pause", lambda c: c.pause_generation("abort", timeout_s=deadline)
-            )
-        with anyio.fail_after(deadline):
-            await self.fleet.wait_drained()
+        if self.inflight != "in_place":
+            with anyio.fail_after(deadline):
+                await self.fleet.wait_drained()
 
 
 def _log(stats: PublishStats, transport: str, inflight: str, targets: Targets) -> None:

@@ -47,7 +47,9 @@ from nexrl_async.core.errors import WeightSyncError
 LoadFormat = Literal["flattened_bucket"] | None
 FLATTENED: LoadFormat = "flattened_bucket"
 POLL_S = 0.002
-"""How often a pending broadcast checks for ``abort()``."""
+"""How often a pending broadcast checks for ``abort()`` (at most; it starts at ``FIRST_POLL_S``
+and doubles, so a small bucket is not held back by a whole poll)."""
+FIRST_POLL_S = 2e-5
 
 
 @dataclass
@@ -210,14 +212,16 @@ class WeightSender:
         deadline = time.monotonic() + self.timeout_s
         try:
             work = group.broadcast([tensor], options)
+            poll_s = FIRST_POLL_S
             while not work.is_completed():
-                if self._aborted.wait(POLL_S):
+                if self._aborted.wait(poll_s):
                     raise WeightSyncError("weight broadcast aborted")
                 if time.monotonic() > deadline:
                     self._aborted.set()
                     raise WeightSyncError(
                         f"weight broadcast not received by every server within {self.timeout_s:g} s"
                     )
+                poll_s = min(2 * poll_s, POLL_S)
             work.wait()
         except RuntimeError as err:
             self._aborted.set()

@@ -12,7 +12,7 @@ where and what.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -70,6 +70,18 @@ class Targets:
             if url not in self.dropped and not self._is_up(url):
                 self.drop(url)
         return {u: c for u, c in self.clients.items() if u not in self.dropped}
+
+    def subset(self, urls: Iterable[str]) -> Targets:
+        """The same publication over ``urls`` only (drops are shared both ways)."""
+        keep = set(urls)
+        sub = Targets(
+            {u: c for u, c in self.clients.items() if u in keep},
+            self._is_up,
+            window_s=self.window_s,
+            in_place=self.in_place,
+        )
+        sub.dropped = self.dropped
+        return sub
 
     def drop(self, url: str) -> None:
         if url not in self.dropped:

@@ -28,6 +28,12 @@ class Routing:
     def handle(self, url: str) -> ServerHandle:
         return next(s for s in self.servers if s.url == url)
 
+    def busy(self, *urls: str) -> None:
+        """Requests of the engine run on ``urls`` (every server when none is named)."""
+        for server in self.servers:
+            if not urls or server.url in urls:
+                server.active = 1
+
     def pause_routing(self) -> None:
         self.events.append("pause")
 

@@ -74,10 +74,29 @@ async def test_interrupt_mode_pauses_and_continues_every_server(
     clients: dict[str, SGLangClient],
 ) -> None:
     publisher, _ = disk(tmp_path, routing, clients, inflight="interrupt")
+    routing.busy()
     await publisher.publish(1)
     for sim in sims.values():
         assert list(sim.engine.stats.pauses) == ["abort"]
         assert sim.engine.stats.continues == 1
+
+
+@pytest.mark.parametrize("inflight", ["interrupt", "in_place"])
+async def test_only_servers_with_requests_running_are_paused(
+    tmp_path: Path,
+    routing: Routing,
+    sims: dict[str, SimulatedServer],
+    clients: dict[str, SGLangClient],
+    inflight: str,
+) -> None:
+    publisher, _ = disk(tmp_path, routing, clients, inflight=inflight)
+    routing.busy("http://sim1")
+    await publisher.publish(1)
+    assert not sims["http://sim0"].engine.stats.pauses  # idle: no pause, no continue
+    assert sims["http://sim0"].engine.stats.continues == 0
+    assert len(sims["http://sim1"].engine.stats.pauses) == 1
+    assert sims["http://sim1"].engine.stats.continues == 1
+    assert all(sim.engine.weight_version == "1" for sim in sims.values())
 
 
 async def test_a_failing_server_fails_the_publication_by_name_and_generation_resumes(
@@ -87,6 +106,7 @@ async def test_a_failing_server_fails_the_publication_by_name_and_generation_res
     clients: dict[str, SGLangClient],
 ) -> None:
     publisher, _ = disk(tmp_path, routing, clients, inflight="interrupt")
+    routing.busy()
     sims["http://sim1"].engine.faults.weight_update_failures = 2  # both attempts fail
     with pytest.raises(WeightSyncError, match=r"weights transfer failed on http://sim1 after 2"):
         await publisher.publish(1)
@@ -173,6 +193,7 @@ async def test_in_place_mode_freezes_swaps_and_continues_without_drain_or_flush(
     clients: dict[str, SGLangClient],
 ) -> None:
     publisher, _ = disk(tmp_path, routing, clients, inflight="in_place")
+    routing.busy()
     await publisher.publish(1)
     assert routing.events == ["pause", "resume"]  # routing held, nothing waited for
     for sim in sims.values():

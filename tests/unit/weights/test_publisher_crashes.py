@@ -89,6 +89,7 @@ async def test_a_server_dying_mid_transfer_is_dropped_not_fatal(
     clients: dict[str, SGLangClient],
 ) -> None:
     publisher = disk(tmp_path, routing, clients, inflight="interrupt")
+    routing.busy()
     victim = routing.handle(URL1)
 
     def die() -> None:

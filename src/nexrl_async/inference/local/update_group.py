@@ -36,7 +36,9 @@ from torch._C._distributed_c10d import PrefixStore, Store, TCPStore, Work
 from nexrl_async.core.errors import WeightSyncError
 
 POLL_S = 0.002
-"""How often a pending receive checks for cancellation."""
+"""How often a pending receive checks for cancellation (at most; it starts at ``FIRST_POLL_S``
+and doubles, so a small bucket is not held back by a whole poll)."""
+FIRST_POLL_S = 2e-5
 
 FLATTENED = "flattened_bucket"
 
@@ -161,12 +163,14 @@ class UpdateGroup:
         deadline = time.monotonic() + self.timeout_s
         try:
             work = self._backend.broadcast([tensor], options)
+            poll_s = FIRST_POLL_S
             while not work.is_completed():
-                if self._left.wait(POLL_S):
+                if self._left.wait(poll_s):
                     raise WeightSyncError(f"process group {self.name} was destroyed mid-transfer")
                 if time.monotonic() > deadline:
                     self._left.set()  # the backend still holds the operation: never reuse it
                     raise WeightSyncError(f"no broadcast from rank 0 within {self.timeout_s:g} s")
+                poll_s = min(2 * poll_s, POLL_S)
             work.wait()
         except RuntimeError as err:
             self._left.set()
