@@ -83,7 +83,7 @@ def run(
     loaded = load_recipe(recipe, set_ or [])
     reason = run_recipe(loaded, output=output, resume=resume)
     if reason.startswith("interrupted"):
-        raise SystemExit(130)
+        raise SystemExit(143 if "SIGTERM" in reason else 130)  # 128 + the signal's number
 
 
 @app.command()

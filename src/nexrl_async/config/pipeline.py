@@ -6,7 +6,7 @@ from typing import Literal
 
 from msgspec import Struct
 
-from nexrl_async.config.types import NonNegInt, PosInt
+from nexrl_async.config.types import NonNegInt, PosInt, Probability
 
 
 class PoolConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -41,3 +41,20 @@ class StalenessConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
         if self.max_staleness is not None:
             return self.max_staleness
         return 0 if self.mode == "sync" else 1
+
+
+class FaultsConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """When failing samples stop the run instead of quietly training on nothing.
+
+    Over the last ``window_groups`` groups that finished (trained, filtered or failed; a group
+    fails when one of its samples does): a WARNING with the failures counted by reason once
+    the failed share passes ``warn_failed_fraction``, and the run stops (exit 1, the top reasons
+    in the message) once a full window's failed share reaches ``stop_failed_fraction``.
+    """
+
+    window_groups: PosInt = 64
+    """Finished groups the failure share is measured over."""
+    warn_failed_fraction: Probability = 0.25
+    """Warn (once per crossing) when this share of the window failed."""
+    stop_failed_fraction: Probability = 0.95
+    """Stop the run when this share of a full window failed (1.0: only when all did)."""

@@ -13,7 +13,7 @@ from msgspec import Struct
 from nexrl_async.config.data import DataConfig
 from nexrl_async.config.inference import InferenceConfig, LocalInference, WeightsConfig
 from nexrl_async.config.model import ModelConfig, TokenizerConfig
-from nexrl_async.config.pipeline import PoolConfig, StalenessConfig
+from nexrl_async.config.pipeline import FaultsConfig, PoolConfig, StalenessConfig
 from nexrl_async.config.rollout import RolloutConfig
 from nexrl_async.config.training import (
     AlgorithmConfig,
@@ -105,6 +105,8 @@ class RecipeConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     """Trajectory pool."""
     staleness: StalenessConfig = StalenessConfig()
     """Staleness control."""
+    faults: FaultsConfig = FaultsConfig()
+    """When failing samples stop the run (a failure-rate breaker)."""
     algorithm: AlgorithmConfig = AlgorithmConfig()
     """Learning rule."""
     optim: OptimConfig = OptimConfig()

@@ -152,6 +152,7 @@ class CheckpointConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     at_end: bool = True
     """Checkpoint when the run finishes."""
     on_sigterm: bool = True
-    """Checkpoint before exiting on SIGTERM."""
+    """On SIGTERM or the first Ctrl-C: finish the running step, checkpoint, then exit (a second
+    signal stops at once)."""
     export_hf: bool = True
     """Export the final model as an HF safetensors folder."""

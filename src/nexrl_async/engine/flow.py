@@ -36,9 +36,11 @@ import anyio
 import msgspec
 from anyio import CancelScope
 
+from nexrl_async.config.pipeline import FaultsConfig
 from nexrl_async.core.errors import CheckpointError
 from nexrl_async.core.protocols import DataSource
 from nexrl_async.core.records import DataItem, FailureReason, Group, TrainBatch, VersionToken
+from nexrl_async.engine.breaker import FailureBreaker
 from nexrl_async.obs.ledger import Admitted, Dropped, Failed, Pooled, RunLedger, Trained
 from nexrl_async.pipeline.pool import (
     GroupDropped,
@@ -81,6 +83,7 @@ class Flow:
         data: DataSource,
         ledger: RunLedger,
         max_replays: int = 2,
+        breaker: FailureBreaker | None = None,
     ) -> None:
         self.gate = gate
         self.pool = pool
@@ -95,6 +98,7 @@ class Flow:
         self.gate_wait_s = 0.0
         self._changed = anyio.Condition()
         self._scopes: dict[int, CancelScope] = {}
+        self.breaker = breaker or FailureBreaker(FaultsConfig())
 
     async def admit(self) -> tuple[VersionToken, DataItem] | None:
         """A lease and its item, waiting at the gate; ``None`` once the data is exhausted."""
@@ -237,8 +241,11 @@ class Flow:
             self.counts[type(event).__name__] += 1
             if isinstance(event, GroupPooled):
                 self.ledger.emit(Pooled(group_id=event.group_id, head_version=event.head_version))
+                self.breaker.record(None)
             elif isinstance(event, GroupFailed | GroupDropped | GroupFiltered):
                 self._settle(event)
+                if not isinstance(event, GroupDropped):
+                    self.breaker.record(event.reasons if isinstance(event, GroupFailed) else None)
             elif isinstance(event, LeaseOverdue) and event.action == "drop":
                 self._abort(event.token)
 

@@ -30,6 +30,7 @@ from anyio import CancelScope
 from anyio.abc import TaskGroup
 from loguru import logger
 
+from nexrl_async.core.errors import RolloutError
 from nexrl_async.core.records import TrainBatch
 from nexrl_async.engine.context import RunContext
 from nexrl_async.engine.flow import Flow
@@ -107,8 +108,19 @@ async def run_engine(
 
 
 async def _wrap_up(parts: Parts, reason: str) -> None:
-    """The last checkpoint (graceful stop, or ``at_end``) and the final HF export."""
+    """The last checkpoint (graceful stop, or ``at_end``) and the final HF export.
+
+    Raises:
+        RolloutError: the data ran out before the first step (nothing trained, nothing
+            exported: an untrained model must not look like a result).
+    """
     step = parts.flow.gate.next_step
+    if reason == "data_exhausted" and step == 0:
+        flow = parts.flow
+        raise RolloutError(
+            f"the data ran out before the first training step: {flow.counts['GroupFailed']} "
+            f"groups failed ({flow.breaker.describe()}), {flow.abandoned} items abandoned"
+        )
     finished = reason in ("completed", "data_exhausted")
     if not finished or parts.cfg.checkpoint.at_end:
         await parts.checkpointer.save(step)

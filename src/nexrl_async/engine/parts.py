@@ -24,12 +24,17 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import msgspec
 
-from nexrl_async.config.inference import AttachInference, NoInference, SGLangInference
+from nexrl_async.config.inference import (
+    AttachInference,
+    NoInference,
+    SGLangInference,
+    resolve_weights,
+)
 from nexrl_async.config.model import PretrainedModel
 from nexrl_async.config.rollout import RolloutConfig
 from nexrl_async.config.schema import RecipeConfig
@@ -37,6 +42,7 @@ from nexrl_async.core.errors import ConfigError
 from nexrl_async.core.protocols import GroupWorker, PolicyTrainer
 from nexrl_async.core.records import DataItem, TrainBatch
 from nexrl_async.data import iterate_once, open_source
+from nexrl_async.engine.breaker import FailureBreaker
 from nexrl_async.engine.checkpointer import Checkpointer
 from nexrl_async.engine.context import RunContext
 from nexrl_async.engine.fleet_generator import FleetGenerator
@@ -51,8 +57,10 @@ from nexrl_async.engine.resume import (
 )
 from nexrl_async.engine.stats import CountingEvents, StepClock
 from nexrl_async.engine.validator import validation_rollout
+from nexrl_async.inference.client.backend import GenerationBackend
+from nexrl_async.inference.client.control import ServerControl
 from nexrl_async.inference.client.http import Http, open_http_pool
-from nexrl_async.inference.client.sglang import SGLangClient
+from nexrl_async.inference.fleet.backends import open_client
 from nexrl_async.inference.fleet.supervisor import Fleet, open_fleet
 from nexrl_async.obs.ledger import RunResumed
 from nexrl_async.pipeline.pool import TrajectoryPool
@@ -122,10 +130,7 @@ async def open_parts(
         flow = await _open_flow(ctx, resume)
         val_items = await anyio.to_thread.run_sync(_validation_items, ctx)
         async with open_http_pool() as http, _open_fleet(ctx, model_dir, http, resume) as fleet:
-            clients = {
-                url: SGLangClient.from_config(url, ctx.cfg.inference, http=http)
-                for url in fleet.urls
-            }
+            clients = {url: open_client(url, ctx.cfg.inference, http=http) for url in fleet.urls}
             publisher = await _open_publisher(
                 ctx, trainer, fleet, clients, model_dir=model_dir, limiter=limiter, resume=resume
             )
@@ -173,8 +178,9 @@ async def _open_flow(ctx: RunContext, resume: Resume | None) -> Flow:
         msgspec.structs.replace(cfg.pool, filter_zero_variance=zero_var), gate=gate
     )
     flow = Flow(
-        gate=gate, pool=pool, data=data, ledger=ctx.ledger, max_replays=cfg.data.max_replays
-    )
+        gate=gate, pool=pool, data=data, ledger=ctx.ledger, max_replays=cfg.data.max_replays,
+        breaker=FailureBreaker(cfg.faults),
+    )  # fmt: skip
     if resume is not None:
         restore_flow(flow, resume)
     return flow
@@ -201,7 +207,7 @@ async def _open_publisher(
     ctx: RunContext,
     trainer: PolicyTrainer,
     fleet: Fleet,
-    clients: Mapping[str, SGLangClient],
+    clients: Mapping[str, GenerationBackend],
     *,
     model_dir: Path,
     limiter: anyio.CapacityLimiter,
@@ -209,8 +215,12 @@ async def _open_publisher(
 ) -> Publisher:
     """The weight publisher, bound as the fleet's restart hook; on resume, at the checkpoint's
     version, with attached servers loaded with its weights."""
+    weights = resolve_weights(ctx.cfg.weights, ctx.cfg.inference)
     transport = _transport(ctx, trainer, clients, model_dir=model_dir, limiter=limiter)
-    publisher = Publisher(ctx.cfg.weights, fleet=fleet, clients=clients, transport=transport)
+    # The publisher calls only the control part every backend has (BackendControl); weights/
+    # still names SGLang's ServerControl for it.
+    control = cast(Mapping[str, ServerControl], clients)
+    publisher = Publisher(weights, fleet=fleet, clients=control, transport=transport)
     fleet.bind(on_restart=publisher.on_restart)
     if resume is not None:
         publisher.version = resume.version
@@ -224,20 +234,27 @@ async def _open_publisher(
 def _transport(
     ctx: RunContext,
     trainer: PolicyTrainer,
-    clients: Mapping[str, SGLangClient],
+    clients: Mapping[str, GenerationBackend],
     *,
     model_dir: Path,
     limiter: anyio.CapacityLimiter,
 ) -> Transport:
-    """The ``weights.transport`` the recipe asks for."""
+    """The ``weights.transport`` the recipe asks for (``auto`` resolved per backend)."""
     cfg = ctx.cfg
-    if cfg.weights.transport == "disk":
+    weights = resolve_weights(cfg.weights, cfg.inference)
+    if weights.transport == "disk":
         return DiskTransport(
-            cfg.weights, clients=clients, weights_dir=ctx.run_dir.weights_dir,
+            weights, clients=clients, weights_dir=ctx.run_dir.weights_dir,
             export=trainer.save_hf, initial_path=model_dir,
         )  # fmt: skip
+    sglang = {url: c for url, c in clients.items() if isinstance(c, ServerControl)}
+    if len(sglang) < len(clients):  # config.checks refuses this first
+        raise ConfigError(
+            'weights.transport = "distributed": only SGLang-API servers (local, sglang) take a '
+            'broadcast; use "disk"'
+        )
     return DistributedTransport(
-        cfg.weights, clients=clients, params=trainer.named_parameters_for_sync,
+        weights, clients=sglang, params=trainer.named_parameters_for_sync,
         sender_factory=WeightSender, limiter=limiter,
         backend="nccl" if isinstance(cfg.inference, SGLangInference) else "gloo",
     )  # fmt: skip
@@ -249,7 +266,7 @@ def _assemble(
     flow: Flow,
     fleet: Fleet,
     publisher: Publisher,
-    clients: Mapping[str, SGLangClient],
+    clients: Mapping[str, GenerationBackend],
     val_items: list[DataItem],
     limiter: anyio.CapacityLimiter,
 ) -> Parts:

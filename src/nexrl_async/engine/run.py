@@ -1,10 +1,11 @@
 """``nexrl-async run``: open the run folder, run the engine under signal handling, close it.
 
-SIGINT cancels the root task group: workers abort their requests, the fleet stops its servers
-(shielded, with a grace period), and the ledger and metrics are flushed and closed before the
-process exits. SIGTERM does the same after a checkpoint when ``checkpoint.on_sigterm`` is on:
-the running train step finishes, a checkpoint is written, then the run stops (a second signal
-cancels at once). ``run.max_wall_s`` stops the same graceful way. The run's end is recorded as
+SIGTERM and the first SIGINT (Ctrl-C) stop gracefully when ``checkpoint.on_sigterm`` is on:
+the running train step finishes, a checkpoint is written, then the run stops; a second signal
+cancels at once. Cancelling the root task group makes workers abort their requests and the
+fleet stop its servers (shielded, with a grace period); the ledger and metrics are flushed and
+closed before the process exits (``nexrl-async run`` exits 143 after SIGTERM, 130 after
+SIGINT). ``run.max_wall_s`` stops the same graceful way. The run's end is recorded as
 a ``run_finished`` event.
 
 ``resume`` (``--resume``): ``auto`` continues from the newest checkpoint of the run folder (or
@@ -113,7 +114,7 @@ async def _watch_signals(
             name = signal.Signals(signum).name
             reason = f"interrupted ({name})"
             outcome["reason"] = reason
-            graceful = signum == signal.SIGTERM and graceful_sigterm and stop.reason is None
+            graceful = graceful_sigterm and stop.reason is None
             if graceful and stop.request(reason):
                 logger.warning("{} received: stopping after a checkpoint", name)
                 continue

@@ -5,7 +5,7 @@ One run, three processes (process start-up dominates the cost, so the phases sha
 1. ``nexrl-async run`` with a checkpoint every step, killed with SIGKILL (the run and its
    server) right after its first checkpoint; a half-written ``step_000999.tmp`` is planted;
 2. ``--resume auto`` in a new process: it resumes from the real checkpoint, not the ``.tmp``;
-   SIGTERM after its first step: the step finishes, a checkpoint is written, exit code 130;
+   SIGTERM after its first step: the step finishes, a checkpoint is written, exit code 143;
 3. ``--resume auto`` again (in-process) to the end: ``at_end`` checkpoint, final HF export,
    ``keep_last``.
 
@@ -154,7 +154,7 @@ def test_kill_resume_sigterm_resume_to_the_end(tmp_path: Path, data_order: list[
     try:
         wait_for(second, ledger, Trained, after=done, timeout_s=90)
         second.send_signal(signal.SIGTERM)
-        assert second.wait(timeout=60) == 130
+        assert second.wait(timeout=60) == 143  # 128 + SIGTERM
     finally:
         second.kill()
         second.wait()

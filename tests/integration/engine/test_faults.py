@@ -1,0 +1,48 @@
+"""Runs that cannot train stop with a clear reason and a non-zero exit, and export nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+RECIPE = Path(__file__).parents[3] / "recipes" / "reverse_digits" / "recipe.toml"
+FAULTS = Path(__file__).parent / "faults"
+QUICK = [
+    "logging.progress=false", "validation.before_training=false", "validation.at_end=false",
+    "rollout.workers=4", "rollout.group_size=4", "pool.batch_groups=4",
+]  # fmt: skip
+
+
+def run(tmp_path: Path, *overrides: str, recipe: Path = RECIPE) -> tuple[int, str, float]:
+    argv = [sys.executable, "-m", "nexrl_async", "run", str(recipe), "--output", str(tmp_path)]
+    for override in (*QUICK, *overrides):
+        argv += ["--set", override]
+    started = time.monotonic()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=200, check=False)
+    return done.returncode, done.stderr, time.monotonic() - started
+
+
+def test_an_evaluator_that_always_raises_stops_the_run(tmp_path: Path) -> None:
+    recipe = tmp_path / "broken.toml"
+    recipe.write_text(
+        f'extends = "{RECIPE}"\n[rollout]\nevaluator = "{FAULTS / "always_fails.py"}:Broken"\n'
+    )
+    code, err, elapsed = run(tmp_path / "run", "faults.window_groups=16", recipe=recipe)
+    assert code == 1, err
+    assert "rollouts keep failing" in err
+    assert "evaluator_error" in err
+    assert elapsed < 120
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_data_that_runs_out_before_the_first_step_is_an_error(tmp_path: Path) -> None:
+    code, err, _ = run(tmp_path / "run", "data.kwargs.count=2")
+    assert code == 1, err
+    assert "the data ran out before the first training step" in err
+    assert not (tmp_path / "run" / "final").exists()

@@ -1,0 +1,42 @@
+"""The failure-rate breaker warns, then stops a run whose groups keep failing."""
+
+from __future__ import annotations
+
+import pytest
+from loguru import logger
+
+from nexrl_async.config.pipeline import FaultsConfig
+from nexrl_async.core.errors import RolloutError
+from nexrl_async.engine.breaker import FailureBreaker
+
+
+def test_a_full_window_of_failures_stops_the_run_naming_the_reasons() -> None:
+    breaker = FailureBreaker(FaultsConfig(window_groups=4))
+    for _ in range(3):
+        breaker.record(["evaluator_error"])  # the window is not full yet
+    with pytest.raises(RolloutError, match=r"4 of the last 4 groups failed \(evaluator_error: 4"):
+        breaker.record(["evaluator_error", "timeout"])
+
+
+def test_a_successful_group_keeps_the_share_below_the_stop() -> None:
+    breaker = FailureBreaker(FaultsConfig(window_groups=4, stop_failed_fraction=1.0))
+    for _ in range(10):
+        breaker.record(["timeout"])
+        breaker.record(["timeout"])
+        breaker.record(["timeout"])
+        breaker.record(None)
+
+
+def test_warns_once_per_crossing() -> None:
+    lines: list[str] = []
+    sink = logger.add(lines.append, level="WARNING", format="{message}")
+    try:
+        breaker = FailureBreaker(FaultsConfig(window_groups=4, warn_failed_fraction=0.25))
+        for outcome in (None, ["bad_item"], ["bad_item"], ["bad_item"], None, None, None, None):
+            breaker.record(outcome)
+        breaker.record(["timeout"])  # below again, then above: a second warning
+        breaker.record(["timeout"])
+    finally:
+        logger.remove(sink)
+    assert len(lines) == 2, lines
+    assert "bad_item" in lines[0]
