@@ -11,7 +11,8 @@ move the rows they need to the training device.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from array import array
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -55,10 +56,43 @@ class SequenceBatch:
         return int(self.input_ids.shape[1])
 
 
+@dataclass
+class _Flat:
+    """Every trajectory's tokens concatenated (no padding), in C arrays."""
+
+    ids: array[int] = field(default_factory=lambda: array("q"))
+    loss: array[float] = field(default_factory=lambda: array("d"))
+    logprobs: array[float] = field(default_factory=lambda: array("d"))
+    known: array[int] = field(default_factory=lambda: array("b"))
+    lengths: list[int] = field(default_factory=list)
+
+    def add(self, traj: Trajectory) -> None:
+        start = len(self.ids)
+        for turn in traj.turns:
+            n = len(turn.token_ids)
+            self.ids.extend(turn.token_ids)
+            self.loss.extend(turn.loss_mask)
+            self.logprobs.extend([0.0] * n if turn.logprobs is None else turn.logprobs)
+            self.known.extend([turn.logprobs is not None] * n)
+        self.lengths.append(len(self.ids) - start)
+
+    def spread(self, values: array[Any], dtype: torch.dtype, real: Tensor, fill: float) -> Tensor:
+        """``[B, T]`` of ``dtype``: ``values`` row after row where ``real``, else ``fill``."""
+        flat = torch.frombuffer(values, dtype=_BUFFER_DTYPES[values.typecode]).to(dtype)
+        out = torch.full(real.shape, fill, dtype=dtype)
+        out[real] = flat
+        return out
+
+
+_BUFFER_DTYPES = {"q": torch.int64, "d": torch.float64, "b": torch.int8}
+
+
 def sequences_from_batch(batch: TrainBatch, *, pad_token_id: int) -> SequenceBatch:
     """Concatenate each trajectory's turns into one row; see the module docstring.
 
-    Rows are assembled as Python lists and become each ``[B, T]`` tensor in one call.
+    The tokens of all rows are gathered in flat C arrays, then spread into each ``[B, T]``
+    tensor at once (a Python loop per token would cost more than the training forward on
+    short rows).
 
     Raises:
         TrainError: the batch is empty, or holds a FAILED or token-less trajectory.
@@ -66,28 +100,25 @@ def sequences_from_batch(batch: TrainBatch, *, pad_token_id: int) -> SequenceBat
     trajectories = batch.trajectories
     if not trajectories:
         raise TrainError(f"step {batch.step}: the batch holds no trajectories")
-    rows = [_row(traj, batch.step) for traj in trajectories]
-    lengths = [len(row[0]) for row in rows]
-    width = max(lengths)
-
-    def padded(column: int, fill: float | bool) -> list[list[Any]]:
-        return [row[column] + [fill] * (width - n) for row, n in zip(rows, lengths, strict=True)]
-
-    input_ids = torch.tensor(padded(0, pad_token_id), dtype=torch.int64)
-    attention_mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
-    loss_mask = torch.tensor(padded(1, 0.0), dtype=torch.float32).clamp_(0, 1)
+    flat = _Flat()
+    for traj in trajectories:
+        _check(traj, batch.step)
+        flat.add(traj)
+    lengths = torch.tensor(flat.lengths, dtype=torch.int64)
+    real = torch.arange(int(lengths.max()))[None, :] < lengths[:, None]
+    loss_mask = flat.spread(flat.loss, torch.float32, real, 0.0).clamp_(0, 1)
     loss_mask[:, 0] = 0.0
-    rollout_logprobs = torch.tensor(padded(2, 0.0), dtype=torch.float32)
-    rollout_mask = torch.tensor(padded(3, False), dtype=torch.bool)
+    rollout_logprobs = flat.spread(flat.logprobs, torch.float32, real, 0.0)
+    rollout_mask = flat.spread(flat.known, torch.int8, real, 0) != 0
     rollout_mask &= (loss_mask != 0) & torch.isfinite(rollout_logprobs)
     groups: dict[str, int] = {}
     return SequenceBatch(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
+        input_ids=flat.spread(flat.ids, torch.int64, real, pad_token_id),
+        attention_mask=real.long(),
         loss_mask=loss_mask,
         rollout_logprobs=torch.where(rollout_mask, rollout_logprobs, 0.0),
         rollout_mask=rollout_mask,
-        lengths=torch.tensor(lengths, dtype=torch.int64),
+        lengths=lengths,
         rewards=torch.tensor([t.reward for t in trajectories], dtype=torch.float32),
         group_index=torch.tensor(
             [groups.setdefault(t.group_id, len(groups)) for t in trajectories], dtype=torch.int64
@@ -98,30 +129,13 @@ def sequences_from_batch(batch: TrainBatch, *, pad_token_id: int) -> SequenceBat
     )
 
 
-def _row(traj: Trajectory, step: int) -> tuple[list[int], list[int], list[float], list[bool]]:
-    """A trajectory's token ids, loss mask, server log-probs (0.0 where none) and whether the
-    server reported them, over all its turns."""
-    _check(traj, step)
-    ids: list[int] = []
-    mask: list[int] = []
-    logprobs: list[float] = []
-    known: list[bool] = []
-    for turn in traj.turns:
-        n = len(turn.token_ids)
-        ids += turn.token_ids
-        mask += turn.loss_mask
-        logprobs += [0.0] * n if turn.logprobs is None else turn.logprobs
-        known += [turn.logprobs is not None] * n
-    return ids, mask, logprobs, known
-
-
 def _check(traj: Trajectory, step: int) -> None:
     if not traj.ok:
         raise TrainError(
             f"step {step}: trajectory {traj.group_id}/{traj.sample_index} is FAILED "
             f"({traj.failure}); the pool must filter failed samples"
         )
-    if traj.num_tokens == 0:
+    if not any(turn.token_ids for turn in traj.turns):
         raise TrainError(f"step {step}: trajectory {traj.group_id}/{traj.sample_index} is empty")
 
 

@@ -4,14 +4,18 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nexrl_async.core.errors import TrainError
 from nexrl_async.core.records import (
     FailureReason,
+    Group,
     Status,
     TrainBatch,
     Trajectory,
     Turn,
+    VersionToken,
 )
 from nexrl_async.train.tensors import sequences_from_batch
 
@@ -102,3 +106,60 @@ def test_non_finite_server_logprob_counts_as_missing(
     seq = sequences_from_batch(make_batch([t]), pad_token_id=PAD)
     assert seq.rollout_mask.tolist() == [[False, False, True]]
     assert seq.rollout_logprobs.tolist() == [[0.0, 0.0, -1.0]]
+
+
+_turn = st.builds(
+    lambda role, ids, mask, lp: Turn(
+        role=role,
+        token_ids=ids,
+        loss_mask=[m % 3 for m in mask[: len(ids)]] + [0] * (len(ids) - len(mask)),
+        logprobs=None if lp is None else [(lp + i) % 5 - 4.5 for i in range(len(ids))],
+    ),
+    st.sampled_from(["user", "assistant", "tool"]),
+    st.lists(st.integers(min_value=1, max_value=50), max_size=6),
+    st.lists(st.integers(min_value=0, max_value=5), max_size=6),
+    st.none() | st.floats(min_value=0, max_value=4),
+)
+
+
+@given(rows=st.lists(st.lists(_turn, min_size=1, max_size=3), min_size=1, max_size=6))
+def test_tensors_match_a_token_by_token_reading_of_the_turns(rows: list[list[Turn]]) -> None:
+    rows = [turns for turns in rows if any(t.token_ids for t in turns)]
+    if not rows:
+        return
+    token = VersionToken(lease_id=0, version=0)
+    trajs = [
+        Trajectory(group_id=f"g{i % 2}", item_key="k", sample_index=i, token=token, turns=turns)
+        for i, turns in enumerate(rows)
+    ]
+    batch = TrainBatch(
+        step=0,
+        groups=[
+            Group(group_id=f"g{g}", item_key="k", token=token, trajectories=trajs[g::2])
+            for g in range(min(2, len(trajs)))
+        ],
+    )
+    seq = sequences_from_batch(batch, pad_token_id=0)
+    for b, traj in enumerate(batch.trajectories):
+        tokens = [
+            (tid, m, lp, turn.logprobs is not None)
+            for turn in traj.turns
+            for tid, m, lp in zip(
+                turn.token_ids, turn.loss_mask, turn.logprobs or [0.0] * len(turn.token_ids),
+                strict=True,
+            )
+        ]  # fmt: skip
+        assert int(seq.lengths[b]) == len(tokens)
+        for t in range(seq.width):
+            if t >= len(tokens):
+                assert (int(seq.input_ids[b, t]), int(seq.attention_mask[b, t])) == (0, 0)
+                assert float(seq.loss_mask[b, t]) == 0.0
+                assert not bool(seq.rollout_mask[b, t])
+                continue
+            tid, m, lp, known = tokens[t]
+            loss = 0.0 if t == 0 else float(min(m, 1))
+            assert (int(seq.input_ids[b, t]), int(seq.attention_mask[b, t])) == (tid, 1)
+            assert float(seq.loss_mask[b, t]) == loss
+            assert bool(seq.rollout_mask[b, t]) == (known and loss != 0)
+            expected = lp if known and loss != 0 else 0.0
+            assert float(seq.rollout_logprobs[b, t]) == pytest.approx(expected, abs=1e-6)
