@@ -59,6 +59,7 @@ import msgspec
 from loguru import logger
 
 from nexrl_async.config.inference import InferenceConfig, LocalInference, SGLangInference
+from nexrl_async.config.schema import RecipeConfig
 from nexrl_async.core.errors import CheckpointError, ConfigError
 from nexrl_async.core.protocols import PolicyTrainer
 from nexrl_async.engine.checkpointer import (
@@ -120,6 +121,44 @@ def abandon_newer(checkpoints_dir: Path, step: int) -> None:
             target = path.with_name(f"abandoned-{stamp}.{path.name}")
             path.rename(target)
             logger.warning("checkpoint {} is newer than the resumed one: moved to {}", path, target)
+
+
+RESUME_BOUND = (
+    "model",
+    "tokenizer",
+    "data",
+    "run.seed",
+    "rollout.group_size",
+    "pool.batch_groups",
+    "staleness",
+    "algorithm.mode",
+)
+"""Recipe fields a checkpoint's state depends on (weights, cursor, gate and pool); a resumed
+run must not change them. Everything else may change on resume (``run.total_steps``,
+``optim``, ``logging``, ``validation``, ``inference``, ...)."""
+
+
+def check_resumable(previous: RecipeConfig, current: RecipeConfig) -> None:
+    """Refuse a resume whose recipe changed a field in :data:`RESUME_BOUND`.
+
+    Raises:
+        ConfigError: naming every changed field (exit code 2).
+    """
+    changed = [path for path in RESUME_BOUND if _at(previous, path) != _at(current, path)]
+    if changed:
+        raise ConfigError(
+            f"--resume: the checkpoint's state depends on {', '.join(changed)}, which the recipe "
+            f"changed since the run started; resume with the original values (changes to any "
+            f"other field, e.g. run.total_steps, optim, logging or validation, are accepted)",
+            path=changed[0],
+        )
+
+
+def _at(cfg: RecipeConfig, path: str) -> object:
+    value: object = cfg
+    for name in path.split("."):
+        value = getattr(value, name)
+    return value
 
 
 def restore_trainer(trainer: PolicyTrainer, resume: Resume) -> None:

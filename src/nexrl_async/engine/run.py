@@ -22,13 +22,13 @@ import anyio
 from anyio import CancelScope
 from loguru import logger
 
-from nexrl_async.config.loader import LoadedRecipe
+from nexrl_async.config.loader import LoadedRecipe, load_recipe
 from nexrl_async.config.preflight import preflight
 from nexrl_async.core.errors import TrainError
 from nexrl_async.engine.context import RunContext, open_run, output_dir
 from nexrl_async.engine.loop import StopRequest, run_engine
 from nexrl_async.engine.parts import TrainerFactory
-from nexrl_async.engine.resume import Resume, abandon_newer, find_checkpoint
+from nexrl_async.engine.resume import Resume, abandon_newer, check_resumable, find_checkpoint
 from nexrl_async.obs.ledger import RunFinished, RunResumed, RunStarted, Trained, read_events
 from nexrl_async.obs.logs import setup_logging
 from nexrl_async.obs.rundir import RunDir
@@ -74,6 +74,9 @@ def _run_rank0(
     checkpoints = RunDir(output_dir(recipe, output)).checkpoints_dir
     found = find_checkpoint(checkpoints, resume) if resume is not None else None
     point = Resume.load(found) if found is not None else None
+    if point is not None:
+        config = RunDir(output_dir(recipe, output)).config_path
+        check_resumable(load_recipe(config).config, recipe.config)
     ctx = open_run(recipe, output, resume=resume is not None, resumed_from=found)
     if resume is not None and point is None:
         logger.info("--resume {}: no checkpoint in {}, starting fresh", resume, checkpoints)
