@@ -55,7 +55,8 @@ class RolloutConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     """System message prepended to every query."""
     prompt_field: str = "prompt"
     """Item field holding the prompt (a string or a list of chat messages)."""
-    sample_timeout_s: PosFloat = 600.0
-    """Wall-clock budget of one sample; past it the sample fails as ``timeout``."""
+    sample_timeout_s: PosFloat = 60.0
+    """Wall-clock budget of one sample (all its turns, tools and scoring); past it the sample
+    fails as ``timeout`` (a stuck sync evaluator is abandoned: the process still exits)."""
     sampling: SamplingConfig = SamplingConfig()
     """Sampling parameters."""

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 import signal
+import threading
+import time
 from pathlib import Path
 
 import anyio
@@ -25,6 +27,7 @@ from loguru import logger
 from nexrl_async.config.loader import LoadedRecipe, load_recipe
 from nexrl_async.config.preflight import preflight
 from nexrl_async.core.errors import TrainError
+from nexrl_async.core.process import mark_unsafe_teardown
 from nexrl_async.engine.context import RunContext, open_run, output_dir
 from nexrl_async.engine.loop import StopRequest, run_engine
 from nexrl_async.engine.parts import TrainerFactory
@@ -35,6 +38,9 @@ from nexrl_async.obs.rundir import RunDir
 from nexrl_async.train.ranks.follower import run_follower
 from nexrl_async.train.ranks.handle import make_trainer
 from nexrl_async.train.ranks.topology import Topology, open_process_groups
+
+ANYIO_WORKER = "AnyIO worker thread"
+"""The name anyio gives the threads of ``anyio.to_thread.run_sync``."""
 
 
 def run_recipe(
@@ -88,6 +94,7 @@ def _run_rank0(
     finally:
         ctx.ledger.emit(RunFinished(reason=outcome["reason"], step=_steps_done(ctx)))
         ctx.close()
+        _let_go_of_stuck_user_code()
     logger.info("run {} ({}) in {}", outcome["reason"], _steps_done(ctx), ctx.run_dir.root)
     return outcome["reason"]
 
@@ -150,3 +157,23 @@ def _steps_done(ctx: RunContext) -> int:
         elif isinstance(event, Trained):
             steps = max(steps, event.step + 1)
     return steps
+
+
+def _let_go_of_stuck_user_code(grace_s: float = 1.0) -> None:
+    """User code that outlived its timeout (a sync evaluator stuck in a worker thread) must not
+    keep the process alive: interpreter shutdown would join those threads forever. Warn, and
+    make the process end with ``os._exit`` (``core.process.exit_process``)."""
+    deadline = time.monotonic() + grace_s
+    stuck = []
+    for thread in threading.enumerate():
+        if thread.name == ANYIO_WORKER and thread is not threading.current_thread():
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                stuck.append(thread)
+    if stuck:
+        logger.warning(
+            "{} worker thread(s) still run user code that timed out; the process will not wait "
+            "for them",
+            len(stuck),
+        )
+        mark_unsafe_teardown("user code stuck in worker threads")

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from nexrl_async.core.records import FailureReason
+from nexrl_async.obs.ledger import RunFinished, Scored, Trained, read_events
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 RECIPE = Path(__file__).parents[3] / "recipes" / "reverse_digits" / "recipe.toml"
@@ -46,3 +49,23 @@ def test_data_that_runs_out_before_the_first_step_is_an_error(tmp_path: Path) ->
     assert code == 1, err
     assert "the data ran out before the first training step" in err
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_a_stuck_sync_evaluator_neither_stalls_the_run_nor_keeps_the_process_alive(
+    tmp_path: Path,
+) -> None:
+    recipe = tmp_path / "hangs.toml"
+    recipe.write_text(
+        f'extends = "{RECIPE}"\n[rollout]\nevaluator = "{FAULTS / "hangs.py"}:HangsSometimes"\n'
+    )
+    out = tmp_path / "run"
+    code, err, _ = run(out, "run.total_steps=3", "rollout.sample_timeout_s=2", recipe=recipe)
+    ended = time.time()
+    assert code == 0, err
+    events = read_events(out / "events.jsonl")
+    assert len([e for e in events if isinstance(e, Trained)]) == 3
+    timeouts = [e for e in events if isinstance(e, Scored) and e.failure == FailureReason.TIMEOUT]
+    assert timeouts, "some items should have hung"
+    finished = events[-1]
+    assert isinstance(finished, RunFinished)
+    assert ended - finished.time < 10, "the process outlived the run by more than 10 s"
