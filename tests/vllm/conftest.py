@@ -1,23 +1,31 @@
 """A real vLLM (CPU) server on a tiny model saved here; skipped without ``NEXRL_VLLM_PYTHON``.
 
 ``nox -s vllm`` builds the cached vLLM venv (``nox -s vllm_env``) and points
-``NEXRL_VLLM_PYTHON`` at its interpreter. Everything here speaks raw HTTP (docs/vllm.md).
+``NEXRL_VLLM_PYTHON`` at its interpreter. The server is launched once for the session by the
+engine's own fleet (``inference.backend = "vllm"``, ``fleet.launch.vllm_command``); the
+protocol tests speak raw HTTP to it (docs/vllm.md), the RL tests go through ``VLLMClient``,
+the publisher and the fleet.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import socket
 import subprocess
-import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import httpx
 import pytest
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+from nexrl_async.config.inference import VLLMInference
+from nexrl_async.inference.client.http import Http, open_http_pool
+from nexrl_async.inference.client.vllm import VLLMClient
+from nexrl_async.inference.fleet.router import ServerHandle
+from nexrl_async.inference.fleet.supervisor import Fleet, open_fleet
+from nexrl_async.weights import Publisher
 
 HERE = Path(__file__).parent
 STARTUP_DEADLINE_S = 420.0
@@ -59,25 +67,49 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 class VLLMServer:
     url: str
     model_dir: Path
-    process: subprocess.Popen[bytes]
-    log: Path
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+@dataclass
+class LiveFleet:
+    """A fleet of one vLLM server launched by ``open_fleet`` (backend ``vllm``), run by an
+    event loop in a portal thread: call its coroutines with ``portal.call``. ``publisher``,
+    once a test sets it, is the fleet's restart hook."""
+
+    portal: BlockingPortal
+    fleet: Fleet
+    client: VLLMClient
+    http: Http
+    cfg: VLLMInference
+    model_dir: Path
+    root: Path
+    publisher: Publisher | None = None
+
+    @property
+    def url(self) -> str:
+        return self.fleet.urls[0]
+
+    async def on_restart(self, server: ServerHandle) -> None:
+        if self.publisher is not None:
+            await self.publisher.on_restart(server)
+
+
+def tiny_tokenizer() -> Any:
+    """The 43-token char tokenizer (``<pad>``, ``<bos>``, ``<eos>``, ``<sep>``, ``0-9+=a-z ``)."""
+    from nexrl_async.config.model import CharTokenizer
+    from nexrl_async.train.build import build_char_tokenizer
+
+    return build_char_tokenizer(CharTokenizer(alphabet="0123456789+=abcdefghijklmnopqrstuvwxyz "))
 
 
 def save_tiny_model(path: Path) -> Path:
-    """A float32 Qwen2 (hidden 128, 2 layers, 2 heads of 64) with a 43-token char tokenizer.
+    """A float32 Qwen2 (hidden 128, 2 layers, 2 heads of 64) with :func:`tiny_tokenizer`.
 
     Untied embeddings: on vLLM's CPU backend a disk reload does not refresh a tied LM head.
     """
-    from nexrl_async.config.model import BuiltModel, CharTokenizer
-    from nexrl_async.train.build import build_char_tokenizer, build_model, save_model_dir
+    from nexrl_async.config.model import BuiltModel
+    from nexrl_async.train.build import build_model, save_model_dir
 
-    tok = build_char_tokenizer(CharTokenizer(alphabet="0123456789+=abcdefghijklmnopqrstuvwxyz "))
+    tok = tiny_tokenizer()
     cfg = BuiltModel(
         hidden_size=128,
         intermediate_size=256,
@@ -99,98 +131,59 @@ def save_tiny_model(path: Path) -> Path:
     return save_model_dir(model, tok, path)
 
 
-def vllm_argv(python: str, model_dir: Path, port: int) -> list[str]:
-    """The launch line of docs/vllm.md."""
-    return [
-        python,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(model_dir),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        "64",
-        "--enforce-eager",
-        "--enable-scale-out",
-        "--seed",
-        "0",
-    ]
-
-
-def vllm_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        VLLM_SERVER_DEV_MODE="1",  # /pause, /resume, /collective_rpc, weight routes
-        VLLM_CPU_KVCACHE_SPACE="1",  # GiB of KV cache
-        VLLM_HTTP_TIMEOUT_KEEP_ALIVE="60",  # above httpx's 5 s keep-alive expiry
-        VLLM_NO_USAGE_STATS="1",
-        DO_NOT_TRACK="1",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
+def fleet_config(python: str) -> VLLMInference:
+    """The launch of docs/vllm.md §2 through the fleet: float32, a 64-token context, eager."""
+    return VLLMInference(
+        python=python,
+        dtype="float32",
+        max_model_len=64,
+        extra_args=["--seed", "0"],
+        health_timeout_s=STARTUP_DEADLINE_S,
+        health_interval_s=1.0,
+        restart_backoff_s=0.2,
+        max_restarts=1,
+        stop_grace_s=30.0,
+        request_timeout_s=120.0,
     )
-    env.pop("OMP_NUM_THREADS", None)  # vLLM sets its own thread binding
-    return env
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """Terminate the server's process group (API server, engine core, worker), then kill."""
-    for sig, wait_s in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            continue
-        with contextlib.suppress(ProcessLookupError):  # engine and worker may outlive the leader
-            os.killpg(process.pid, signal.SIGKILL)
-        return
+@asynccontextmanager
+async def _open_live(
+    portal: BlockingPortal, cfg: VLLMInference, model_dir: Path, root: Path
+) -> AsyncIterator[LiveFleet]:
+    holder: list[LiveFleet] = []
 
+    async def on_restart(server: ServerHandle) -> None:
+        await holder[0].on_restart(server)
 
-def _wait_healthy(server: VLLMServer, deadline_s: float) -> None:
-    deadline = time.monotonic() + deadline_s
-    with httpx.Client(timeout=5.0) as http:
-        while time.monotonic() < deadline:
-            if server.process.poll() is not None:
-                tail = server.log.read_text(errors="replace")[-4000:]
-                raise RuntimeError(f"vLLM exited with {server.process.returncode}:\n{tail}")
-            try:
-                if http.get(f"{server.url}/health").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-    tail = server.log.read_text(errors="replace")[-4000:]
-    raise RuntimeError(f"vLLM not healthy after {deadline_s:.0f} s:\n{tail}")
+    async with (
+        open_http_pool() as http,
+        open_fleet(
+            cfg, model_dir=model_dir, log_dir=root / "logs", http=http, on_restart=on_restart
+        ) as fleet,
+    ):
+        client = VLLMClient.from_config(fleet.urls[0], cfg, http=http)
+        live = LiveFleet(portal, fleet, client, http, cfg, model_dir, root)
+        holder.append(live)
+        yield live
 
 
 @pytest.fixture(scope="session")
-def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMServer]:
-    """One vLLM server for the whole folder, on a fresh free port; stopped by handle at the end."""
+def vllm_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveFleet]:
+    """One fleet-launched vLLM server for the whole folder (the last test kills it once and
+    the fleet restarts it); every server process is stopped by the fleet at the end."""
     assert VLLM_PYTHON is not None
     root = tmp_path_factory.mktemp("vllm")
     model_dir = save_tiny_model(root / "model")
-    port = _free_port()
-    log = root / "server.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            vllm_argv(VLLM_PYTHON, model_dir, port),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=vllm_env(),
-            cwd=root,
-            start_new_session=True,
-        )
-    server = VLLMServer(f"http://127.0.0.1:{port}", model_dir, process, log)
-    try:
-        _wait_healthy(server, STARTUP_DEADLINE_S)
-        yield server
-    finally:
-        _stop(process)
+    with (
+        start_blocking_portal() as portal,
+        portal.wrap_async_context_manager(
+            _open_live(portal, fleet_config(VLLM_PYTHON), model_dir, root)
+        ) as live,
+    ):
+        yield live
+
+
+@pytest.fixture(scope="session")
+def vllm_server(vllm_fleet: LiveFleet) -> VLLMServer:
+    return VLLMServer(vllm_fleet.url, vllm_fleet.model_dir)

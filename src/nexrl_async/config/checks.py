@@ -8,7 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from nexrl_async.config.inference import AttachInference, NoInference, SGLangInference
+from nexrl_async.config.inference import (
+    AttachInference,
+    NoInference,
+    SGLangInference,
+    VLLMInference,
+)
 from nexrl_async.config.model import BuiltModel, PretrainedModel
 from nexrl_async.config.schema import RecipeConfig
 
@@ -22,7 +27,19 @@ def cross_check(cfg: RecipeConfig) -> Iterator[Problem]:
     yield from _check_pool(cfg)
     yield from _check_algorithm(cfg)
     yield from _check_inference(cfg)
+    yield from _check_vllm(cfg)
     yield from _check_validation(cfg)
+
+
+def vllm_cpu_reload(cfg: RecipeConfig) -> str | None:
+    """How the recipe names a vLLM server whose weights are reloaded from disk on CPU (launched
+    with ``device = "cpu"``, or attached: its device is unknown), else ``None``."""
+    inf = cfg.inference
+    if isinstance(inf, VLLMInference) and inf.device == "cpu":
+        return 'inference.backend = "vllm" (device = "cpu")'
+    if isinstance(inf, AttachInference) and inf.api == "vllm":
+        return 'inference.api = "vllm"'
+    return None
 
 
 def _check_model(cfg: RecipeConfig) -> Iterator[Problem]:
@@ -138,6 +155,25 @@ def _check_inference(cfg: RecipeConfig) -> Iterator[Problem]:
                 "inference.model_path is unset: SGLang serves a local HF folder; set it or use "
                 'model.kind = "pretrained"',
             )
+
+
+def _check_vllm(cfg: RecipeConfig) -> Iterator[Problem]:
+    """vLLM takes weights from disk only; on CPU its reload leaves a tied LM head stale."""
+    inf = cfg.inference
+    if isinstance(inf, VLLMInference | AttachInference) and cfg.weights.transport == "distributed":
+        if isinstance(inf, VLLMInference) or inf.api == "vllm":
+            yield (
+                "weights.transport",
+                'weights.transport = "distributed": vLLM 0.32 has no weight-transfer engine that '
+                'runs here (docs/vllm.md §6.2); use "disk" (or "auto")',
+            )
+    served = vllm_cpu_reload(cfg)
+    if served and isinstance(cfg.model, BuiltModel) and cfg.model.tie_word_embeddings:
+        yield (
+            "model.tie_word_embeddings",
+            f"model.tie_word_embeddings = true with {served}: a disk reload leaves the tied LM "
+            "head on the old weights (docs/vllm.md §6.1); set it to false",
+        )
 
 
 def _check_validation(cfg: RecipeConfig) -> Iterator[Problem]:

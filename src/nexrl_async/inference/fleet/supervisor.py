@@ -40,12 +40,13 @@ from loguru import logger
 from nexrl_async.config.inference import (
     AttachInference,
     InferenceConfig,
-    LocalInference,
+    LaunchedInference,
     NoInference,
-    SGLangInference,
 )
-from nexrl_async.core.errors import EngineUnavailable, NexRLError
+from nexrl_async.config.tree import tag_of
+from nexrl_async.core.errors import ConfigError, EngineUnavailable, NexRLError
 from nexrl_async.inference.client.http import Http, as_pool
+from nexrl_async.inference.fleet.backends import backend_for
 from nexrl_async.inference.fleet.launch import ServerProcess, ServerSpec, build_specs, log_tail
 from nexrl_async.inference.fleet.router import Router, ServerHandle
 
@@ -174,7 +175,10 @@ def _build(
             ServerHandle(i, url.rstrip("/"), max_concurrency=cap) for i, url in enumerate(cfg.urls)
         ]
         return Fleet(cfg, servers, http=http, on_restart=on_restart)
-    specs = build_specs(cfg, model_dir=model_dir, log_dir=log_dir)
+    command = backend_for(cfg).command
+    if command is None:
+        raise ConfigError(f"inference.backend = {tag_of(cfg)!r}: servers are never launched")
+    specs = build_specs(cfg, model_dir=model_dir, log_dir=log_dir, command=command)
     servers = [
         ServerHandle(
             spec.index, spec.url, max_concurrency=cap, log_path=spec.log_path, launched=True
@@ -206,7 +210,7 @@ class _Supervisor:
 
     async def run_launched(self, spec: ServerSpec) -> None:
         cfg = self.fleet.cfg
-        assert isinstance(cfg, LocalInference | SGLangInference)  # launched servers only
+        assert isinstance(cfg, LaunchedInference)  # launched servers only
         attempt = 0
         while True:
             reason = await self._life(spec, attempt, grace_s=cfg.stop_grace_s)
