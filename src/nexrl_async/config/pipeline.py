@@ -6,15 +6,15 @@ from typing import Literal
 
 from msgspec import Struct
 
-from nexrl_async.config.types import NonNegInt, PosInt, Probability
+from nexrl_async.config.types import GroupCount, NonNegInt, PosInt, Probability
 
 
 class PoolConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The bounded trajectory pool between rollouts and the trainer."""
 
-    batch_groups: PosInt = 8
+    batch_groups: GroupCount = 8
     """Groups per training step."""
-    capacity_groups: PosInt | None = None
+    capacity_groups: GroupCount | None = None
     """Groups the pool holds before rollouts block; defaults to 2 × batch_groups."""
     filter_zero_variance: bool = False
     """Drop groups whose rewards are all equal (no learning signal), counted."""
@@ -28,7 +28,7 @@ class StalenessConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     max_staleness: NonNegInt | None = None
     """k: a group consumed by step s has head version ≥ s − k. Defaults to 0 in ``sync``
     (and must be 0 there), 1 in ``batch-async``; ignored in ``fully-async``."""
-    max_inflight_groups: PosInt | None = None
+    max_inflight_groups: GroupCount | None = None
     """Cap on leased, unconsumed groups; defaults to (k + 1) × batch_groups."""
     on_overdue: Literal["wait", "drop", "requeue"] = "wait"
     """A straggler about to exceed k: the step waits, the group is dropped, or it resumes."""

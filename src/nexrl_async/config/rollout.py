@@ -6,7 +6,16 @@ from typing import Annotated
 
 from msgspec import Meta, Struct
 
-from nexrl_async.config.types import NonNegFloat, PosFloat, PosInt, Probability, RefStr
+from nexrl_async.config.types import (
+    Concurrency,
+    GroupSize,
+    NonNegFloat,
+    PosFloat,
+    PosInt,
+    Probability,
+    RefStr,
+    TokenCount,
+)
 
 TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
 
@@ -35,13 +44,13 @@ class RolloutConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
 
     evaluator: RefStr
     """``file.py:Name`` of the evaluator (a class with ``evaluate(item, trajectory)``)."""
-    workers: PosInt = 8
+    workers: Concurrency = 8
     """Concurrent rollout worker tasks (each runs one group at a time)."""
-    group_size: PosInt = 4
+    group_size: GroupSize = 4
     """Samples per data item (the GRPO group)."""
     max_turns: PosInt = 1
     """Assistant turns per sample; 1 is single-turn."""
-    max_new_tokens: PosInt = 256
+    max_new_tokens: TokenCount = 256
     """Generated tokens per turn."""
     max_total_tokens: PosInt | None = None
     """Cap on prompt + all turns; defaults to the model's context length."""

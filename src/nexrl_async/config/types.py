@@ -20,6 +20,19 @@ NonNegFloat = Annotated[float, Meta(ge=0.0)]
 Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
 Port = Annotated[int, Meta(ge=0, le=65535)]
 
+MAX_CONCURRENCY = 4096
+"""Cap on concurrent tasks a recipe may ask for (rollout workers): each holds memory."""
+MAX_GROUPS = 65536
+"""Cap on groups per step, per pool and in flight: each group is held in memory."""
+MAX_GROUP_SIZE = 1024
+"""Cap on samples per group."""
+MAX_TOKENS = 1 << 20
+"""Cap on any token count (new tokens per turn): beyond every model's context."""
+Concurrency = Annotated[int, Meta(ge=1, le=MAX_CONCURRENCY)]
+GroupCount = Annotated[int, Meta(ge=1, le=MAX_GROUPS)]
+GroupSize = Annotated[int, Meta(ge=1, le=MAX_GROUP_SIZE)]
+TokenCount = Annotated[int, Meta(ge=1, le=MAX_TOKENS)]
+
 PathStr = Annotated[str, Meta(min_length=1, extra={"nexrl": PATH_MARK})]
 """A filesystem path; relative paths are resolved against the recipe file that sets them."""
 
