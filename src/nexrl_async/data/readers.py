@@ -144,6 +144,10 @@ def _pick_split(loaded: Any, path: Path, split: str | None) -> Any:
     return loaded[split]
 
 
+MAX_FACTORY_ROWS = 1_000_000
+"""Rows drawn from a data factory when ``data.max_items`` is unset (rows are held in memory)."""
+
+
 def read_factory(
     ref: str,
     kwargs: Mapping[str, Any],
@@ -153,8 +157,9 @@ def read_factory(
     """Rows from a user factory ``file.py:function`` called with ``**kwargs``.
 
     The factory may return any iterable (a generator too, even an endless one when
-    ``max_items`` is set: only the first ``limit`` rows are drawn). Each row must be a mapping
-    with string keys.
+    ``max_items`` is set: only the first ``limit`` rows are drawn). Without ``max_items`` at
+    most :data:`MAX_FACTORY_ROWS` rows are drawn; a factory that yields more is refused (set
+    ``data.max_items``) rather than filling memory. Each row must be a mapping with string keys.
     """
     factory = load_object(ref, base_dir)
     if not callable(factory):
@@ -165,7 +170,13 @@ def read_factory(
             raise DataError(
                 f"data factory {ref!r} returned {type(produced).__name__}, not an iterable of dicts"
             )
-        drawn = list(itertools.islice(produced, limit))
+        cap = MAX_FACTORY_ROWS if limit is None else limit
+        drawn = list(itertools.islice(produced, cap + (limit is None)))
+        if limit is None and len(drawn) > MAX_FACTORY_ROWS:
+            raise DataError(
+                f"data factory {ref!r} yields more than {MAX_FACTORY_ROWS:,} rows (endless?): "
+                "set data.max_items to the number of rows to draw"
+            )
     except DataError:
         raise
     except Exception as err:
