@@ -6,7 +6,7 @@ from typing import Literal
 
 from msgspec import Struct
 
-from nexrl_async.config.types import GroupCount, NonNegInt, PosInt, Probability
+from nexrl_async.config.types import GroupCount, NonNegInt, PosFloat, PosInt, Probability
 
 
 class PoolConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -58,3 +58,9 @@ class FaultsConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     """Warn (once per crossing) when this share of the window failed."""
     stop_failed_fraction: Probability = 0.95
     """Stop the run when this share of a full window failed (1.0: only when all did)."""
+    stall_warn_s: PosFloat = 30.0
+    """Warn when requests are pending and no sample has finished for this long."""
+    stall_restart_s: PosFloat = 60.0
+    """Then restart the launched servers holding requests; if no sample finishes for as long
+    again (or the servers are attached), stop the run (exit 1). Raise it for generations that
+    legitimately take longer than this with nothing else finishing."""

@@ -6,7 +6,8 @@ What each task waits on:
 - the trainer coroutine: the batch of its step (and stragglers the staleness bound needs), then
   the train step in a worker thread (rollouts keep streaming), then the weight publication
   (servers held, weights loaded and verified), then validation when due;
-- the fleet's supervisors: server processes and health probes (inside ``open_fleet``).
+- the fleet's supervisors: server processes and health probes (inside ``open_fleet``);
+- the watchdog (``engine.watchdog``): samples finishing while requests are pending.
 
 Checkpoints: after every ``checkpoint.every_steps``-th step the trainer coroutine saves one
 (rollouts keep streaming); at the end a last one (``at_end``) and the HF export (``export_hf``).
@@ -38,6 +39,7 @@ from nexrl_async.engine.parts import Parts, TrainerFactory, open_parts
 from nexrl_async.engine.resume import Resume
 from nexrl_async.engine.stats import StepClock, batch_metrics
 from nexrl_async.engine.validator import due, validate
+from nexrl_async.engine.watchdog import run_watchdog
 from nexrl_async.obs.ledger import Published, Validated
 
 
@@ -97,6 +99,7 @@ async def run_engine(
         gc.freeze()
         pending: dict[str, float] = {}
         stop.listening = True
+        tg.start_soon(run_watchdog, parts.fleet, parts.events, ctx.cfg.faults, name="watchdog")
         if resume is None:
             with stop.interruptible():
                 pending = await _validate(ctx, parts, step=0, final=False)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from nexrl_async.core.records import FailureReason
@@ -69,3 +71,41 @@ def test_a_stuck_sync_evaluator_neither_stalls_the_run_nor_keeps_the_process_ali
     finished = events[-1]
     assert isinstance(finished, RunFinished)
     assert ended - finished.time < 10, "the process outlived the run by more than 10 s"
+
+
+def test_a_server_that_is_healthy_but_never_generates_stops_the_run(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mute = subprocess.Popen(
+        [sys.executable, "-m", "nexrl_async.testing.simulated", "--port", str(port),
+         "--vocab-size", "13", "--eos-token-id", "1", "--token-latency-s", "100000",
+         "--weight-version", "0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}", mute)
+        code, err, elapsed = run(
+            tmp_path / "run", 'inference.backend="attach"',
+            f'inference.urls=["http://127.0.0.1:{port}"]',
+            "faults.stall_warn_s=2", "faults.stall_restart_s=5",
+        )  # fmt: skip
+    finally:
+        mute.kill()
+        mute.wait()
+    assert code == 1, err
+    assert "do not generate" in err
+    assert elapsed < 120
+
+
+def _wait_healthy(url: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the simulated server exited"
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the simulated server never became healthy")
