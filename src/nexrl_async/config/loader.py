@@ -91,6 +91,10 @@ def _read_toml(path: Path, referrer: Path | None) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"recipe file not found{where}", file=str(path)) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"not a text file{where}: byte {err.start} is not UTF-8", file=str(path)
+        ) from None
     except OSError as err:
         raise ConfigError(f"cannot read recipe{where}: {err.strerror}", file=str(path)) from err
     try:

@@ -67,7 +67,9 @@ def _import_file(file: Path, ref: str) -> Any:
     sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as err:
+    except (Exception, SystemExit, KeyboardInterrupt) as err:
+        # ``sys.exit()`` or a stray KeyboardInterrupt at import time is a broken module, not a
+        # request to end the engine with that code
         del sys.modules[module_name]
         raise UserCodeError(
             f"{ref!r}: importing {file} raised {type(err).__name__}: {err}"
