@@ -32,6 +32,7 @@ from transformers import PreTrainedModel
 from nexrl_async.core.errors import TrainError
 from nexrl_async.core.records import Group, TrainBatch
 from nexrl_async.train.logprobs import batch_logprobs
+from nexrl_async.train.packing import plan_costs
 from nexrl_async.train.tensors import sequences_from_batch
 
 SFT_TEMPERATURE = 1.0
@@ -55,7 +56,11 @@ def validation_loss(
     try:
         seq = sequences_from_batch(kept, pad_token_id=pad_token_id)
         logprobs, _ = batch_logprobs(
-            model, seq, token_budget=token_budget, temperature=SFT_TEMPERATURE
+            model,
+            seq,
+            token_budget=token_budget,
+            temperature=SFT_TEMPERATURE,
+            costs=plan_costs(model),
         )
     except (RuntimeError, ValueError, IndexError) as err:
         raise TrainError(f"validation loss: {type(err).__name__}: {err}") from err
