@@ -102,6 +102,8 @@ def assistant_turn(gen: AssembledTurn, text: str) -> Turn:
     )
 
 
-def decode_both(renderer: ChatRenderer, ids: list[int]) -> tuple[str, str]:
-    """The raw text (special tokens kept, for tool-call parsing) and the clean text."""
-    return renderer.decode(ids, skip_special_tokens=False), renderer.decode(ids)
+def decode_texts(renderer: ChatRenderer, ids: list[int], with_raw: bool) -> tuple[str, str]:
+    """The raw text (special tokens kept, for tool-call parsing; ``""`` unless ``with_raw``)
+    and the clean text."""
+    raw = renderer.decode(ids, skip_special_tokens=False) if with_raw else ""
+    return raw, renderer.decode(ids)

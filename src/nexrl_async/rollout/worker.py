@@ -36,6 +36,7 @@ Hooks a recipe's worker subclass may override: :meth:`~RolloutWorker.format_quer
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar, get_args
 
@@ -61,7 +62,7 @@ from nexrl_async.rollout.generation import GeneratedTurn, TurnGenerator, generat
 from nexrl_async.rollout.rendering import ChatRenderer, Tokenizer, as_token_ids
 from nexrl_async.rollout.scoring import as_evaluate_fn, score
 from nexrl_async.rollout.tools import Message, Tool, ToolCall, parse_tool_calls, run_tool_calls
-from nexrl_async.rollout.transcript import Episode, assistant_turn, decode_both, default_mask
+from nexrl_async.rollout.transcript import Episode, assistant_turn, decode_texts, default_mask
 
 _ROLES: frozenset[str] = frozenset(get_args(Role))
 T = TypeVar("T")
@@ -166,57 +167,55 @@ class RolloutWorker:
 
         The samples share their opening (format, render, the first turn as one group request);
         then each goes on concurrently in its own task (resumes, tools, later turns, scoring).
+        One deadline, ``rollout.sample_timeout_s`` from the start, covers them all.
         """
         n = self.cfg.group_size
         episodes = [
             Episode(group_id=group_id, item_key=item.key, sample_index=i, token=token)
             for i in range(n)
         ]
-        start = anyio.current_time()
-        deadline = start + self.cfg.sample_timeout_s
+        start = time.perf_counter()
         missing = missing_fields(item, self.required)
-        firsts = await self._guarded(episodes, deadline, self._open, item, episodes, missing)
-        done: list[Trajectory] = []
+        done: dict[int, Trajectory] = {}
 
         async def one(ep: Episode, first: _Opening) -> None:
-            result = None
-            if ep.failure is None:
-                result = await self._guarded([ep], deadline, self._play_and_score, item, ep, first)
-            done.append(self._finish(ep, result, start))
+            result = await self._guarded([ep], self._play_and_score, item, ep, first)
+            done[ep.sample_index] = self._finish(ep, result, start)
 
-        async with anyio.create_task_group() as tg:
-            for ep in episodes:
-                first = firsts[ep.sample_index] if firsts else None
-                tg.start_soon(one, ep, first, name=f"rollout {ep.sticky_key}")
-        trajectories = sorted(done, key=lambda t: t.sample_index)
+        with anyio.move_on_after(self.cfg.sample_timeout_s) as deadline:
+            firsts = await self._guarded(episodes, self._open, item, episodes, missing)
+            async with anyio.create_task_group() as tg:
+                for ep in episodes:
+                    if firsts is not None:
+                        tg.start_soon(one, ep, firsts[ep.sample_index], name=ep.sticky_key)
+        for ep in episodes:
+            if ep.sample_index not in done:
+                if deadline.cancelled_caught and ep.failure is None:
+                    limit = f"over sample_timeout_s = {self.cfg.sample_timeout_s}"
+                    ep.failure = (FailureReason.TIMEOUT, f"{limit} in {ep.stage}")
+                done[ep.sample_index] = self._finish(ep, None, start)
+        trajectories = [done[i] for i in range(n)]
         return Group(group_id=group_id, item_key=item.key, token=token, trajectories=trajectories)
 
     async def _guarded(
-        self, episodes: list[Episode], deadline: float, fn: Callable[..., Awaitable[T]], *args: Any
+        self, episodes: list[Episode], fn: Callable[..., Awaitable[T]], *args: Any
     ) -> T | None:
-        """``await fn(*args)`` under the samples' deadline: the per-sample fault boundary.
-
-        What it raises (but cancellation) or a passed deadline marks every one of ``episodes``
-        FAILED (``ep.failure``) and returns ``None``.
-        """
-        lead = episodes[0]
+        """``await fn(*args)``: the per-sample fault boundary. What it raises (but
+        cancellation) marks every one of ``episodes`` FAILED (``ep.failure``); then ``None``."""
         try:
-            with anyio.CancelScope(deadline=deadline):
-                return await fn(*args)
-            limit = self.cfg.sample_timeout_s  # only reached when the deadline cancelled fn
-            failure = (FailureReason.TIMEOUT, f"over sample_timeout_s = {limit} in {lead.stage}")
+            return await fn(*args)
         except anyio.get_cancelled_exc_class():
             raise
         except Exception as err:  # noqa: BLE001 - the per-sample fault boundary
-            failure = classify(err, lead.stage)
+            failure = classify(err, episodes[0].stage)
             if failure[0] is FailureReason.INTERNAL:
-                logger.opt(exception=err).warning("sample {} failed", lead.sticky_key)
+                logger.opt(exception=err).warning("sample {} failed", episodes[0].sticky_key)
         for ep in episodes:
             ep.failure = failure
         return None
 
     def _finish(self, ep: Episode, result: EvalResult | None, start: float) -> Trajectory:
-        ep.clock("total_s", anyio.current_time() - start)
+        ep.clock("total_s", time.perf_counter() - start)
         trajectory = ep.trajectory(result, ep.failure)
         self.events.scored(
             group_id=ep.group_id,
@@ -248,7 +247,7 @@ class RolloutWorker:
             ep.messages = [dict(m) for m in messages]
             ep.append(Turn(role="user", token_ids=list(prompt), loss_mask=[0] * len(prompt)))
         _set_stage(episodes, "generate")
-        start = anyio.current_time()
+        start = time.perf_counter()
         firsts = await self.generator.generate_group(
             list(prompt),
             max_new_tokens=self._budget(episodes[0]),  # >= 1: the prompt is under the limit
@@ -258,7 +257,7 @@ class RolloutWorker:
         if len(firsts) != len(episodes):
             raise GenerationError(f"{len(firsts)} answers for a group of {len(episodes)}")
         for ep in episodes:
-            ep.clock("generate_s", anyio.current_time() - start)
+            ep.clock("generate_s", time.perf_counter() - start)
         return firsts
 
     async def _play_and_score(self, item: DataItem, ep: Episode, first: _Opening) -> EvalResult:
@@ -266,9 +265,9 @@ class RolloutWorker:
         ep.stage = "hooks"
         ep.turns = self._checked_masks(ep.turns)
         ep.stage = "evaluate"
-        start = anyio.current_time()
+        start = time.perf_counter()
         result = await score(self.evaluate_fn, item, ep.trajectory())
-        ep.clock("evaluate_s", anyio.current_time() - start)
+        ep.clock("evaluate_s", time.perf_counter() - start)
         return result
 
     # ---- the agent loop ----------------------------------------------------------------------
@@ -306,7 +305,7 @@ class RolloutWorker:
         ep.stage = "generate"
         if isinstance(first, Exception):
             raise first  # this sample's answer to the group request
-        start = anyio.current_time()
+        start = time.perf_counter()
         gen = await generate_turn(
             self.generator,
             list(ep.context),
@@ -316,10 +315,10 @@ class RolloutWorker:
             max_resumes=self.max_resumes,
             first=first,
         )
-        ep.clock("generate_s", anyio.current_time() - start)
+        ep.clock("generate_s", time.perf_counter() - start)
         inline = self.renderer.decodes_inline(gen.output_ids)
         raw, text = await self.renderer.run(
-            decode_both, self.renderer, gen.output_ids, inline=inline
+            decode_texts, self.renderer, gen.output_ids, bool(self.tools), inline=inline
         )
         turn = assistant_turn(gen, text)
         ep.append(turn)
@@ -343,9 +342,9 @@ class RolloutWorker:
 
     async def _run_tools(self, ep: Episode, calls: list[ToolCall]) -> list[Message]:
         ep.stage = "tools"
-        start = anyio.current_time()
+        start = time.perf_counter()
         messages = await run_tool_calls(self.tools, calls)
-        ep.clock("tools_s", anyio.current_time() - start)
+        ep.clock("tools_s", time.perf_counter() - start)
         return messages
 
     async def _followup(self, ep: Episode, messages: list[Message], after: Turn) -> None:
