@@ -52,9 +52,11 @@ def check(recipe: RecipeArg, set_: SetOption = None) -> None:
     """Validate a recipe: schema, cross-field rules, data paths and user code imports."""
     from nexrl_async.config.loader import load_recipe
     from nexrl_async.config.preflight import preflight, summary
+    from nexrl_async.rollout.sandbox import configure_tool
 
     loaded = load_recipe(recipe, set_ or [])
     preflight(loaded)
+    configure_tool(loaded.config.rollout)
     typer.echo(summary(loaded))
     typer.echo("ok")
 

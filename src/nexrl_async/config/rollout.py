@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from msgspec import Meta, Struct
 
@@ -58,6 +58,11 @@ class RolloutConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     """``file.py:Name`` of a custom worker class (hooks ``format_query``, ``loss_mask``)."""
     tools: list[RefStr] = []
     """``file.py:function`` async tools offered to the model."""
+    sandbox: Literal["namespaces", "rlimits"] = "namespaces"
+    """Isolation of the ready ``nexrl_async.rollout.sandbox:python`` tool: ``namespaces`` (its
+    own user, PID, mount and network namespaces through bubblewrap; ``check`` refuses the
+    recipe where that is not available) or ``rlimits`` (resource limits only: the program can
+    read and write what the engine can, and reach the network)."""
     apply_chat_template: bool = True
     """Render messages with the tokenizer's chat template (else concatenate contents)."""
     system_prompt: str | None = None

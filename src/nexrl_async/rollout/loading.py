@@ -27,6 +27,7 @@ from nexrl_async.core.usercode import load_object
 from nexrl_async.rollout.events import RolloutEvents
 from nexrl_async.rollout.generation import TurnGenerator
 from nexrl_async.rollout.rendering import Tokenizer
+from nexrl_async.rollout.sandbox import configure_tool
 from nexrl_async.rollout.scoring import as_evaluate_fn
 from nexrl_async.rollout.tools import Tool
 from nexrl_async.rollout.worker import RolloutWorker
@@ -44,6 +45,7 @@ def load_worker(
 ) -> RolloutWorker:
     """The worker for ``cfg`` with its evaluator and tools loaded from user code."""
     evaluator = load_evaluator(cfg.evaluator, base_dir)
+    configure_tool(cfg)
     tools = load_tools(cfg.tools, base_dir)
     cls = load_worker_class(cfg.worker, base_dir)
     try:

@@ -54,7 +54,8 @@ from anyio.abc import ByteReceiveStream, Process
 from loguru import logger
 from msgspec import Struct
 
-from nexrl_async.core.errors import RolloutError
+from nexrl_async.config.rollout import RolloutConfig
+from nexrl_async.core.errors import ConfigError, RolloutError
 from nexrl_async.rollout.sandbox_bwrap import (
     BOOT,
     Jail,
@@ -242,13 +243,38 @@ async def _run(spawn: _Launch, stdin: str, timeout_s: float, cap: int) -> Sandbo
     )
 
 
+PYTHON_TOOL = "nexrl_async.rollout.sandbox:python"
+"""The recipe reference of the ready :func:`python` tool."""
+_TOOL_ISOLATION: dict[str, Isolation | None] = {"python": None}
+
+
+def configure_tool(cfg: RolloutConfig) -> None:
+    """Check and apply ``rollout.sandbox`` for the ready :func:`python` tool, when the recipe
+    offers it: ``namespaces`` where bubblewrap does not work is refused up front.
+
+    Blocking (a jailed no-op, once per process). Raises:
+        ConfigError: at ``rollout.sandbox``, naming why isolation is not available.
+    """
+    if PYTHON_TOOL not in cfg.tools:
+        return
+    if cfg.sandbox == "namespaces" and (problem := isolation_problem()) is not None:
+        raise ConfigError(
+            f"rollout.tools offers the sandboxed python tool, but namespace isolation is not "
+            f"available here: {problem}; install bubblewrap (apt-get install bubblewrap), or set "
+            'rollout.sandbox = "rlimits" (resource limits only: the program can read and write '
+            "what the engine can, and reach the network)",
+            path="rollout.sandbox",
+        )
+    _TOOL_ISOLATION["python"] = cfg.sandbox
+
+
 async def python(code: str) -> str:
     """Run a Python 3 program and return what it printed.
 
     The program runs in a fresh interpreter with no network guarantees, a 10 s time limit, 512 MB
     of memory and an empty working folder; print the values you need.
     """
-    result = await run_python(code)
+    result = await run_python(code, isolation=_TOOL_ISOLATION["python"])
     parts = [result.stdout.rstrip()]
     if result.stderr.strip():
         parts.append(f"stderr:\n{result.stderr.rstrip()}")
