@@ -185,9 +185,8 @@ class RolloutWorker:
         with anyio.move_on_after(self.cfg.sample_timeout_s) as deadline:
             firsts = await self._guarded(episodes, self._open, item, episodes, missing)
             async with anyio.create_task_group() as tg:
-                for ep in episodes:
-                    if firsts is not None:
-                        tg.start_soon(one, ep, firsts[ep.sample_index], name=ep.sticky_key)
+                for ep, first in zip(episodes, firsts or [], strict=False):
+                    tg.start_soon(one, ep, first, name=ep.sticky_key)
         for ep in episodes:
             if ep.sample_index not in done:
                 if deadline.cancelled_caught and ep.failure is None:
