@@ -102,7 +102,7 @@ async def test_an_unknown_scheme_is_unsupported() -> None:
 async def test_a_body_cut_by_the_server_is_a_protocol_error() -> None:
     async def handler(stream: anyio.abc.SocketStream) -> None:
         await stream.receive()
-        await stream.send(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"partial")
+        await stream.send(b'HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{"partial')
         await stream.aclose()
 
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
