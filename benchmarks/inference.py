@@ -32,6 +32,11 @@ saved to a temp dir, at concurrency 1, 8 and 32, through the engine's HTTP pool
 (c) ``demo``: the reverse-digits demo shortened to ``--demo-steps``: median s/step and the
 event loop's CPU per sample (``inference_demo.py``). Target: <= 0.5 ms per sample. Not part
 of ``both``.
+
+(d) ``server-cpu``: the local server's CPU per request and per sample at the demo's shape
+(256 samples of 3 tokens a step, as 32 requests with ``n = 8`` and as 256 single requests;
+``local_server.py``, which also runs alone). Target: <= 0.5 ms per sample. Not part of
+``both``; ``--server-baseline-src`` serves an older tree alongside for a before/after.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ from harness import (
 )
 from inference_demo import run_demo_part
 from inference_report import plot, print_summary
+from local_server import print_server_cpu, run_server_cpu_part
 from nexrl_async.inference.client.http import open_http_pool
 from nexrl_async.inference.client.sglang import SamplingParams, SGLangClient
 from zero_server import OUTPUT_IDS as ZERO_OUTPUT_IDS
@@ -109,7 +115,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--quick", action="store_true", help="short trials (smoke run)")
-    add("--part", choices=["client", "local", "both", "demo"], default="both")
+    add("--part", choices=["client", "local", "both", "demo", "server-cpu"], default="both")
     add("--out-dir", type=Path, default=RESULTS_DIR, help="where JSON and PNG go")
     add("--concurrency", type=int, default=32, help="(a) requests in flight")
     add("--server", choices=["zero", "simulated"], default="zero", help="(a) server to hit")
@@ -126,6 +132,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--demo-rounds", type=int, default=1, help="(c) rounds over the source trees")
     add("--demo-src", nargs="*", default=[], help="(c) other src trees to compare")
     add("--demo-timeout-s", type=float, default=1800.0, help="(c) per demo run")
+    add("--server-bursts", type=int, default=20, help="(d) timed bursts per shape")
+    add("--server-baseline-src", default=None, help="(d) also serve this src tree")
     args = parser.parse_args(argv)
     if args.quick:
         args.trials, args.duration_s, args.local_duration_s, args.rounds = 1, 1.0, 2.0, 1
@@ -384,11 +392,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             results["local"] = run_local_part(args, Path(tmp))
         if args.part == "demo":
             results["demo"] = run_demo_part(args, Path(tmp))
+        if args.part == "server-cpu":
+            results["server_cpu"] = server_cpu_part(args, Path(tmp))
     json_path = write_json(args.out_dir, NAME, results)
     png_path = plot(results, args.out_dir, NAME)
     print_summary(results)
     print(f"results: {json_path}\nplot:    {png_path}")
     return results
+
+
+def server_cpu_part(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """(d), measured by ``local_server.py``; its table is printed here."""
+    options = argparse.Namespace(
+        bursts=3 if args.quick else args.server_bursts, warmup=1 if args.quick else 3,
+        baseline_src=args.server_baseline_src,
+    )  # fmt: skip
+    result = run_server_cpu_part(options, work)
+    print_server_cpu(result)
+    return result
 
 
 if __name__ == "__main__":

@@ -23,20 +23,26 @@ from nexrl_async.inference.local.step_plan import (
 
 
 class Notifier:
-    """A version counter with an awaitable "it moved" signal."""
+    """A version counter with an awaitable "it moved" signal (its event exists only while
+    someone waits: most notifications have no reader)."""
+
+    __slots__ = ("_event", "version")
 
     def __init__(self) -> None:
         self.version = 0
-        self._event = anyio.Event()
+        self._event: anyio.Event | None = None
 
     def notify(self) -> None:
         self.version += 1
-        self._event.set()
-        self._event = anyio.Event()
+        if self._event is not None:
+            self._event.set()
+            self._event = None
 
     async def wait_past(self, seen: int) -> int:
         """Return once ``version > seen``; returns the new version."""
         while self.version <= seen:
+            if self._event is None:
+                self._event = anyio.Event()
             await self._event.wait()
         return self.version
 
@@ -47,7 +53,7 @@ class Phase(Enum):
     DONE = "done"
 
 
-@dataclass(eq=False, kw_only=True)
+@dataclass(eq=False, kw_only=True, slots=True)
 class Request:
     """One sequence to generate (one sample of one prompt)."""
 
@@ -79,13 +85,22 @@ class Request:
     retract_requested: bool = False
     e2e_latency: float | None = None
     finished_at: float | None = None
-    done: anyio.Event = field(default_factory=anyio.Event)
     version: int = 0
     """Bumped on every change a reader should see."""
+    _done: anyio.Event | None = None
 
     @property
     def finished(self) -> bool:
         return self.phase is Phase.DONE
+
+    @property
+    def done(self) -> anyio.Event:
+        """Set once the request has finished (created on first use)."""
+        if self._done is None:
+            self._done = anyio.Event()
+            if self.finished:
+                self._done.set()
+        return self._done
 
     @property
     def weight_version(self) -> str | None:
@@ -111,5 +126,6 @@ class Request:
         self.phase = Phase.DONE
         self.finished_at = time.time()
         self.e2e_latency = time.monotonic() - self.created
-        self.done.set()
+        if self._done is not None:
+            self._done.set()
         self.changed()

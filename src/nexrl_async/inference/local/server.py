@@ -14,6 +14,7 @@ python -m nexrl_async.inference.local --model /tmp/tiny --port 30000
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import signal
 import socket
@@ -172,6 +173,14 @@ def _context(options: ServeOptions, loaded: LoadedModel, scheduler: Scheduler) -
     )
 
 
+def _freeze_heap() -> None:
+    """Exclude everything alive after start-up (torch, transformers, the model: millions of
+    objects) from the cyclic garbage collector. Otherwise each full collection walks them all
+    again: ~0.4 s of CPU every few hundred requests on the demo's server."""
+    gc.collect()
+    gc.freeze()
+
+
 async def _stop_on_signal(server: _Uvicorn, ctx: ServerContext) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
@@ -222,6 +231,7 @@ async def serve(
         weight_version=options.weight_version,
     )
     ctx = _context(options, loaded, scheduler)
+    _freeze_heap()
     config = uvicorn.Config(
         build_app(ctx, api_key=options.api_key, max_body_bytes=options.max_body_bytes),
         host=options.host,

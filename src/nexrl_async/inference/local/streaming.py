@@ -5,9 +5,9 @@ for old ASGI servers) and closes the body generator in every case, so the genera
 ``finally`` — which aborts the unfinished requests — runs at once, not at garbage collection.
 
 :class:`WhenFinished` waits for its requests, then sends the response built from them; a client
-that disconnects meanwhile aborts them. Its disconnect watcher is never cancelled: uvicorn's
-``receive`` answers ``http.disconnect`` as soon as the response is complete, which ends it (a
-cancellation costs more than the rest of a small request).
+that disconnects meanwhile aborts them. Only requests still running after ``WATCH_AFTER_S`` get
+a task that watches for the client leaving: most answers take milliseconds, and a task per
+request costs more than the rest of it.
 """
 
 from __future__ import annotations
@@ -83,6 +83,10 @@ class EventStreamResponse(StreamingResponse):
                 await self.body_iterator.aclose()
 
 
+WATCH_AFTER_S = 0.2
+"""A :class:`WhenFinished` still waiting after this starts watching for its client leaving."""
+
+
 class WhenFinished:
     """An ASGI response: wait for ``requests``, then send ``build()``."""
 
@@ -93,14 +97,28 @@ class WhenFinished:
         self.scheduler = scheduler
         self.build = build
 
+    def _all_finished(self) -> bool:
+        return all(req.finished for req in self.requests)
+
+    async def _finished(self) -> None:
+        notifier = self.requests[0].notifier  # shared by the requests of one HTTP call
+        while not self._all_finished():
+            await notifier.wait_past(notifier.version)
+
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
         abort_unfinished(self.requests, self.scheduler)  # a no-op once all have finished
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        with anyio.move_on_after(WATCH_AFTER_S):
+            await self._finished()
+        if self._all_finished():
+            await self.build()(scope, receive, send)
+            return
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._watch, receive)
-            for req in self.requests:
-                await req.done.wait()
+            await self._finished()
+            # the watcher ends by itself: uvicorn's receive answers http.disconnect once the
+            # response is complete (never cancelled: a cancellation costs more than the rest)
             await self.build()(scope, receive, send)
