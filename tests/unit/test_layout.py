@@ -45,7 +45,7 @@ def test_every_design_reference_names_a_file_in_the_repository() -> None:
     for folder in ("src", "tests", "benchmarks", "recipes"):
         for path in (root / folder).rglob("*.py"):
             for ref in cited.findall(path.read_text()):
-                outside = ref.split(".")[0].isupper()  # upper-case design notes live outside the repo
+                outside = ref.split(".")[0].isupper()  # upper-case notes live elsewhere
                 if outside or ("/" in ref and not (root / ref).exists()):
                     missing.add(f"{path.relative_to(root)}: {ref}")
     assert not missing, sorted(missing)
