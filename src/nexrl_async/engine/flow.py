@@ -174,8 +174,14 @@ class Flow:
                     return None
                 await self._changed.wait()
 
+    @property
+    def version(self) -> int:
+        """The policy version the fleet serves (the gate's: its one owner)."""
+        return self.gate.version
+
     async def advance(self, version: int) -> None:
-        """Every server now serves ``version``: admit the leases it allows."""
+        """Every server now serves ``version``: admit the leases it allows (the publisher
+        calls it once the version is verified everywhere)."""
         async with self._changed:
             self.gate.advance(version)
             self._changed.notify_all()

@@ -191,11 +191,11 @@ async def _train(
 async def _train_and_publish(
     ctx: RunContext, parts: Parts, batch: TrainBatch, clock: StepClock
 ) -> dict[str, float]:
-    """Step ``batch.step``, publish version ``step + 1``, let the gate admit on it."""
+    """Step ``batch.step``, publish version ``step + 1`` (the publisher advances the gate to it
+    once every live server verified it, and the gate admits on it)."""
     version = parts.flow.gate.version_after(batch.step)
     metrics = await parts.train_step(batch)
     published = await parts.publisher.publish(version)
-    await parts.flow.advance(version)
     ctx.ledger.emit(
         Published(
             version=version, transport=ctx.cfg.weights.transport, bytes=published.bytes,

@@ -132,8 +132,9 @@ async def open_parts(
         async with open_http_pool() as http, _open_fleet(ctx, model_dir, http, resume) as fleet:
             clients = {url: open_client(url, ctx.cfg.inference, http=http) for url in fleet.urls}
             publisher = await _open_publisher(
-                ctx, trainer, fleet, clients, model_dir=model_dir, limiter=limiter, resume=resume
-            )
+                ctx, trainer, fleet, clients, flow=flow, model_dir=model_dir, limiter=limiter,
+                resume=resume,
+            )  # fmt: skip
             try:
                 yield _assemble(ctx, trainer, flow, fleet, publisher, clients, val_items, limiter)
             finally:
@@ -209,21 +210,22 @@ async def _open_publisher(
     fleet: Fleet,
     clients: Mapping[str, GenerationBackend],
     *,
+    flow: Flow,
     model_dir: Path,
     limiter: anyio.CapacityLimiter,
     resume: Resume | None,
 ) -> Publisher:
-    """The weight publisher, bound as the fleet's restart hook; on resume, at the checkpoint's
-    version, with attached servers loaded with its weights."""
+    """The weight publisher, bound as the fleet's restart hook; the flow (the staleness gate)
+    owns the version it publishes; on resume, attached servers are loaded with the
+    checkpoint's weights."""
     weights = resolve_weights(ctx.cfg.weights, ctx.cfg.inference)
     transport = _transport(ctx, trainer, clients, model_dir=model_dir, limiter=limiter)
     # The publisher calls only the control part every backend has (BackendControl); weights/
     # still names SGLang's ServerControl for it.
     control = cast(Mapping[str, ServerControl], clients)
-    publisher = Publisher(weights, fleet=fleet, clients=control, transport=transport)
+    publisher = Publisher(weights, fleet=fleet, clients=control, transport=transport, versions=flow)
     fleet.bind(on_restart=publisher.on_restart)
-    if resume is not None:
-        publisher.version = resume.version
+    if resume is not None:  # the flow (the gate) already holds the checkpoint's version
         if isinstance(fleet.cfg, AttachInference):
             for server in fleet.servers:
                 await publisher.on_restart(server)

@@ -117,6 +117,26 @@ class Routing(Protocol):
 Inflight = Literal["drain", "interrupt", "in_place"]
 
 
+class Versions(Protocol):
+    """The owner of the served policy version (in the engine: the staleness gate, through the
+    flow). The publisher reads it and advances it once a version is verified everywhere."""
+
+    @property
+    def version(self) -> int: ...
+
+    async def advance(self, version: int) -> None: ...
+
+
+class OwnVersion:
+    """A :class:`Versions` of the publisher's own, for use without an engine (tests, tools)."""
+
+    def __init__(self) -> None:
+        self.version = 0
+
+    async def advance(self, version: int) -> None:
+        self.version = version
+
+
 class Publisher:
     """Publishes trainer weights to the fleet through ``transport``."""
 
@@ -127,17 +147,23 @@ class Publisher:
         fleet: Routing,
         clients: Mapping[str, ServerControl],
         transport: Transport,
+        versions: Versions | None = None,
     ) -> None:
         self.cfg = cfg
         self.fleet = fleet
         self.clients = clients
         self.transport = transport
-        self.version = 0
+        self.versions = versions or OwnVersion()
         self.inflight: Inflight = "drain" if cfg.inflight == "auto" else cfg.inflight
         """``weights.inflight`` (``auto`` left unresolved: ``drain``, right for any server)."""
         self.window_s = cfg.retry_window_s or fleet.cfg.health_timeout_s
         self._handles = {server.url: server for server in fleet.servers}
         self._lock = anyio.Lock()
+
+    @property
+    def version(self) -> int:
+        """The version every live server serves (owned by :attr:`versions`)."""
+        return self.versions.version
 
     def is_up(self, url: str) -> bool:
         """Whether the fleet routes ``url`` now (a server it does not know counts as up)."""
@@ -147,11 +173,13 @@ class Publisher:
     async def publish(self, version: int) -> PublishStats:
         """Run the whole state machine for ``version``; return its costs.
 
-        Without servers (``inference.backend = "none"``) the version only advances. Servers
-        that are down, or go down meanwhile, are skipped: :meth:`on_restart` loads them.
+        Once every live server verified ``version`` it is advanced in :attr:`versions` (under
+        the publisher's lock, so a restarted server never loads an older one). Without servers
+        (``inference.backend = "none"``) the version only advances. Servers that are down, or
+        go down meanwhile, are skipped: :meth:`on_restart` loads them.
         """
         if not self.clients:
-            self.version = version
+            await self.versions.advance(version)
             return PublishStats(
                 version=version, bytes=0, export_s=0.0, pause_s=0.0, transfer_s=0.0, total_s=0.0
             )
@@ -165,7 +193,7 @@ class Publisher:
             pause_start = time.perf_counter()
             nbytes, hold_s, transfer_s = await self._held(version, targets)
             pause_s = time.perf_counter() - pause_start
-            self.version = version
+            await self.versions.advance(version)
             self.transport.committed(version)
             for url in targets.live():
                 if url in self._handles:

@@ -210,3 +210,32 @@ async def test_unresolved_auto_inflight_drains(
     assert publisher.inflight == "drain"
     await publisher.publish(1)
     assert routing.events == ["pause", "drained", "resume"]
+
+
+async def test_the_version_owner_advances_only_after_every_server_verified(
+    tmp_path: Path,
+    routing: Routing,
+    sims: dict[str, SimulatedServer],
+    clients: dict[str, SGLangClient],
+) -> None:
+    class Gate:
+        """The engine's owner of the version (the flow), as the publisher sees it."""
+
+        def __init__(self) -> None:
+            self.version = 0
+            self.seen_by_servers: list[list[str]] = []
+
+        async def advance(self, version: int) -> None:
+            self.seen_by_servers.append([s.engine.weight_version for s in sims.values()])
+            self.version = version
+
+    gate = Gate()
+    publisher, _ = disk(tmp_path, routing, clients)
+    publisher.versions = gate
+    sims["http://sim1"].engine.faults.weight_update_failures = 2  # both attempts fail
+    with pytest.raises(WeightSyncError):
+        await publisher.publish(1)
+    assert gate.version == publisher.version == 0  # a failed publication advances nothing
+    assert (await publisher.publish(1)).version == 1
+    assert gate.version == publisher.version == 1
+    assert gate.seen_by_servers == [["1", "1"]]  # advanced once every server served it
