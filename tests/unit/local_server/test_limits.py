@@ -16,7 +16,6 @@ from nexrl_async.inference.local.http_io import (
     JsonError,
     decode_json,
     read_body,
-    replay,
 )
 from nexrl_async.inference.local.protocol import (
     GenerateRequest,
@@ -80,12 +79,6 @@ async def test_read_body_within_and_over_the_limit() -> None:
         await read_body(_scope(None), _receiver(b"12345", b"6789", b""), 8)  # type: ignore[arg-type]
     with pytest.raises(ClientGone):
         await read_body(_scope(None), _receiver(b"12", b"", disconnect=True), 8)  # type: ignore[arg-type]
-
-
-async def test_replay_gives_the_body_then_defers() -> None:
-    receive = replay(b"xyz", _receiver(b"", disconnect=True))  # type: ignore[arg-type]
-    assert (await receive())["body"] == b"xyz"
-    assert (await receive())["type"] == "http.disconnect"
 
 
 def test_deep_or_bad_json_is_a_json_error() -> None:

@@ -45,7 +45,6 @@ from nexrl_async.inference.local.http_io import (
     BodyTooLarge,
     ClientGone,
     read_body,
-    replay,
 )
 
 Handler = Callable[[HttpRequest, ServerContext], Awaitable[ASGIApp]]
@@ -102,6 +101,15 @@ def _table() -> dict[str, _Route]:
     return table
 
 
+class _ReadRequest(HttpRequest):
+    """A Starlette request whose body was already read (``body()`` returns it at once);
+    ``receive`` then only reports the client leaving."""
+
+    def __init__(self, scope: Scope, receive: Receive, body: bytes) -> None:
+        super().__init__(scope, receive)
+        self._body = body
+
+
 class LocalApp:
     """The whole server as one plain ASGI callable."""
 
@@ -147,9 +155,8 @@ class LocalApp:
             return
         except ClientGone:
             return
-        receive = replay(body, receive)
         try:
-            response = await route.handler(HttpRequest(scope, receive), self.ctx)
+            response = await route.handler(_ReadRequest(scope, receive, body), self.ctx)
         except control.BodyError as err:
             response = err.response
         await response(scope, receive, send)

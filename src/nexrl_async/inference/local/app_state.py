@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 from nexrl_async.core.errors import RequestRejected
 from nexrl_async.inference.local.protocol import Limits, check_text_length
 from nexrl_async.inference.local.scheduler import Scheduler
+from nexrl_async.inference.local.streaming import SlowWatch
 from nexrl_async.inference.local.update_group import WeightSyncState
 
 
@@ -30,6 +31,8 @@ class ServerContext:
     server_args: dict[str, Any]
     weight_sync: WeightSyncState
     """Distributed weight updates: joined process groups and the update session."""
+    watch: SlowWatch = field(default_factory=SlowWatch)
+    """Disconnect watchers for slow answers; its ``run`` belongs in the server's task group."""
     shutting_down: bool = False
     _token_text: dict[int, str] = field(default_factory=dict)
 

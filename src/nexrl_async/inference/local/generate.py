@@ -228,4 +228,4 @@ async def handle_generate(http: HttpRequest, ctx: ServerContext) -> ASGIApp:
         results = [payload(r, ctx, logprob_text=text, prompt_ids=prompt_ids) for r in requests]
         return json_response(results if batched else results[0])
 
-    return WhenFinished(requests, ctx.scheduler, build)
+    return WhenFinished(requests, ctx.scheduler, build, ctx.watch)

@@ -2,8 +2,7 @@
 
 The body is read once, before any handler runs: a declared ``Content-Length`` over the limit is
 refused without reading a byte, a chunked body as soon as it passes the limit (413). The
-handler then gets a ``receive`` that replays the body and afterwards passes through to the
-server's, so a later ``http.disconnect`` still reaches it.
+handler gets it with the request; ``receive`` then only reports the client leaving.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ from __future__ import annotations
 from typing import TypeVar
 
 import msgspec
-from starlette.types import Message, Receive, Scope
+from starlette.types import Receive, Scope
 
 T = TypeVar("T")
 
@@ -74,18 +73,6 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
-
-
-def replay(body: bytes, receive: Receive) -> Receive:
-    """A ``receive`` that first returns ``body`` whole, then defers to ``receive``."""
-    pending = [body]
-
-    async def replayed() -> Message:
-        if pending:
-            return {"type": "http.request", "body": pending.pop(), "more_body": False}
-        return await receive()
-
-    return replayed
 
 
 def decode_json(raw: bytes, kind: type[T]) -> T:

@@ -275,7 +275,7 @@ async def chat_completions(http: HttpRequest, ctx: ServerContext) -> ASGIApp:
             }
         )
 
-    return WhenFinished(requests, ctx.scheduler, build)
+    return WhenFinished(requests, ctx.scheduler, build, ctx.watch)
 
 
 async def completions(http: HttpRequest, ctx: ServerContext) -> ASGIApp:
@@ -300,7 +300,7 @@ async def completions(http: HttpRequest, ctx: ServerContext) -> ASGIApp:
             }
         )
 
-    return WhenFinished(requests, ctx.scheduler, build)
+    return WhenFinished(requests, ctx.scheduler, build, ctx.watch)
 
 
 def _streaming(

@@ -247,6 +247,7 @@ async def serve(
     server = _Uvicorn(config)
     async with anyio.create_task_group() as tg:
         await tg.start(scheduler.run)
+        await tg.start(ctx.watch.run)
         if handle_signals:
             tg.start_soon(_stop_on_signal, server, ctx)
         tg.start_soon(_report_started, server, task_status)

@@ -5,19 +5,21 @@ for old ASGI servers) and closes the body generator in every case, so the genera
 ``finally`` — which aborts the unfinished requests — runs at once, not at garbage collection.
 
 :class:`WhenFinished` waits for its requests, then sends the response built from them; a client
-that disconnects meanwhile aborts them. Only requests still running after ``WATCH_AFTER_S`` get
-a task that watches for the client leaving: most answers take milliseconds, and a task per
-request costs more than the rest of it.
+that disconnects meanwhile aborts them. Only answers still waiting after ``WATCH_AFTER_S`` get a
+task that watches for the client leaving (:class:`SlowWatch`, one sweeper per server): most
+answers take milliseconds, and a task or a timer per request costs more than the rest of it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import anyio
 import msgspec
+from anyio.abc import TaskStatus
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -84,41 +86,67 @@ class EventStreamResponse(StreamingResponse):
 
 
 WATCH_AFTER_S = 0.2
-"""A :class:`WhenFinished` still waiting after this starts watching for its client leaving."""
+"""An answer still waiting after this gets a task that watches for its client leaving."""
+
+
+async def _watch(receive: Receive, requests: list[Request], scheduler: Scheduler) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    abort_unfinished(requests, scheduler)  # a no-op once all have finished
+
+
+class SlowWatch:
+    """Starts a disconnect watcher for each registered answer once it has waited
+    ``WATCH_AFTER_S``. A watcher ends by itself: uvicorn's ``receive`` answers
+    ``http.disconnect`` once the response is complete (it is never cancelled: a cancellation
+    costs more than the rest of a small request)."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[int, tuple[float, Receive, list[Request], Scheduler]] = {}
+
+    def add(
+        self, key: int, receive: Receive, requests: list[Request], scheduler: Scheduler
+    ) -> None:
+        self._waiting[key] = (time.monotonic(), receive, requests, scheduler)
+
+    def remove(self, key: int) -> None:
+        self._waiting.pop(key, None)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Sweep every ``WATCH_AFTER_S / 2`` until cancelled."""
+        async with anyio.create_task_group() as tg:
+            task_status.started()
+            while True:
+                await anyio.sleep(WATCH_AFTER_S / 2)
+                due = time.monotonic() - WATCH_AFTER_S
+                for key, (since, receive, requests, scheduler) in list(self._waiting.items()):
+                    if since <= due:
+                        del self._waiting[key]
+                        tg.start_soon(_watch, receive, requests, scheduler)
 
 
 class WhenFinished:
-    """An ASGI response: wait for ``requests``, then send ``build()``."""
+    """An ASGI response: wait for ``requests``, then send ``build()``; registered with
+    ``watch`` meanwhile, so a client that leaves aborts them."""
 
     def __init__(
-        self, requests: list[Request], scheduler: Scheduler, build: Callable[[], Response]
+        self,
+        requests: list[Request],
+        scheduler: Scheduler,
+        build: Callable[[], Response],
+        watch: SlowWatch,
     ) -> None:
         self.requests = requests
         self.scheduler = scheduler
         self.build = build
-
-    def _all_finished(self) -> bool:
-        return all(req.finished for req in self.requests)
-
-    async def _finished(self) -> None:
-        notifier = self.requests[0].notifier  # shared by the requests of one HTTP call
-        while not self._all_finished():
-            await notifier.wait_past(notifier.version)
-
-    async def _watch(self, receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        abort_unfinished(self.requests, self.scheduler)  # a no-op once all have finished
+        self.watch = watch
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        with anyio.move_on_after(WATCH_AFTER_S):
-            await self._finished()
-        if self._all_finished():
-            await self.build()(scope, receive, send)
-            return
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._watch, receive)
-            await self._finished()
-            # the watcher ends by itself: uvicorn's receive answers http.disconnect once the
-            # response is complete (never cancelled: a cancellation costs more than the rest)
-            await self.build()(scope, receive, send)
+        notifier = self.requests[0].notifier  # shared by the requests of one HTTP call
+        self.watch.add(id(self), receive, self.requests, self.scheduler)
+        try:
+            while not all(req.finished for req in self.requests):
+                await notifier.wait_past(notifier.version)
+        finally:
+            self.watch.remove(id(self))
+        await self.build()(scope, receive, send)
