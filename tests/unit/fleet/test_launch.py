@@ -143,3 +143,10 @@ def test_log_tail_reads_the_end(tmp_path: Path) -> None:
     log.write_text("a" * 5000 + "the end\n")
     assert log_tail(log, max_bytes=8) == "the end\n"
     assert log_tail(tmp_path / "missing.log") == ""
+
+
+def test_the_launch_log_never_shows_the_api_key() -> None:
+    from nexrl_async.inference.fleet.launch import _redacted
+
+    argv = ["python", "-m", "nexrl_async.inference.local", "--api-key", "s3cret", "--port", "1"]
+    assert _redacted(argv) == [*argv[:4], "***", "--port", "1"]

@@ -273,7 +273,7 @@ class ServerProcess:
             argv = [sys.executable, "-I", "-S", "-c", _PDEATHSIG_SHIM, str(os.getpid()), *argv]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.env}
         with spec.log_path.open("ab") as log, anyio.CancelScope(shield=True):
-            command = shlex.join(spec.argv)
+            command = shlex.join(_redacted(spec.argv))
             header = f"=== nexrl_async: launch {attempt} of server {spec.index}: {command}\n"
             log.write(header.encode())
             log.flush()
@@ -344,3 +344,11 @@ def log_tail(path: Path, max_bytes: int = 2000) -> str:
             return log.read().decode(errors="replace")
     except OSError:
         return ""
+
+
+def _redacted(argv: list[str]) -> list[str]:
+    """``argv`` with the value after ``--api-key`` hidden (the log is a file on disk)."""
+    return [
+        "***" if index and argv[index - 1] == "--api-key" else arg
+        for index, arg in enumerate(argv)
+    ]
