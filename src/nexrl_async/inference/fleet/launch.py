@@ -346,9 +346,8 @@ def log_tail(path: Path, max_bytes: int = 2000) -> str:
         return ""
 
 
-def _redacted(argv: list[str]) -> list[str]:
+def _redacted(argv: Sequence[str]) -> list[str]:
     """``argv`` with the value after ``--api-key`` hidden (the log is a file on disk)."""
     return [
-        "***" if index and argv[index - 1] == "--api-key" else arg
-        for index, arg in enumerate(argv)
+        "***" if index and argv[index - 1] == "--api-key" else arg for index, arg in enumerate(argv)
     ]
