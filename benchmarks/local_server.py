@@ -19,8 +19,11 @@ the engine's HTTP pool):
 - ``single``: 256 requests with ``n = 1``.
 
 Server CPU is the server process's user + system time (psutil, every thread) over ``--bursts``
-bursts after a warm-up, divided by the HTTP requests and by the samples. Shapes alternate
-burst by burst so both see the same machine load. Target: <= 0.5 ms per request.
+bursts after a warm-up, divided by the HTTP requests and by the samples. Shapes (and, with
+``--baseline-src``, servers) alternate burst by burst so all see the same machine load: on a
+shared box compare only numbers from one run. Target: <= 0.5 ms per sample (a single request
+is one sample; a request with ``n = 8`` is eight). ``--max-batch 256`` shows what one wave per
+demo step would cost (the demo runs 64).
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--out-dir", type=Path, default=RESULTS_DIR, help="where the JSON goes")
     add("--bursts", type=int, default=20, help="timed bursts per shape")
     add("--warmup", type=int, default=3, help="untimed bursts per shape first")
+    add("--max-batch", type=int, default=64, help="the server's --max-batch (the demo's: 64)")
     add("--baseline-src", default=None,
         help="also serve from this src/ folder (e.g. a git worktree of an older commit) and "
              "alternate bursts between the two servers")  # fmt: skip
@@ -225,10 +229,10 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"servers": servers, "rows": rows, "target_ms": TARGET_MS, "passed": worst <= TARGET_MS}
 
 
-def _serve_argv(model_dir: Path, port: int) -> list[str]:
+def _serve_argv(model_dir: Path, port: int, max_batch: int) -> list[str]:
     return [
         sys.executable, "-m", "nexrl_async", "serve", "--model", str(model_dir),
-        "--port", str(port), "--torch-threads", "1", "--max-batch", "64",
+        "--port", str(port), "--torch-threads", "1", "--max-batch", str(max_batch),
     ]  # fmt: skip
 
 
@@ -236,6 +240,7 @@ def run_server_cpu_part(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Start the demo's server (and the baseline's, if asked), measure both shapes, stop."""
     print("local server CPU per request at the demo's shape (group n=8, single)", flush=True)
     model_dir = build_demo_model(work / "demo-model")
+    max_batch = getattr(args, "max_batch", 64)  # benchmarks/inference.py passes none
     with ExitStack() as stack:
         servers: Servers = {}
         sources = {"current": None, "baseline": args.baseline_src}
@@ -246,7 +251,9 @@ def run_server_cpu_part(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             env = None if src is None else {"PYTHONPATH": str(Path(src).resolve())}
             log = work / f"local_server_{name}.log"
             server = stack.enter_context(
-                server_process(_serve_argv(model_dir, port), port=port, log_path=log, env=env)
+                server_process(
+                    _serve_argv(model_dir, port, max_batch), port=port, log_path=log, env=env
+                )
             )
             servers[name] = (server.url, server.process.pid)
         rows = anyio.run(measure, servers, args)
@@ -254,7 +261,8 @@ def run_server_cpu_part(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     result["settings"] = {
         "model": "reverse_digits demo (qwen2, hidden 64, 2 layers, digits char tokenizer)",
         "samples_per_burst": SAMPLES, "n": GROUP, "max_new_tokens": NEW_TOKENS,
-        "prompt_tokens": 4, "bursts": args.bursts, "max_batch": 64, "torch_threads": 1,
+        "prompt_tokens": 4, "bursts": args.bursts, "max_batch": max_batch,
+        "torch_threads": 1,
         "baseline_src": args.baseline_src,
     }  # fmt: skip
     return result
