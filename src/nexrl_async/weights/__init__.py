@@ -17,6 +17,7 @@ from nexrl_async.weights.publisher import (
     Transport,
     WeightPublisher,
 )
+from nexrl_async.weights.steps import Targets
 
 __all__ = [
     "BroadcastGroup",
@@ -29,6 +30,7 @@ __all__ = [
     "Routing",
     "Sender",
     "SenderFactory",
+    "Targets",
     "Transport",
     "WeightPublisher",
 ]

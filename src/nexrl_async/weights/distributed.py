@@ -1,13 +1,17 @@
 """The distributed transport: the trainer broadcasts, every server receives (no disk).
 
-``weights.transport = "distributed"``. The broadcast group (``weights.group``) is opened once, in
-the first publication's ``prepare`` (outside the hold), and reused by every publication; each
-``transfer`` plans buckets of at most ``weights.bucket_mb`` MiB from the trainer's parameters and
-broadcasts them while every server receives (docs/sglang_api.md §4.1).
+``weights.transport = "distributed"``. The broadcast group (``weights.group``) is opened over
+the servers the fleet routes, in the first publication's ``prepare`` (outside the hold), and
+reused while they stay the same; each ``transfer`` plans buckets of at most ``weights.bucket_mb``
+MiB from the trainer's parameters and broadcasts them while every member receives
+(docs/sglang_api.md §4.1). A group whose members are no longer the live servers is closed and a
+new one opened over them.
 
-Failures: a failed attempt closes the group (the sender is aborted, every server leaves it) and
-the next attempt opens a new one, up to ``weights.retries`` retries; then
-:class:`WeightSyncError` names the server (or the trainer) and the step. A relaunched server
+Failures: a failed attempt closes the group (the sender is aborted, every server leaves it).
+When a member went down meanwhile, the attempt is made again at once without it (it gets the
+weights on restart); otherwise after a backoff, up to ``weights.retries`` retries and, while a
+server does not answer, for the publication's retry window; then :class:`WeightSyncError` names
+the server (or the trainer) and the step. A relaunched server
 (:meth:`DistributedTransport.restore`) breaks the group too: it is closed and re-opened by the
 next publication, and the relaunched server alone gets the current weights through a temporary
 two-party group before it is routed again.
@@ -127,13 +131,10 @@ class DistributedTransport(Generic[BucketT]):
 
     async def _group_for(self, live: Mapping[str, ServerControl]) -> BroadcastGroup[BucketT]:
         """The open group if its members are ``live``, else a new group over them."""
+        if (group := self._fitting(live)) is not None:
+            return group  # no lock: every loop cycle counts on a busy event loop
         async with self._lock:
-            group = self._group
-            if (
-                group is not None
-                and group.sender is not None
-                and group.clients.keys() == live.keys()
-            ):
+            if (group := self._fitting(live)) is not None:
                 return group
             await self._close()
             group = self._make_group(self.group_name, dict(live))
@@ -141,15 +142,25 @@ class DistributedTransport(Generic[BucketT]):
             await group.open()
             return group
 
+    def _fitting(self, live: Mapping[str, ServerControl]) -> BroadcastGroup[BucketT] | None:
+        """The open group when its members are exactly ``live``."""
+        group = self._group
+        if group is None or group.sender is None or group.clients.keys() != live.keys():
+            return None
+        return group
+
     async def _send(self, group: BroadcastGroup[BucketT], version: int) -> int:
         sender = group.sender
         if sender is None:
             raise WeightSyncError(f"weight-update group {group.name} is not open")
-        async with self.limiter:  # no training step between planning and sending
-            buckets = await anyio.to_thread.run_sync(
+
+        async def plan() -> list[BucketT]:
+            return await anyio.to_thread.run_sync(
                 lambda: sender.plan(self.params(), bucket_mb=self.cfg.bucket_mb)
             )
-            return await group.send(buckets, version)
+
+        async with self.limiter:  # no training step between planning and sending
+            return await group.send(plan, version)
 
     async def _close(self) -> None:
         group, self._group = self._group, None

@@ -93,7 +93,7 @@ def start_servers(model: Path, logs: Path, count: int) -> list[Server]:
         with log.open("wb") as sink:
             proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=env)
         servers.append(Server(proc, f"http://127.0.0.1:{port}", log))
-    deadline = time.monotonic() + 90.0
+    deadline = time.monotonic() + 240.0  # two start-ups on two busy shared cores
     pending = list(servers)
     while pending and time.monotonic() < deadline:
         for server in list(pending):

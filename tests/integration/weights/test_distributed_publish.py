@@ -30,7 +30,7 @@ from nexrl_async.weights.sender import Bucket, LoadFormat, WeightSender
 
 from .conftest import API_KEY, Server, tiny
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(360)]  # server start-ups on busy cores
 
 PROMPT = [1, 5, 6, 14, 7, 17]
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}

@@ -22,7 +22,7 @@ from nexrl_async.weights.sender import WeightSender
 from .conftest import start_servers, stop_all
 from .test_distributed_publish import HEADERS, PROMPT, make_trainer, nudge, publishing
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(360)]  # server start-ups on busy cores
 
 
 async def long_request(http: httpx.AsyncClient, url: str, out: dict[str, Any]) -> None:
