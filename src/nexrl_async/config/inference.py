@@ -144,25 +144,31 @@ class WeightsConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     ``disk`` for the others (a broadcast to SGLang needs NCCL on the trainer; vLLM 0.32 has no
     transfer engine that runs on CPU)."""
     inflight: Literal["auto", "drain", "interrupt", "in_place"] = "auto"
-    """Running requests during a publication.
+    """Running requests during a publication (routing is held in every mode).
 
-    - ``drain``: hold new requests, wait until every running one has finished, then swap.
+    - ``drain``: wait until every running request has finished, then swap.
     - ``interrupt``: abort running requests (``pause_generation`` abort); workers resume them
       with their partial tokens once routing resumes.
     - ``in_place``: no drain. Servers are paused in place (``pause_generation`` in_place),
       the weights are swapped between two decode steps, then generation continues; a request
-      that straddles the swap keeps its tokens and its KV from the older weights.
+      that straddles the swap keeps its tokens and its KV from the older weights, and the
+      server labels each token with the weights that decoded it.
+
+    ``interrupt`` and ``in_place`` pause only the servers with requests of this engine running;
+    an idle server is loaded as in ``drain``.
 
     The rule: the staleness contract (docs/architecture.md §3) is over head versions, the oldest
-    weight version that produced any token of a group. ``in_place`` keeps it in every staleness
-    mode when the server reports per-token ``weight_versions`` spans (a straddling turn is headed
-    by its older version, so ``s - head <= k`` is checked on what really produced it) and keeps
-    no prefix cache across versions. The local server does both; SGLang's radix cache would
-    reuse prefixes computed by older weights under newer labels, so use ``drain`` or
-    ``interrupt`` there. A drain only matters where running requests exist: in ``sync`` none do
-    at a publication, so every mode costs the same; with ``k >= 1`` a drain holds routing until
-    the slowest running request ends. ``auto``: ``in_place`` for ``backend = "local"``,
-    ``drain`` for the others (and wherever :func:`resolve_weights` was not applied)."""
+    weight version that produced any token of a group. A swap under running requests keeps it
+    when the server reports per-token ``weight_versions`` spans (a straddling turn is headed by
+    its older version, so ``s - head <= k`` is checked on what really produced it) and keeps no
+    prefix cache across versions. The local server does both, so ``in_place`` is safe in every
+    staleness mode there; SGLang's radix cache would reuse prefixes computed by older weights
+    under newer labels, so use ``drain`` or ``interrupt`` with SGLang. A drain only costs where
+    requests run at a publication: in ``sync`` (``k = 0``) no rollout of the next step is
+    admitted before it, so the modes cost about the same; with ``k >= 1`` (and ``fully-async``) a drain holds routing until the slowest running
+    request ends, which ``in_place`` never waits for. ``auto``: ``in_place`` for
+    ``backend = "local"``, ``drain`` for the others (and wherever :func:`resolve_weights` was
+    not applied)."""
     step_timeout_s: PosFloat = 300.0
     """Deadline of every publication step (pause, transfer, verify, flush, continue)."""
     retries: NonNegInt = 2
