@@ -20,8 +20,9 @@ concurrency, to the same server. The baseline encodes with msgspec and decodes t
 untyped: the least a caller of httpx can do. Trials alternate A B B A ... on fresh clients.
 Targets: the client sustains >= 2,000 requests per CPU-second of this process (one core),
 i.e. <= 500 us of client CPU per request; the ratio median(client) / median(httpx) req/s is
-reported too (>= 0.8). CPU per request does not depend on how busy the machine or the server
-is; requests/s on a shared 2-core box does.
+reported too (>= 0.8). CPU per request depends far less than requests/s on how busy the server
+is, but on a saturated shared box every CPU-second buys less: at load 9 on 2 cores even bare
+aiohttp took 0.49 ms per request against 0.25 ms an hour earlier. Compare within one run.
 
 (b) ``local``: tokens/s of the local server (``python -m nexrl_async serve ... --torch-threads
 1``) on a tiny model built with ``train/build.py`` (``BuiltModel()`` defaults, char tokenizer)

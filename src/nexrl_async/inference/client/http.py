@@ -2,7 +2,8 @@
 the transport.
 
 Measured per ``/generate`` request against a zero-latency server (``benchmarks/inference.py``,
-the 2-core CPU box, 32 in flight; client CPU per request):
+the shared 2-core CPU box, 32 in flight; client CPU per request, all in one run; on a more
+saturated box every figure doubled, the ratios held):
 
 - httpx on httpcore: pure-Python HTTP parsing (h11) and a connection pool that re-scans every
   connection for every queued request (encode/httpcore#1035, unfixed in 1.0.9), whose cost
