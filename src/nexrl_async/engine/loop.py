@@ -198,13 +198,15 @@ async def _train_and_publish(
     published = await parts.publisher.publish(version)
     ctx.ledger.emit(
         Published(
-            version=version, transport=ctx.cfg.weights.transport, bytes=published.bytes,
+            version=version, transport=parts.publisher.transport.name, bytes=published.bytes,
             transfer_s=published.transfer_s, pause_s=published.pause_s,
             servers=list(parts.fleet.urls),
         )
     )  # fmt: skip
     metrics.update(batch_metrics(batch), **parts.pipeline_metrics(clock))
     metrics.update({"weights/publish_s": published.total_s, "weights/pause_s": published.pause_s})
+    metrics["weights/hold_s"] = published.hold_s
+    metrics["weights/skipped"] = float(published.skipped)
     metrics["weights/bytes"] = float(published.bytes)
     return metrics
 
