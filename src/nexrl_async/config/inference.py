@@ -165,8 +165,9 @@ class WeightsConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     staleness mode there; SGLang's radix cache would reuse prefixes computed by older weights
     under newer labels, so use ``drain`` or ``interrupt`` with SGLang. A drain only costs where
     requests run at a publication: in ``sync`` (``k = 0``) no rollout of the next step is
-    admitted before it, so the modes cost about the same; with ``k >= 1`` (and ``fully-async``) a drain holds routing until the slowest running
-    request ends, which ``in_place`` never waits for. ``auto``: ``in_place`` for
+    admitted before it, so the modes cost about the same; with ``k >= 1`` (and ``fully-async``)
+    a drain holds routing until the slowest running request ends, which ``in_place`` never
+    waits for. ``auto``: ``in_place`` for
     ``backend = "local"``, ``drain`` for the others (and wherever :func:`resolve_weights` was
     not applied)."""
     step_timeout_s: PosFloat = 300.0
