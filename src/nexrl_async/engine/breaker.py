@@ -25,6 +25,7 @@ class FailureBreaker:
         self.cfg = cfg
         self._window: deque[tuple[str, ...] | None] = deque(maxlen=cfg.window_groups)
         self._warned = False
+        self._tripped = False
 
     def record(self, failure_reasons: list[str] | None) -> None:
         """One finished group: ``None`` when it succeeded, else its samples' failure reasons.
@@ -32,11 +33,14 @@ class FailureBreaker:
         Raises:
             RolloutError: the failed share of a full window reached the stop threshold.
         """
+        if self._tripped:  # raised once already: the run is stopping
+            return
         self._window.append(None if failure_reasons is None else tuple(failure_reasons))
         failed = sum(entry is not None for entry in self._window)
         share = failed / len(self._window)
         full = len(self._window) == self._window.maxlen
         if full and share >= self.cfg.stop_failed_fraction:
+            self._tripped = True
             raise RolloutError(
                 f"rollouts keep failing: {failed} of the last {len(self._window)} groups failed "
                 f"({self.describe()}); the run stops (faults.stop_failed_fraction = "
