@@ -56,6 +56,11 @@ class ValidationConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Sampling temperature for validation (0 is greedy)."""
     max_items: PosInt | None = None
     """Validate on at most this many items."""
+    failed_samples: Literal["zero", "exclude"] = "zero"
+    """How a FAILED validation sample counts in ``val/reward_mean`` and the ``val/<metric>_mean``
+    s: ``zero`` scores it 0 (a policy that breaks the evaluator or times out does not look
+    better for it), ``exclude`` averages the samples that succeeded only. ``val/failed``
+    counts them either way."""
 
 
 class WandbConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

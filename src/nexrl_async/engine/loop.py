@@ -218,6 +218,7 @@ async def _validate(ctx: RunContext, parts: Parts, *, step: int, final: bool) ->
     metrics = await validate(
         parts.val_worker, parts.val_items, version=parts.flow.gate.version,
         concurrency=ctx.cfg.rollout.workers, loss=parts.reporting.validation_loss,
+        failed_samples=val.failed_samples,
     )  # fmt: skip
     ctx.ledger.emit(Validated(step=step, metrics=dict(metrics)))
     shown = {k: round(v, 4) for k, v in metrics.items() if k in ("val/reward_mean", "val/loss")}

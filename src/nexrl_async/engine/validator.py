@@ -37,6 +37,7 @@ async def validate(
     version: int,
     concurrency: int,
     loss: LossFn | None = None,
+    failed_samples: str = "zero",
 ) -> dict[str, float]:
     """Run every item once and average rewards and evaluator metrics.
 
@@ -55,7 +56,7 @@ async def validate(
             tg.start_soon(one, index, item)
     if loss is not None:
         return {**await loss(TrainBatch(step=version, groups=groups)), **_failed(groups)}
-    return summarize(groups)
+    return summarize(groups, failed_samples=failed_samples)
 
 
 def _failed(groups: list[Group]) -> dict[str, float]:
@@ -63,20 +64,23 @@ def _failed(groups: list[Group]) -> dict[str, float]:
     return {"val/samples": float(len(trajs)), "val/failed": float(sum(not t.ok for t in trajs))}
 
 
-def summarize(groups: list[Group]) -> dict[str, float]:
+def summarize(groups: list[Group], *, failed_samples: str = "zero") -> dict[str, float]:
+    """``val/*`` of the validation groups; a FAILED sample scores 0 in every mean under
+    ``failed_samples = "zero"`` and is left out under ``"exclude"`` (``validation`` config)."""
     trajs = [t for g in groups for t in g.trajectories]
     ok = [t for t in trajs if t.ok]
+    counted = trajs if failed_samples == "zero" else ok
     out: dict[str, float] = {
         "val/samples": float(len(trajs)),
         "val/failed": float(len(trajs) - len(ok)),
-        "val/reward_mean": sum(t.reward for t in ok) / len(ok) if ok else math.nan,
+        "val/reward_mean": sum(t.reward for t in ok) / len(counted) if counted else math.nan,
     }
-    sums: dict[str, list[float]] = defaultdict(list)
+    sums: dict[str, float] = defaultdict(float)
     for t in ok:
         for key, value in t.metrics.items():
-            sums[key].append(value)
-    for key, values in sums.items():
-        out[f"val/{key}_mean"] = sum(values) / len(values)
+            sums[key] += value
+    for key, total in sums.items():
+        out[f"val/{key}_mean"] = total / len(counted)
     return out
 
 
