@@ -109,3 +109,11 @@ def _wait_healthy(url: str, process: subprocess.Popen[bytes]) -> None:
             pass
         time.sleep(0.2)
     raise AssertionError("the simulated server never became healthy")
+
+
+def test_a_context_too_short_for_any_prompt_stops_the_run(tmp_path: Path) -> None:
+    code, err, elapsed = run(tmp_path / "run", "model.max_position_embeddings=2")
+    assert code == 1, err
+    assert "prompt_rejected" in err
+    assert err.count("rollouts keep failing") == 1  # one clear line, not one per worker
+    assert elapsed < 120
