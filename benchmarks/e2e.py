@@ -44,13 +44,21 @@ the engine's run in:
   prompts x ``group_size`` (8) samples a step;
 - sampling: temperature 1.0 over the whole vocabulary, at most ``max_new_tokens`` (3) tokens,
   stop at EOS (kept in the response, in the loss); KV-cache decoding written here;
-- reward: ``task.positional_accuracy(answer, decoded.strip())`` with special tokens skipped in
-  the decoding, i.e. ``ReverseEvaluator``'s reward (and its ``exact`` metric);
+- reward: ``task.reward(answer, decoded.strip())`` (``task.positional_accuracy`` in a task
+  without ``reward``) with special tokens skipped in the decoding, i.e. ``ReverseEvaluator``'s
+  reward (and its ``exact`` metric);
+- zero-variance filtering (``pool.filter_zero_variance`` or ``algorithm.dynamic_sampling``):
+  groups whose rewards are all equal are dropped and more prompts are sampled, in source order,
+  until the step has ``batch_groups`` groups; surplus groups of the last draw wait for the next
+  step, as they would in the engine's pool (``data.epochs`` passes, epoch ``e`` shuffled with
+  ``random.Random(data.seed + e)``);
 - update: GRPO advantages ``(r - mean_g) / (std_g + 1e-6)`` (unbiased std, 0 for a flat group,
   ``algorithms.group_advantages``), token-mean PPO-clip loss (clip 0.2) with one optimizer step
   per batch (ratio 1: plain policy gradient) minus ``entropy_coef`` (0.01) x the token-mean
-  entropy, AdamW (lr 1e-3, betas 0.9/0.999, eps 1e-8, weight decay 0), grad-norm clip 1.0,
-  constant LR;
+  entropy, log-probs and entropies of the logits divided by the sampling temperature (as the
+  trainer does), AdamW (lr 1e-3, betas 0.9/0.999, eps 1e-8, weight decay 0), grad-norm clip
+  1.0, ``[optim]``'s schedule (``train.schedule.lr_multiplier``: warm-up, constant / linear /
+  cosine to ``min_lr_ratio``), stepped once per training step;
 - validation: before training, every ``every_steps`` (25) steps and at the end, on the 64
   items of ``[validation.data]`` (seed 12345, file order), greedy, one sample each;
   ``val/reward_mean`` is the mean reward. A step's time includes the validation due after it,
@@ -63,7 +71,8 @@ order); its sampler is the inference server's, with its own RNG (the loop sample
 generator seeded by ``--seed``), so the trajectories and curves are not bit-identical, only
 statistically alike; the engine's trainer packs sequences (the loop pads to 7 tokens: the same
 log-probs); the engine also checkpoints (every 100 steps), publishes weights to the server every
-step and writes samples and events. ``--set`` overrides reach only the engine run.
+step and writes samples and events. ``--set`` overrides reach both runs (the loop reads the
+recipe keys above from the overridden recipe).
 """
 
 from __future__ import annotations
@@ -96,6 +105,7 @@ from torch import Tensor
 from e2e_report import plot, print_summary
 from harness import RESULTS_DIR, machine, write_json
 from nexrl_async.train.build import BuiltModel, CharTokenizer, build_char_tokenizer, build_model
+from nexrl_async.train.schedule import lr_multiplier
 
 NAME = "e2e"
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,8 +145,22 @@ class Recipe:
         return node
 
 
-def load_recipe(path: Path) -> Recipe:
-    return Recipe(path=path.resolve(), raw=tomllib.loads(path.read_text(encoding="utf-8")))
+def load_recipe(path: Path, overrides: Sequence[str] = ()) -> Recipe:
+    """The recipe's TOML with ``--set KEY.PATH=VALUE`` overrides applied (values parsed as TOML
+    literals, else bare strings, as ``config.loader`` does)."""
+    raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    for item in overrides:
+        key, _, text = item.partition("=")
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        node = raw
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return Recipe(path=path.resolve(), raw=raw)
 
 
 def load_callable(recipe: Recipe, ref: str) -> Any:
@@ -186,6 +210,13 @@ class LoopConfig:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     entropy_coef: float = 0.01
+    estimator: str = "grpo"
+    """``algorithm.estimator``: ``grpo``, ``dr_grpo`` or ``rloo`` (token-mean loss only)."""
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    filter_zero_variance: bool = False
+    """Drop groups with equal rewards and sample more prompts until the batch is full."""
     prompt_field: str = "prompt"
     answer_field: str = "answer"
     threads: int = 1
@@ -204,19 +235,25 @@ def loop_config(recipe: Recipe, *, steps: int, seed: int) -> LoopConfig:
     data_kwargs = recipe.get("data.kwargs", {})
     rows = list(load_callable(recipe, recipe.get("data.factory"))(**data_kwargs))
     shuffle, data_seed = recipe.get("data.shuffle", True), recipe.get("data.seed", 0)
-    train = shuffled(rows, shuffle=shuffle, seed=data_seed)
+    epochs = recipe.get("data.epochs", 1)
+    train = [
+        row for e in range(epochs) for row in shuffled(rows, shuffle=shuffle, seed=data_seed + e)
+    ]
     val_data = recipe.get("validation.data")
     val_rows = list(load_callable(recipe, val_data["factory"])(**val_data.get("kwargs", {})))
     val = shuffled(val_rows, shuffle=val_data.get("shuffle", True), seed=val_data.get("seed", 0))
     if val_data.get("max_items") is not None:
         val = val[: val_data["max_items"]]
     grad_norm = recipe.get("optim.max_grad_norm", 1.0)
+    reward = getattr(task, "reward", None) or task.positional_accuracy
+    zero_var = recipe.get("pool.filter_zero_variance", False)
+    zero_var = zero_var or recipe.get("algorithm.dynamic_sampling", False)
     return LoopConfig(
         model=recipe.get("model"),
         tokenizer=recipe.get("tokenizer"),
         train_items=train,
         val_items=val,
-        score=lambda answer, response: float(task.positional_accuracy(answer, response.strip())),
+        score=lambda answer, response: float(reward(answer, response.strip())),
         steps=steps,
         seed=seed,
         groups=recipe.get("pool.batch_groups"),
@@ -229,6 +266,11 @@ def loop_config(recipe: Recipe, *, steps: int, seed: int) -> LoopConfig:
         weight_decay=recipe.get("optim.weight_decay", 0.0),
         max_grad_norm=grad_norm,
         entropy_coef=recipe.get("algorithm.entropy_coef", 0.0),
+        estimator=recipe.get("algorithm.estimator", "grpo"),
+        schedule=recipe.get("optim.schedule", "constant"),
+        warmup_steps=recipe.get("optim.warmup_steps", 0),
+        min_lr_ratio=recipe.get("optim.min_lr_ratio", 0.0),
+        filter_zero_variance=bool(zero_var),
         prompt_field=recipe.get("rollout.prompt_field", "prompt"),
         threads=recipe.get("trainer.threads", 1),
     )
@@ -248,13 +290,23 @@ def build_policy(cfg: LoopConfig) -> tuple[torch.nn.Module, Any]:
     return model, tok
 
 
-def grpo_advantages(rewards: Tensor, group_size: int, eps: float = GRPO_EPS) -> Tensor:
-    """``[B]`` (rows group-contiguous): ``(r - mean_g) / (std_g + eps)``, unbiased std, exactly 0
-    for a group whose rewards are all equal; float64 inside, float32 out."""
+def grpo_advantages(
+    rewards: Tensor, group_size: int, eps: float = GRPO_EPS, estimator: str = "grpo"
+) -> Tensor:
+    """``[B]`` (rows group-contiguous): ``(r - mean_g) / (std_g + eps)``, unbiased std (``grpo``;
+    ``dr_grpo``: ``r - mean_g``; ``rloo``: ``n / (n - 1) (r - mean_g)``), exactly 0 for a group
+    whose rewards are all equal; float64 inside, float32 out."""
     r = rewards.to(torch.float64).view(-1, group_size)
     mean = r.mean(dim=1, keepdim=True)
     std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
-    adv = (r - mean) / (std + eps)
+    if estimator == "grpo":
+        adv = (r - mean) / (std + eps)
+    elif estimator == "dr_grpo":
+        adv = r - mean
+    elif estimator == "rloo":
+        adv = (r - mean) * group_size / max(1, group_size - 1)
+    else:
+        raise ValueError(f"the loop has no estimator {estimator!r}")
     flat = (r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)).expand_as(r)
     return torch.where(flat, 0.0, adv).reshape(-1).to(torch.float32)
 
@@ -318,9 +370,11 @@ def policy_loss(
     *,
     pad_id: int,
     entropy_coef: float,
+    temperature: float = 1.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """Token-mean PPO-clip (ratio 1: the old log-probs are this forward's, detached) minus
-    ``entropy_coef`` x the token-mean entropy, over the response tokens of the batch."""
+    ``entropy_coef`` x the token-mean entropy, over the response tokens of the batch; logits
+    divided by the sampling ``temperature``."""
     seqs = [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -331,6 +385,8 @@ def policy_loss(
         attn[row, : len(s)] = 1
         mask[row, len(p) : len(s)] = 1.0
     logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
     logp = torch.log_softmax(logits, dim=-1)
     lp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
     entropy = -(logp.exp() * logp).sum(-1)
@@ -391,11 +447,22 @@ def _run_loop(cfg: LoopConfig, log: Callable[[str], None]) -> dict[str, Any]:
         eps=ADAM_EPS,
         weight_decay=cfg.weight_decay,
     )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_multiplier(
+            s,
+            schedule=cfg.schedule,
+            warmup_steps=cfg.warmup_steps,
+            total_steps=cfg.steps,
+            min_lr_ratio=cfg.min_lr_ratio,
+        ),
+    )
     generator = torch.Generator().manual_seed(cfg.seed)
     need = cfg.steps * cfg.groups
     if need > len(cfg.train_items):
         have = len(cfg.train_items)
         raise ValueError(f"{cfg.steps} steps need {need} items; the data has {have}")
+    sampler = _GroupSampler(cfg, model, tok, generator)
     validations: list[dict[str, float]] = []
 
     def run_validation(step: int) -> None:
@@ -407,22 +474,10 @@ def _run_loop(cfg: LoopConfig, log: Callable[[str], None]) -> dict[str, Any]:
     steps: list[dict[str, float]] = []
     for step in range(cfg.steps):
         t0 = time.perf_counter()
-        items = cfg.train_items[step * cfg.groups : (step + 1) * cfg.groups]
-        prompts = [encode(tok, str(item[cfg.prompt_field])) for item in items]
-        prompts = [p for p in prompts for _ in range(cfg.group_size)]
-        responses = generate(
-            model,
-            prompts,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            eos_id=tok.eos_token_id,
-            generator=generator,
-        )
-        answers = [str(item[cfg.answer_field]) for item in items for _ in range(cfg.group_size)]
-        texts = tok.batch_decode(responses, skip_special_tokens=True)
-        rewards = torch.tensor([cfg.score(a, t) for a, t in zip(answers, texts, strict=True)])
+        sampled_before, flat_before = sampler.sampled, sampler.flat
+        prompts, responses, rewards, exact = sampler.batch()
         t1 = time.perf_counter()
-        advantages = grpo_advantages(rewards, cfg.group_size)
+        advantages = grpo_advantages(rewards, cfg.group_size, estimator=cfg.estimator)
         loss, stats = policy_loss(
             model,
             prompts,
@@ -430,6 +485,7 @@ def _run_loop(cfg: LoopConfig, log: Callable[[str], None]) -> dict[str, Any]:
             advantages,
             pad_id=tok.pad_token_id,
             entropy_coef=cfg.entropy_coef,
+            temperature=cfg.temperature,
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -439,6 +495,8 @@ def _run_loop(cfg: LoopConfig, log: Callable[[str], None]) -> dict[str, Any]:
             else torch.tensor(math.nan)
         )
         optimizer.step()
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
         t2 = time.perf_counter()
         done = step + 1
         if done == cfg.steps or (cfg.val_every > 0 and done % cfg.val_every == 0):
@@ -452,6 +510,11 @@ def _run_loop(cfg: LoopConfig, log: Callable[[str], None]) -> dict[str, Any]:
                 "update_s": t2 - t1,
                 "validate_s": t3 - t2,
                 "reward_mean": float(rewards.mean()),
+                "exact_mean": float(exact.mean()),
+                "groups_sampled": float(sampler.sampled - sampled_before),
+                "zero_variance_frac": (sampler.flat - flat_before)
+                / max(1, sampler.sampled - sampled_before),
+                "lr": lr,
                 "response_len_mean": statistics.fmean(len(r) for r in responses),
                 "loss": float(loss.detach()),
                 "grad_norm": float(norm),
@@ -462,6 +525,7 @@ def _run_loop(cfg: LoopConfig, log: Callable[[str], None]) -> dict[str, Any]:
         float((model.state_dict()[k] - v).abs().max()) for k, v in initial.items() if v.numel()
     )
     return {
+        "items_used": sampler.cursor,
         "steps": steps,
         "validations": validations,
         "wall_s": time.time() - start,
@@ -471,6 +535,61 @@ def _run_loop(cfg: LoopConfig, log: Callable[[str], None]) -> dict[str, Any]:
         "max_weight_change": changed,
         "initial_state": initial,
     }
+
+
+class _GroupSampler:
+    """Groups of ``group_size`` samples of the next prompts in source order; with
+    ``filter_zero_variance`` flat groups are dropped and more are drawn (``groups`` prompts a
+    draw) until a batch is full, the surplus kept for the next batch."""
+
+    def __init__(self, cfg: LoopConfig, model: torch.nn.Module, tok: Any, generator: Any):
+        self.cfg, self.model, self.tok, self.generator = cfg, model, tok, generator
+        self.cursor = 0
+        """Items handed out so far."""
+        self.sampled = 0
+        self.flat = 0
+        """Groups sampled, and those of them with zero reward variance."""
+        self._kept: list[tuple[list[list[int]], list[list[int]], list[float], list[float]]] = []
+
+    def batch(self) -> tuple[list[list[int]], list[list[int]], Tensor, Tensor]:
+        """Prompts and responses (rows group-contiguous), rewards and exact matches."""
+        cfg = self.cfg
+        while len(self._kept) < cfg.groups:
+            if self.cursor >= len(cfg.train_items):
+                raise ValueError(f"the data ({len(cfg.train_items)} items) is exhausted")
+            items = cfg.train_items[self.cursor : self.cursor + cfg.groups]
+            self.cursor += len(items)
+            self._draw(items)
+        groups, self._kept = self._kept[: cfg.groups], self._kept[cfg.groups :]
+        prompts = [p for g in groups for p in g[0]]
+        responses = [r for g in groups for r in g[1]]
+        rewards = torch.tensor([x for g in groups for x in g[2]])
+        exact = torch.tensor([x for g in groups for x in g[3]])
+        return prompts, responses, rewards, exact
+
+    def _draw(self, items: Sequence[dict[str, Any]]) -> None:
+        cfg, tok, n = self.cfg, self.tok, self.cfg.group_size
+        prompts = [encode(tok, str(item[cfg.prompt_field])) for item in items]
+        prompts = [p for p in prompts for _ in range(n)]
+        responses = generate(
+            self.model,
+            prompts,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            eos_id=tok.eos_token_id,
+            generator=self.generator,
+        )
+        answers = [str(item[cfg.answer_field]) for item in items for _ in range(n)]
+        texts = tok.batch_decode(responses, skip_special_tokens=True)
+        rewards = [cfg.score(a, t) for a, t in zip(answers, texts, strict=True)]
+        exact = [float(t.strip()[: len(a)] == a) for a, t in zip(answers, texts, strict=True)]
+        for g in range(len(items)):
+            rows = slice(g * n, (g + 1) * n)
+            flat = max(rewards[rows]) == min(rewards[rows])
+            self.sampled += 1
+            self.flat += flat
+            if not (flat and cfg.filter_zero_variance):
+                self._kept.append((prompts[rows], responses[rows], rewards[rows], exact[rows]))
 
 
 # ---- the engine run ----------------------------------------------------------------------------
@@ -694,13 +813,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--seed", type=int, default=None, help="run.seed (default: the recipe's)")
     add("--skip-engine", action="store_true", help="run only the hand-written loop")
     add("--skip-loop", action="store_true", help="run only the engine")
-    add("--set", action="append", default=[], metavar="KEY=VALUE", help="engine override")
+    add("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
     add("--target", type=float, default=TARGET, help="val/reward_mean to time")
     add("--engine-timeout", type=float, default=3600.0, help="seconds before the engine is killed")
     add("--keep-run", action="store_true", help="keep the engine's run folder (printed)")
     add("--out-dir", type=Path, default=RESULTS_DIR, help="where JSON and PNG go")
     args = parser.parse_args(argv)
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, args.set)
     if args.steps is None:
         args.steps = int(recipe.get("run.total_steps"))
     if args.seed is None:
@@ -710,7 +829,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, args.set)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     results: dict[str, Any] = {
         "benchmark": NAME, "machine": machine(), "settings": settings, "target": args.target,
