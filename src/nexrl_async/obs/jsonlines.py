@@ -1,7 +1,10 @@
-"""An append-only JSON-lines file: one encoded object per line, flushed on every write.
+"""An append-only JSON-lines file: one encoded object per line, flushed on write.
 
-Shared by the metrics log and the run ledger. Each line goes to the OS as soon as it is written,
-so a killed run keeps everything it logged. A run killed mid-write may leave a torn last line;
+Shared by the metrics log and the run ledger. A line goes to the OS as soon as it is written,
+so a killed run keeps everything it logged, unless the writer asked for a ``lazy`` write (the
+ledger's per-sample events): a lazy line goes out with the next flushed line, or once
+:data:`LAZY_FLUSH_S` have passed since the last flush, or at close, so a killed run loses at most
+the lazy lines of its last moments. A run killed mid-write may leave a torn last line;
 reopening for append (resume) first ends that line, so the next record starts on a line of its
 own. Readers skip torn lines (see :func:`iter_lines`). Files are never truncated.
 """
@@ -9,11 +12,15 @@ own. Readers skip torn lines (see :func:`iter_lines`). Files are never truncated
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from loguru import logger
+
+LAZY_FLUSH_S = 0.25
+"""The longest a lazily written line waits in the buffer while lines keep coming."""
 
 
 class JsonlWriter:
@@ -30,12 +37,14 @@ class JsonlWriter:
         self._file: BinaryIO | None = self.path.open("ab")
         self._lock = threading.Lock()
         self._warned_closed = False
+        self._flushed_at = time.monotonic()
         if _ends_torn(self.path):
             self._file.write(b"\n")
             self._file.flush()
 
-    def write_line(self, data: bytes) -> None:
-        """Append ``data`` (one JSON document, no newline) plus a newline, and flush."""
+    def write_line(self, data: bytes, *, lazy: bool = False) -> None:
+        """Append ``data`` (one JSON document, no newline) plus a newline, and flush (a ``lazy``
+        line: only if :data:`LAZY_FLUSH_S` have passed since the last flush)."""
         with self._lock:
             if self._file is None:
                 if not self._warned_closed:
@@ -43,7 +52,10 @@ class JsonlWriter:
                     logger.warning("{} is closed; dropping late records", self.path)
                 return
             self._file.write(data + b"\n")
-            self._file.flush()
+            now = time.monotonic()
+            if not lazy or now - self._flushed_at >= LAZY_FLUSH_S:
+                self._file.flush()
+                self._flushed_at = now
 
     def close(self) -> None:
         with self._lock:

@@ -176,11 +176,19 @@ Event: TypeAlias = (
 _DECODER: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)
 
 
+LAZY_EVENTS = (Admitted, TurnGenerated, Scored, Pooled)
+"""Events emitted per sample or group, written without a flush of their own."""
+
+
 class RunLedger:
-    """Appends events to ``path`` (``events.jsonl``), one flushed line each; never truncates.
+    """Appends events to ``path`` (``events.jsonl``), one line each; never truncates.
 
     :meth:`emit` may be called from the event-loop thread and from worker threads: the write is
     one locked append. It costs one msgspec encode and one small write, so it is fine on the loop.
+    The per-sample events (:data:`LAZY_EVENTS`: several a sample, the bulk of the file) are
+    written lazily (see :mod:`~nexrl_async.obs.jsonlines`); every other event flushes at once,
+    carrying the lazy lines before it, so the file's order is the emission order and a step's
+    events are on disk when its ``trained`` event is.
     """
 
     def __init__(self, path: Path) -> None:
@@ -192,7 +200,7 @@ class RunLedger:
 
     def emit(self, event: Event) -> None:
         """Append ``event``. After :meth:`close` the event is dropped with one warning."""
-        self._writer.write_line(msgspec.json.encode(event))
+        self._writer.write_line(msgspec.json.encode(event), lazy=isinstance(event, LAZY_EVENTS))
 
     def close(self) -> None:
         self._writer.close()

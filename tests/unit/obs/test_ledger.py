@@ -121,6 +121,38 @@ def test_each_emit_is_on_disk_before_close(tmp_path: Path) -> None:
     ledger.close()
 
 
+def test_per_sample_events_reach_disk_with_the_next_step_event(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    ledger = RunLedger(path)
+    ledger.emit(RunStarted(config_hash="h"))
+    scored = Scored(group_id="g", sample_index=0, reward=1.0, status=Status.OK)
+    ledger.emit(scored)
+    ledger.emit(Pooled(group_id="g", head_version=0))
+    assert [type(e) for e in read_events(path)] == [RunStarted], "lazy lines wait"
+    ledger.emit(Checkpointed(step=0, path="p"))
+    assert [type(e) for e in read_events(path)] == [RunStarted, Scored, Pooled, Checkpointed]
+    ledger.emit(scored)
+    ledger.close()
+    assert [type(e) for e in read_events(path)][-1] is Scored, "close flushes"
+
+
+def test_lazy_events_wait_at_most_the_flush_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nexrl_async.obs import jsonlines
+
+    now = [100.0]
+    monkeypatch.setattr(jsonlines.time, "monotonic", lambda: now[0])
+    path = tmp_path / "events.jsonl"
+    ledger = RunLedger(path)
+    ledger.emit(Admitted(lease_id=1, version=0, item_key="0:1", group_id="g"))
+    assert read_events(path) == []
+    now[0] += jsonlines.LAZY_FLUSH_S
+    ledger.emit(Admitted(lease_id=2, version=0, item_key="0:2", group_id="g2"))
+    assert [e.lease_id for e in read_events(path) if isinstance(e, Admitted)] == [1, 2]
+    ledger.close()
+
+
 def test_threads_writing_at_once_give_whole_lines(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     n_threads, per_thread = 8, 300
