@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from nexrl_async.config.data import data_problems
 from nexrl_async.config.inference import (
     AttachInference,
     NoInference,
@@ -23,6 +24,7 @@ Problem = tuple[str, str]
 def cross_check(cfg: RecipeConfig) -> Iterator[Problem]:
     """Every cross-field problem of ``cfg``, in a stable order."""
     yield from _check_model(cfg)
+    yield from data_problems("data", cfg.data)
     yield from _check_staleness(cfg)
     yield from _check_pool(cfg)
     yield from _check_algorithm(cfg)
@@ -178,6 +180,8 @@ def _check_vllm(cfg: RecipeConfig) -> Iterator[Problem]:
 
 def _check_validation(cfg: RecipeConfig) -> Iterator[Problem]:
     val = cfg.validation
+    if val.data is not None:
+        yield from data_problems("validation.data", val.data)
     if val.data is None and val.every_steps > 0:
         yield (
             "validation.every_steps",

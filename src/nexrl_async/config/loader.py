@@ -163,13 +163,21 @@ def _apply_override(merged: dict[str, Any], item: str, provenance: Provenance) -
     if problem is not None:
         raise ConfigError(problem, file=f"--set {key}", path=key)
     value = _parse_literal(text)
-    node = merged
+    node: Any = merged
     parts = key.split(".")
     for part in parts[:-1]:
+        if isinstance(node, list):  # an entry of a list of sections (checked to exist)
+            node = node[int(part)]
+            continue
         child = node.get(part)
-        if not isinstance(child, dict):
+        if not isinstance(child, dict | list):
             child = node[part] = {}
         node = child
+    if isinstance(node, list):  # a whole entry of a list of sections
+        node[int(parts[-1])] = value
+        provenance[key] = f"--set {key}"
+        _mark_children(value, key, provenance, f"--set {key}")
+        return
     if parts[-1] in _TAGS and _current_tag(node, parts[:-1], parts[-1]) not in (None, value):
         node.clear()  # switching variant starts the section from scratch, as ``extends`` does
     if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):

@@ -10,7 +10,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from nexrl_async.config.checks import vllm_cpu_reload
-from nexrl_async.config.data import DataConfig, PythonData
+from nexrl_async.config.data import (
+    DataConfig,
+    HFData,
+    HFDiskData,
+    JsonlData,
+    MixtureData,
+    ParquetData,
+    PythonData,
+    SourceConfig,
+    sources_of,
+)
+from nexrl_async.config.hub_cache import cache_problem
 from nexrl_async.config.loader import LoadedRecipe
 from nexrl_async.config.model import BuiltModel, PretrainedModel, PretrainedTokenizer
 from nexrl_async.config.schema import RecipeConfig
@@ -28,10 +39,11 @@ def user_refs(cfg: RecipeConfig) -> Iterator[tuple[str, str]]:
         yield f"rollout.tools.{i}", tool
     if cfg.algorithm.prepare_batch:
         yield "algorithm.prepare_batch", cfg.algorithm.prepare_batch
-    if isinstance(cfg.data, PythonData):
-        yield "data.factory", cfg.data.factory
-    if isinstance(cfg.validation.data, PythonData):
-        yield "validation.data.factory", cfg.validation.data.factory
+    for dotted, source in _sources(cfg):
+        if isinstance(source, PythonData):
+            yield f"{dotted}.factory", source.factory
+        if source.evaluator is not None:
+            yield f"{dotted}.evaluator", source.evaluator
 
 
 def data_paths(cfg: RecipeConfig) -> Iterator[tuple[str, str]]:
@@ -40,15 +52,16 @@ def data_paths(cfg: RecipeConfig) -> Iterator[tuple[str, str]]:
         yield "model.path", cfg.model.path
     if isinstance(cfg.tokenizer, PretrainedTokenizer):
         yield "tokenizer.path", cfg.tokenizer.path
-    yield from _source_path("data", cfg.data)
+    for dotted, source in _sources(cfg):
+        if isinstance(source, JsonlData | ParquetData | HFDiskData):
+            yield f"{dotted}.path", source.path
+
+
+def _sources(cfg: RecipeConfig) -> Iterator[tuple[str, SourceConfig]]:
+    """Every data source of the recipe (a mixture's one by one), with its dotted path."""
+    yield from sources_of("data", cfg.data)
     if cfg.validation.data is not None:
-        yield from _source_path("validation.data", cfg.validation.data)
-
-
-def _source_path(prefix: str, data: DataConfig) -> Iterator[tuple[str, str]]:
-    path = getattr(data, "path", None)
-    if isinstance(path, str):
-        yield f"{prefix}.path", path
+        yield from sources_of("validation.data", cfg.validation.data)
 
 
 def preflight(loaded: LoadedRecipe) -> None:
@@ -57,6 +70,13 @@ def preflight(loaded: LoadedRecipe) -> None:
     for dotted, path in data_paths(cfg):
         if not Path(path).exists():
             raise ConfigError(f"{dotted} = {path!r}: no such file or folder", file=str(loaded.path))
+    for dotted, source in _sources(cfg):
+        if isinstance(source, HFData) and (problem := cache_problem(source)):
+            raise ConfigError(
+                f"{dotted}.dataset = {source.dataset!r}: {problem}",
+                file=str(loaded.path),
+                path=f"{dotted}.dataset",
+            )
     for dotted, ref in user_refs(cfg):
         try:
             load_object(ref, loaded.base_dir)
@@ -91,7 +111,7 @@ def summary(loaded: LoadedRecipe) -> str:
     else:
         what = model.path
     k = cfg.staleness.k
-    source = getattr(cfg.data, "path", None) or getattr(cfg.data, "factory", "")
+    source = _describe(cfg.data)
     algo = cfg.algorithm
     lines = [
         f"recipe     {loaded.path}"
@@ -109,3 +129,15 @@ def summary(loaded: LoadedRecipe) -> str:
         f"steps      {cfg.run.total_steps or 'until data is exhausted'}",
     ]
     return "\n".join(lines)
+
+
+def _describe(data: DataConfig) -> str:
+    """What the summary says a source reads."""
+    if isinstance(data, MixtureData):
+        total = sum(s.weight for s in data.sources)
+        return ", ".join(f"{s.name} {s.weight / total:.0%} ({_describe(s)})" for s in data.sources)
+    if isinstance(data, HFData):
+        return data.dataset + (f" ({data.subset})" if data.subset else "")
+    if isinstance(data, PythonData):
+        return data.factory
+    return data.path

@@ -70,6 +70,11 @@ def resolve_paths(raw: dict[str, Any], st: mi.StructType, base_dir: Path) -> Non
             _, item_mark = unwrap(ftype.item_type)
             if item_mark is not None and isinstance(value, list):
                 raw[key] = [_resolve_value(v, item_mark, base_dir) for v in value]
+            elif isinstance(value, list):  # a list of sections, e.g. [[data.sources]]
+                for entry in value:
+                    sub = pick_variant(ftype.item_type, entry)
+                    if isinstance(entry, dict) and sub is not None:
+                        resolve_paths(entry, sub, base_dir)
         elif isinstance(value, dict):
             sub = pick_variant(field.type, value)
             if sub is not None:
@@ -90,11 +95,17 @@ def _resolve_value(value: Any, mark: str, base_dir: Path) -> Any:
 
 
 def check_override_path(root: mi.StructType, merged: dict[str, Any], dotted: str) -> str | None:
-    """``None`` if ``dotted`` names a field of the schema, else a message saying why not."""
+    """``None`` if ``dotted`` names a field of the schema, else a message saying why not.
+
+    An entry of a list of sections is named by its index (``data.sources.1.weight``); it must
+    already be in the recipe (``--set data.sources=[...]`` replaces the whole list).
+    """
     st: mi.StructType | None = root
     raw: Any = merged
     parts = dotted.split(".")
-    for i, part in enumerate(parts):
+    i = 0
+    while i < len(parts):
+        part = parts[i]
         if st is None:
             return None  # below a free-form dict: any key is allowed
         fields = field_map(st)
@@ -104,24 +115,41 @@ def check_override_path(root: mi.StructType, merged: dict[str, Any], dotted: str
             where = ".".join(parts[:i]) or "the recipe root"
             known = ", ".join(sorted(fields))
             return f"unknown key {part!r} in {where} (known: {known})"
-        ftype, _ = unwrap(fields[part].type)
+        section, _ = unwrap(fields[part].type)
         raw = raw.get(part) if isinstance(raw, dict) else None
         if i == len(parts) - 1:
             return None
-        if isinstance(ftype, mi.DictType):
-            st = None
+        if isinstance(section, mi.DictType):
+            st, i = None, i + 1
             continue
-        variants = struct_variants(fields[part].type)
+        if isinstance(section, mi.ListType) and struct_variants(section.item_type):
+            problem = _list_entry(parts[: i + 1], parts[i + 1], raw)
+            if problem is not None or i + 1 == len(parts) - 1:
+                return problem
+            raw, section, i = raw[int(parts[i + 1])], section.item_type, i + 1
+        variants = struct_variants(section)
         if not variants:
             return f"{'.'.join(parts[: i + 1])} is a value, not a section"
-        picked = pick_variant(fields[part].type, raw or {})
+        picked = pick_variant(section, raw or {})
         if picked is None:
             tag = variants[0].tag_field
             if parts[i + 1] == tag and i + 1 == len(parts) - 1:
                 return None
             return f"set {'.'.join(parts[: i + 1])}.{tag} before its other keys"
-        st = picked
+        st, i = picked, i + 1
     return None
+
+
+def _list_entry(at: list[str], index: str, raw: Any) -> str | None:
+    """Why ``index`` names no entry of the list of sections ``raw`` (at ``at``), or ``None``."""
+    size = len(raw) if isinstance(raw, list) else 0
+    if index.isdigit() and int(index) < size:
+        return None
+    where = ".".join(at)
+    return (
+        f"{where}.{index}: {where} has {size} entries (0-based); set an existing one, or the "
+        f"whole list with --set {where}=[...]"
+    )
 
 
 def tag_of(value: object) -> str:

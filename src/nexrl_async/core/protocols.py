@@ -39,6 +39,10 @@ class DataSource(Protocol):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
+    def metrics(self) -> dict[str, float]:
+        """Cumulative progress for the step metrics (``data/...``; may be empty)."""
+        ...
+
     @property
     def exhausted(self) -> bool:
         """Every epoch handed out and no replay queued (a later ``replay`` revives it)."""

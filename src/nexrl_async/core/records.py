@@ -194,7 +194,8 @@ class TrainBatch(Struct, frozen=True, kw_only=True):
 
 
 class DataItem(Struct, frozen=True, kw_only=True):
-    """One row of a data source. ``key`` is stable across resumes (``"<epoch>:<index>"``)."""
+    """One row of a data source. ``key`` is stable across resumes (``"<epoch>:<index>"``, or
+    ``"<source>/<epoch>:<index>"`` from a named source such as a mixture's)."""
 
     key: str
     index: NonNegInt

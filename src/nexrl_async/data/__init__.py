@@ -1,7 +1,9 @@
-"""Data sources: jsonl, parquet, HF ``save_to_disk`` folders, Python factories; resumable cursor.
+"""Data sources: jsonl, parquet, HF ``save_to_disk`` folders, HF Hub datasets from the local
+cache, Python factories, and weighted mixtures of them; resumable cursors.
 
 Owns: reading rows into :class:`~nexrl_async.core.records.DataItem` s, field mapping, seeded
-shuffling, epochs, replay, and the cursor state that checkpoints save.
+shuffling, epochs, replay, the mixture's weighted draw, and the cursor state that checkpoints
+save.
 Must not import: torch, ``inference``, ``pipeline``, ``rollout``, ``train``, ``weights``,
 ``engine``.
 """
@@ -9,10 +11,12 @@ Must not import: torch, ``inference``, ``pipeline``, ``rollout``, ``train``, ``w
 from __future__ import annotations
 
 from nexrl_async.data.fields import map_fields, missing_fields
+from nexrl_async.data.mixture import MixtureSource, source_of
 from nexrl_async.data.readers import read_rows, resolve_path
 from nexrl_async.data.source import RowSource, iterate_once, load_rows, open_source
 
 __all__ = [
+    "MixtureSource",
     "RowSource",
     "iterate_once",
     "load_rows",
@@ -21,4 +25,5 @@ __all__ = [
     "open_source",
     "read_rows",
     "resolve_path",
+    "source_of",
 ]

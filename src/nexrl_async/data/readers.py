@@ -1,4 +1,4 @@
-"""Readers: turn one data config into a list of rows (``dict`` s keyed by column name).
+"""Readers: turn one source config into a list of rows (``dict`` s keyed by column name).
 
 Every reader loads the whole source into memory once, at open time. That is the right trade for
 RL prompt sets (thousands to a few hundred thousand short rows) and it makes the cursor trivial:
@@ -23,9 +23,17 @@ from typing import Any
 import msgspec
 from loguru import logger
 
-from nexrl_async.config.data import DataConfig, HFDiskData, JsonlData, ParquetData, PythonData
+from nexrl_async.config.data import (
+    HFData,
+    HFDiskData,
+    JsonlData,
+    ParquetData,
+    PythonData,
+    SourceConfig,
+)
 from nexrl_async.core.errors import DataError
 from nexrl_async.core.usercode import load_object
+from nexrl_async.data.hub import read_hf
 
 Row = dict[str, Any]
 
@@ -36,7 +44,7 @@ def resolve_path(path: str, base_dir: Path) -> Path:
     return candidate if candidate.is_absolute() else base_dir / candidate
 
 
-def read_rows(cfg: DataConfig, base_dir: Path) -> list[Row]:
+def read_rows(cfg: SourceConfig, base_dir: Path) -> list[Row]:
     """All rows of the source ``cfg`` names (the first ``cfg.max_items`` if set), in file order."""
     limit = cfg.max_items
     if isinstance(cfg, JsonlData):
@@ -45,6 +53,8 @@ def read_rows(cfg: DataConfig, base_dir: Path) -> list[Row]:
         rows = read_parquet(resolve_path(cfg.path, base_dir), limit)
     elif isinstance(cfg, HFDiskData):
         rows = read_hf_disk(resolve_path(cfg.path, base_dir), cfg.split, limit)
+    elif isinstance(cfg, HFData):
+        rows = read_hf(cfg, limit)
     elif isinstance(cfg, PythonData):
         rows = read_factory(cfg.factory, cfg.kwargs, base_dir, limit)
     else:  # pragma: no cover - the union is closed; this guards future variants

@@ -7,7 +7,8 @@ source is exhausted and :meth:`RowSource.next_item` returns ``None`` (a later ``
 it non-empty again).
 
 Keys: an item's key is ``f"{epoch}:{row_index}"`` where ``row_index`` is its position in the
-file (after ``max_items``), so keys are stable across resumes and reshuffles.
+file (after ``max_items``), so keys are stable across resumes and reshuffles. A named source
+(``name``, always in a mixture) prefixes it: ``f"{name}/{epoch}:{row_index}"``.
 
 Cursor: the permutation of an epoch is a pure function of ``(seed, epoch, rows)``, so the state
 is just ``epoch``, ``position`` in that epoch and the replay queue as keys. Restoring it into a
@@ -25,10 +26,12 @@ from typing import Any
 
 from loguru import logger
 
-from nexrl_async.config.data import DataConfig, PythonData
+from nexrl_async.config.data import DataConfig, HFData, MixtureData, PythonData, SourceConfig
 from nexrl_async.core.errors import DataError
 from nexrl_async.core.records import DataItem
 from nexrl_async.data.fields import check_mapping, check_required, map_fields, missing_fields
+from nexrl_async.data.hub import describe_hf
+from nexrl_async.data.mixture import MixtureSource
 from nexrl_async.data.readers import Row, read_rows, resolve_path
 
 STATE_FORMAT = 1
@@ -50,6 +53,7 @@ class RowSource:
         seed: int = 0,
         epochs: int = 1,
         required: Sequence[str] = (),
+        name: str | None = None,
     ) -> None:
         if epochs < 1:
             raise DataError(f"epochs must be >= 1, got {epochs}")
@@ -58,6 +62,8 @@ class RowSource:
         self._seed = seed
         self._epochs = epochs
         self._required = tuple(required)
+        self._name = name
+        self._prefix = f"{name}/" if name else ""
         self._epoch = 0
         self._position = 0
         self._replay: deque[tuple[int, int]] = deque()
@@ -66,6 +72,11 @@ class RowSource:
     def __len__(self) -> int:
         """Rows per epoch."""
         return len(self._rows)
+
+    @property
+    def name(self) -> str | None:
+        """The source's name (the prefix of its keys), ``None`` when unnamed."""
+        return self._name
 
     @property
     def epochs(self) -> int:
@@ -101,11 +112,11 @@ class RowSource:
         """A queued replay, else the next row of the current epoch, else ``None``."""
         if self._replay:
             epoch, index = self._replay.popleft()
-            return self._item(epoch, index)
+            return self.item_at(epoch, index)
         if self._epochs_done():
             return None
         index = self.order(self._epoch)[self._position]
-        item = self._item(self._epoch, index)
+        item = self.item_at(self._epoch, index)
         self._position += 1
         if self._position == len(self._rows):
             self._epoch += 1
@@ -114,7 +125,7 @@ class RowSource:
 
     def replay(self, item: DataItem) -> None:
         """Queue ``item`` to be handed out again, after earlier replays, before new rows."""
-        self._replay.append(self._parse_key(item.key))
+        self._replay.append(self.parse_key(item.key))
 
     def missing_fields(self, item: DataItem) -> list[str]:
         """The required fields ``item`` lacks; non-empty means the worker fails it as bad_item."""
@@ -137,8 +148,8 @@ class RowSource:
         while they run would otherwise lose them; they are saved as replays queued after the
         current replay queue (the live source is not changed).
         """
-        queued = [*self._replay, *(self._parse_key(item.key) for item in in_flight)]
-        replay = [f"{epoch}:{index}" for epoch, index in queued]
+        queued = [*self._replay, *(self.parse_key(item.key) for item in in_flight)]
+        replay = [self.key(epoch, index) for epoch, index in queued]
         return {
             "format": STATE_FORMAT,
             "rows": len(self._rows),
@@ -163,18 +174,35 @@ class RowSource:
         replay = state.get("replay")
         if not isinstance(replay, list) or not all(isinstance(k, str) for k in replay):
             raise DataError(f"data cursor replay must be a list of keys, got {replay!r}")
-        parsed = [self._parse_key(key) for key in replay]
+        parsed = [self.parse_key(key) for key in replay]
         self._epoch, self._position = epoch, position
         self._replay = deque(parsed)
 
-    def _item(self, epoch: int, index: int) -> DataItem:
-        fields = dict(self._rows[index])
-        return DataItem(key=f"{epoch}:{index}", index=index, epoch=epoch, fields=fields)
+    def metrics(self) -> dict[str, float]:
+        """A named source's progress: ``data/<name>/drawn`` (new items handed out so far, over
+        all epochs) and ``data/<name>/epoch``; nothing for an unnamed one."""
+        if self._name is None:
+            return {}
+        drawn = self._epoch * len(self._rows) + self._position
+        return {f"data/{self._name}/drawn": float(drawn), f"data/{self._name}/epoch": self._epoch}
 
-    def _parse_key(self, key: str) -> tuple[int, int]:
-        epoch_text, sep, index_text = key.partition(":")
+    def key(self, epoch: int, index: int) -> str:
+        """The key of row ``index`` in epoch ``epoch``."""
+        return f"{self._prefix}{epoch}:{index}"
+
+    def item_at(self, epoch: int, index: int) -> DataItem:
+        """Row ``index`` as the item of epoch ``epoch``."""
+        fields = dict(self._rows[index])
+        return DataItem(key=self.key(epoch, index), index=index, epoch=epoch, fields=fields)
+
+    def parse_key(self, key: str) -> tuple[int, int]:
+        """``(epoch, row)`` of one of this source's keys; :class:`DataError` for any other."""
+        if not key.startswith(self._prefix):
+            raise DataError(f"data item key {key!r} is not from source {self._name!r}")
+        epoch_text, sep, index_text = key[len(self._prefix) :].partition(":")
         if not (sep and epoch_text.isdigit() and index_text.isdigit()):
-            raise DataError(f"data item key {key!r} is not of the form '<epoch>:<row>'")
+            form = f"{self._prefix}<epoch>:<row>"
+            raise DataError(f"data item key {key!r} is not of the form {form!r}")
         epoch, index = int(epoch_text), int(index_text)
         if index >= len(self._rows):
             raise DataError(f"data item key {key!r} names row {index} of {len(self._rows)}")
@@ -188,13 +216,31 @@ def _cursor_int(state: Mapping[str, Any], name: str) -> int:
     return value
 
 
-def open_source(cfg: DataConfig, *, base_dir: Path) -> RowSource:
-    """Read and check the rows ``cfg`` names, and wrap them in a fresh :class:`RowSource`.
+def open_source(cfg: DataConfig, *, base_dir: Path) -> RowSource | MixtureSource:
+    """Read and check the rows ``cfg`` names, and wrap them in a fresh source (a
+    :class:`MixtureSource` of one :class:`RowSource` per source for a mixture).
 
     Blocking file IO: from async code call it via ``anyio.to_thread.run_sync``. Relative paths
     in ``cfg`` resolve against ``base_dir`` (the recipe's folder).
     """
-    rows = load_rows(cfg, base_dir)
+    if isinstance(cfg, MixtureData):
+        members = [_open_one(s, base_dir, required=cfg.required) for s in cfg.sources]
+        weights = [s.weight for s in cfg.sources]
+        total = sum(weights)
+        logger.info(
+            "data: mixture of {} (seed={}, exhaustion={})",
+            ", ".join(
+                f"{s.name} {w / total:.1%}" for s, w in zip(cfg.sources, weights, strict=True)
+            ),
+            cfg.seed,
+            cfg.exhaustion,
+        )
+        return MixtureSource(members, weights, seed=cfg.seed, exhaustion=cfg.exhaustion)
+    return _open_one(cfg, base_dir, required=cfg.required)
+
+
+def _open_one(cfg: SourceConfig, base_dir: Path, *, required: Sequence[str]) -> RowSource:
+    rows = load_rows(cfg, base_dir, required=required)
     logger.info(
         "data: {} rows from {} (epochs={}, shuffle={}, seed={})",
         len(rows),
@@ -204,7 +250,12 @@ def open_source(cfg: DataConfig, *, base_dir: Path) -> RowSource:
         cfg.seed,
     )
     return RowSource(
-        rows, shuffle=cfg.shuffle, seed=cfg.seed, epochs=cfg.epochs, required=cfg.required
+        rows,
+        shuffle=cfg.shuffle,
+        seed=cfg.seed,
+        epochs=cfg.epochs,
+        required=required,
+        name=cfg.name,
     )
 
 
@@ -217,35 +268,45 @@ def iterate_once(
 ) -> list[DataItem]:
     """One pass over the source as items of epoch 0, for validation.
 
-    File order unless ``shuffle`` (then the epoch-0 permutation of ``cfg.seed``; ``cfg.shuffle``
-    and ``cfg.epochs`` are ignored). ``max_items`` caps the result after ``cfg.max_items``.
+    File order unless ``shuffle`` (then the epoch-0 permutation of the source's ``seed``; its
+    ``shuffle`` and ``epochs`` are ignored). A mixture gives each source's pass in turn, in the
+    order of ``sources`` (weights are ignored). ``max_items`` caps the result after each
+    source's own ``max_items``.
     """
     if max_items is not None and max_items < 0:
         raise DataError(f"max_items must be >= 0, got {max_items}")
-    source = RowSource(load_rows(cfg, base_dir), shuffle=shuffle, seed=cfg.seed)
-    count = len(source) if max_items is None else min(max_items, len(source))
+    if isinstance(cfg, MixtureData):
+        members = [(s, cfg.required) for s in cfg.sources]
+    else:
+        members = [(cfg, cfg.required)]
     items: list[DataItem] = []
-    for _ in range(count):
-        item = source.next_item()
-        assert item is not None  # count <= len(source): epoch 0 cannot run out
-        items.append(item)
-    return items
+    for member, required in members:
+        rows = load_rows(member, base_dir, required=required)
+        source = RowSource(rows, shuffle=shuffle, seed=member.seed, name=member.name)
+        items.extend(source.item_at(0, index) for index in source.order(0))
+    return items if max_items is None else items[:max_items]
 
 
-def load_rows(cfg: DataConfig, base_dir: Path) -> list[Row]:
-    """The source's rows after ``max_items`` and field mapping, with the open-time checks."""
+def load_rows(
+    cfg: SourceConfig, base_dir: Path, *, required: Sequence[str] | None = None
+) -> list[Row]:
+    """The source's rows after ``max_items`` and field mapping, with the open-time checks
+    (``required`` replaces ``cfg.required``: a mixture's applies to each of its sources)."""
     where = describe(cfg, base_dir)
     raw = read_rows(cfg, base_dir)
     if not raw and cfg.max_items != 0:
         raise DataError(f"{where}: the source has no rows")
     check_mapping(raw, cfg.fields, where)
     rows = [map_fields(row, cfg.fields) for row in raw]
-    check_required(rows, cfg.required, where)
+    check_required(rows, cfg.required if required is None else required, where)
     return rows
 
 
-def describe(cfg: DataConfig, base_dir: Path) -> str:
-    """What a log line or error calls the source: its file, or its factory ref."""
+def describe(cfg: SourceConfig, base_dir: Path) -> str:
+    """What a log line or error calls the source: its file, dataset or factory ref."""
+    named = f"source {cfg.name!r}: " if cfg.name else ""
     if isinstance(cfg, PythonData):
-        return f"data factory {cfg.factory!r}"
-    return str(resolve_path(cfg.path, base_dir))
+        return f"{named}data factory {cfg.factory!r}"
+    if isinstance(cfg, HFData):
+        return named + describe_hf(cfg)
+    return named + str(resolve_path(cfg.path, base_dir))

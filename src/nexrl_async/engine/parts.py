@@ -29,6 +29,7 @@ from typing import Any, cast
 import anyio
 import msgspec
 
+from nexrl_async.config.data import source_evaluators
 from nexrl_async.config.inference import (
     AttachInference,
     NoInference,
@@ -105,7 +106,7 @@ class Parts:
     def pipeline_metrics(self, clock: StepClock) -> dict[str, float]:
         """Gate, pool and rollout counters since the last step."""
         flow = self.flow
-        out = {**flow.pool.metrics(), **flow.gate.metrics()}
+        out = {**flow.pool.metrics(), **flow.gate.metrics(), **flow.data.metrics()}
         out["pipeline/gate_wait_s"] = clock.delta("gate_wait", flow.gate_wait_s)
         out["rollout/generated_tokens"] = clock.delta("tokens", self.generator.generated_tokens)
         out["pipeline/abandoned_items"] = float(flow.abandoned)
@@ -299,17 +300,21 @@ def _workers(
     """The rollout worker and the validation worker (its own tokenizer copy: a fast tokenizer
     must not run in two threads at once)."""
     cfg = ctx.cfg
+    train_evaluators = source_evaluators(cfg.data)
 
-    def build(section: RolloutConfig, tokenizer: Any) -> GroupWorker:
+    def build(section: RolloutConfig, tokenizer: Any, evaluators: dict[str, str]) -> GroupWorker:
         return load_worker(
             section, tokenizer=tokenizer, generator=generator, base_dir=ctx.base_dir,
             required=list(cfg.data.required), events=events,
-            context_length=trainer.context_length,
+            context_length=trainer.context_length, source_evaluators=evaluators,
         )  # fmt: skip
 
-    worker = build(cfg.rollout, trainer.tokenizer)
+    worker = build(cfg.rollout, trainer.tokenizer, train_evaluators)
     check_serverless(cfg, worker)
-    val_worker = build(validation_rollout(cfg).rollout, copy.deepcopy(trainer.tokenizer))
+    val_worker = build(
+        validation_rollout(cfg).rollout, copy.deepcopy(trainer.tokenizer),
+        source_evaluators(cfg.validation.data, fallback=train_evaluators),
+    )  # fmt: skip
     return worker, val_worker
 
 

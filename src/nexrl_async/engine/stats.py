@@ -6,6 +6,7 @@ import time
 from collections import Counter
 
 from nexrl_async.core.records import FailureReason, Status, TrainBatch
+from nexrl_async.data import source_of
 from nexrl_async.obs.ledger import RunLedger
 from nexrl_async.rollout.events import LedgerEvents
 
@@ -69,6 +70,25 @@ def batch_metrics(batch: TrainBatch) -> dict[str, float]:
         "rollout/samples": float(len(trajs)),
     }
     out.update(staleness_metrics(batch))
+    out.update(source_metrics(batch))
+    return out
+
+
+def source_metrics(batch: TrainBatch) -> dict[str, float]:
+    """Per named data source (a mixture's): ``data/<name>/groups`` and ``data/<name>/samples``
+    in the batch, and ``data/<name>/reward_mean`` over its samples (docs/data.md)."""
+    rewards: dict[str, list[float]] = {}
+    groups: Counter[str] = Counter()
+    for group in batch.groups:
+        name = source_of(group.item_key)
+        if name is not None:
+            groups[name] += 1
+            rewards.setdefault(name, []).extend(group.rewards)
+    out: dict[str, float] = {}
+    for name, values in rewards.items():
+        out[f"data/{name}/groups"] = float(groups[name])
+        out[f"data/{name}/samples"] = float(len(values))
+        out[f"data/{name}/reward_mean"] = sum(values) / len(values) if values else 0.0
     return out
 
 

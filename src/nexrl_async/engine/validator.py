@@ -17,6 +17,7 @@ import msgspec
 from nexrl_async.config.schema import RecipeConfig, ValidationConfig
 from nexrl_async.core.protocols import GroupWorker
 from nexrl_async.core.records import DataItem, Group, TrainBatch, VersionToken
+from nexrl_async.data import source_of
 
 LossFn = Callable[[TrainBatch], Awaitable[dict[str, float]]]
 """Scores a batch of validation groups by the trainer's loss (SFT's ``val/loss``)."""
@@ -66,21 +67,34 @@ def _failed(groups: list[Group]) -> dict[str, float]:
 
 def summarize(groups: list[Group], *, failed_samples: str = "zero") -> dict[str, float]:
     """``val/*`` of the validation groups; a FAILED sample scores 0 in every mean under
-    ``failed_samples = "zero"`` and is left out under ``"exclude"`` (``validation`` config)."""
+    ``failed_samples = "zero"`` and is left out under ``"exclude"`` (``validation`` config).
+    The groups of each named data source (a mixture's) are also summarised under
+    ``val/<source>/*``."""
+    out = _summary(groups, "val/", failed_samples)
+    by_source: dict[str, list[Group]] = defaultdict(list)
+    for group in groups:
+        if (name := source_of(group.item_key)) is not None:
+            by_source[name].append(group)
+    for name, named in sorted(by_source.items()):
+        out.update(_summary(named, f"val/{name}/", failed_samples))
+    return out
+
+
+def _summary(groups: list[Group], prefix: str, failed_samples: str) -> dict[str, float]:
     trajs = [t for g in groups for t in g.trajectories]
     ok = [t for t in trajs if t.ok]
     counted = trajs if failed_samples == "zero" else ok
     out: dict[str, float] = {
-        "val/samples": float(len(trajs)),
-        "val/failed": float(len(trajs) - len(ok)),
-        "val/reward_mean": sum(t.reward for t in ok) / len(counted) if counted else math.nan,
+        f"{prefix}samples": float(len(trajs)),
+        f"{prefix}failed": float(len(trajs) - len(ok)),
+        f"{prefix}reward_mean": sum(t.reward for t in ok) / len(counted) if counted else math.nan,
     }
     sums: dict[str, float] = defaultdict(float)
     for t in ok:
         for key, value in t.metrics.items():
             sums[key] += value
     for key, total in sums.items():
-        out[f"val/{key}_mean"] = total / len(counted)
+        out[f"{prefix}{key}_mean"] = total / len(counted)
     return out
 
 

@@ -9,6 +9,8 @@ References are ``file.py:Name`` (relative to ``base_dir``, the recipe's folder) 
   normally a subclass overriding hooks, but any class with the same constructor and a
   ``run_group`` coroutine method is accepted.
 - ``rollout.tools``: functions (``async def`` preferred); see ``tools.py``.
+- ``data.sources.<i>.evaluator`` (``source_evaluators``): a mixture source's own evaluator,
+  loaded like ``rollout.evaluator``; its items are scored by it (``scoring.SourceEvaluators``).
 
 Every problem raises :class:`UserCodeError` naming the reference, before the run starts.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ from nexrl_async.rollout.events import RolloutEvents
 from nexrl_async.rollout.generation import TurnGenerator
 from nexrl_async.rollout.rendering import Tokenizer
 from nexrl_async.rollout.sandbox import configure_tool
-from nexrl_async.rollout.scoring import as_evaluate_fn
+from nexrl_async.rollout.scoring import SourceEvaluators, as_evaluate_fn
 from nexrl_async.rollout.tools import Tool
 from nexrl_async.rollout.worker import RolloutWorker
 
@@ -42,9 +44,14 @@ def load_worker(
     required: Sequence[str] = (),
     events: RolloutEvents | None = None,
     context_length: int | None = None,
+    source_evaluators: Mapping[str, str] | None = None,
 ) -> RolloutWorker:
-    """The worker for ``cfg`` with its evaluator and tools loaded from user code."""
+    """The worker for ``cfg`` with its evaluator and tools loaded from user code
+    (``source_evaluators``: ``{data source name: evaluator ref}`` overriding it per source)."""
     evaluator = load_evaluator(cfg.evaluator, base_dir)
+    if source_evaluators:
+        by_source = {n: load_evaluator(ref, base_dir) for n, ref in source_evaluators.items()}
+        evaluator = SourceEvaluators(evaluator, by_source)
     configure_tool(cfg)
     tools = load_tools(cfg.tools, base_dir)
     cls = load_worker_class(cfg.worker, base_dir)

@@ -34,6 +34,7 @@ import anyio.to_thread
 
 from nexrl_async.core.errors import UserCodeError
 from nexrl_async.core.records import DataItem, EvalResult, FailureReason, Trajectory
+from nexrl_async.data import source_of
 from nexrl_async.rollout.faults import SampleFailed
 
 EvaluateFn = Callable[[DataItem, Trajectory], Awaitable[Any]]
@@ -69,6 +70,23 @@ def as_evaluate_fn(evaluator: Any) -> EvaluateFn:
         )
 
     return in_thread
+
+
+class SourceEvaluators:
+    """Scores each item with the evaluator of its data source, else the default one.
+
+    The source is the ``<name>/`` prefix of the item's key (a mixture's sources, docs/data.md);
+    each evaluator keeps its own placement (async, thread or inline) by :func:`as_evaluate_fn`.
+    """
+
+    def __init__(self, default: Any, by_source: dict[str, Any]) -> None:
+        self._default = as_evaluate_fn(default)
+        self._by_source = {name: as_evaluate_fn(ev) for name, ev in by_source.items()}
+
+    async def evaluate(self, item: DataItem, trajectory: Trajectory) -> Any:
+        name = source_of(item.key)
+        evaluate = self._by_source.get(name, self._default) if name else self._default
+        return await evaluate(item, trajectory)
 
 
 async def score(evaluate: EvaluateFn, item: DataItem, trajectory: Trajectory) -> EvalResult:
