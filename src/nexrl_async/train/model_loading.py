@@ -18,7 +18,12 @@ from typing import Literal
 
 import torch
 from loguru import logger
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from nexrl_async.config.model import (
@@ -67,12 +72,29 @@ def load_tokenizer(
     else:
         path = model_cfg.path
     try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tok = load_tokenizer_folder(path)
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot load a tokenizer from {path}: {err}", path="tokenizer") from err
     if tokenizer_cfg is not None and tokenizer_cfg.chat_template is not None:
         tok.chat_template = tokenizer_cfg.chat_template
     return tok
+
+
+def load_tokenizer_folder(path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in the local HF folder ``path``, as saved.
+
+    A folder with a ``tokenizer.json`` is loaded as exactly that tokenizer (normalizer,
+    pre-tokenizer, decoder, special tokens and chat template from ``tokenizer_config.json``):
+    transformers 5's ``AutoTokenizer`` loads every ``qwen2`` (and a few other) model folder
+    with its own tokenizer class, which rebuilds the pre-tokenizer and so silently changes a
+    custom tokenizer (spaces and newlines dropped). Folders without one (sentencepiece-only)
+    go through ``AutoTokenizer``. The local server loads its tokenizer the same way
+    (``inference/local/weights.py``).
+    """
+    folder = Path(path)
+    if (folder / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 def load_policy(

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders
+from tokenizers.models import BPE
+from transformers import PreTrainedTokenizerFast
 
 from nexrl_async.config.model import BuiltModel, CharTokenizer, PretrainedModel, PretrainedTokenizer
 from nexrl_async.config.training import AlgorithmConfig, OptimConfig, TrainerConfig
@@ -100,3 +103,38 @@ def test_from_spec_sets_torch_threads() -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def _custom_tokenizer() -> PreTrainedTokenizerFast:
+    """A character tokenizer whose vocabulary holds space and newline as themselves: no
+    pre-tokenizer, so text reaches the model unsplit (a byte-level one would spell them
+    ``Ġ`` and ``Ċ``, which this vocabulary lacks)."""
+    specials = ["<pad>", "<bos>", "<eos>"]
+    vocab = {t: i for i, t in enumerate([*specials, *"0123456789 \nabc"])}
+    core = Tokenizer(BPE(vocab=vocab, merges=[], unk_token=None))
+    core.decoder = decoders.Fuse()
+    core.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>"
+    )
+
+
+def test_a_custom_tokenizer_in_a_qwen2_folder_loads_as_saved(tmp_path: Path) -> None:
+    from nexrl_async.inference.local.weights import load_model
+    from nexrl_async.train.build import build_model
+
+    tok = _custom_tokenizer()
+    text = "12 ab\n3 c\n\n 4"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text
+    model = build_model(
+        TINY, vocab_size=len(tok), seed=0, pad_token_id=0, bos_token_id=1, eos_token_id=2
+    )
+    folder = save_model_dir(model, tok, tmp_path / "m")
+    assert '"model_type": "qwen2"' in (folder / "config.json").read_text()
+    _, trainer_tok = load_policy(PretrainedModel(path=str(folder)), None, seed=0)
+    served_tok = load_model(folder, device="cpu", dtype="float32").tokenizer
+    for loaded in (trainer_tok, served_tok):
+        assert loaded.encode(text, add_special_tokens=False) == ids
+        assert loaded.decode(ids) == text
+        assert loaded.eos_token_id == 2

@@ -16,7 +16,12 @@ from typing import Literal
 import torch
 from loguru import logger
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from nexrl_async.core.errors import ConfigError, WeightSyncError
@@ -72,7 +77,7 @@ def load_model(
     else:
         torch_dtype = _DTYPES[dtype]
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = _load_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot load the model in {path}: {err}") from err
@@ -88,6 +93,16 @@ def load_model(
         ctx,
     )
     return LoadedModel(model, tokenizer, _eos_ids(model, tokenizer), ctx)
+
+
+def _load_tokenizer(path: Path) -> Tokenizer:
+    """The folder's tokenizer as saved: ``tokenizer.json`` when there is one (transformers 5's
+    ``AutoTokenizer`` swaps in its own class for ``qwen2`` folders, changing a custom
+    tokenizer's pre-tokenizer), else ``AutoTokenizer``. The trainer loads it the same way
+    (``train/model_loading.py``, ``load_tokenizer_folder``)."""
+    if (path / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def read_safetensors(model_dir: str | Path) -> dict[str, torch.Tensor]:
