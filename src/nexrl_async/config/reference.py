@@ -211,11 +211,11 @@ class _Writer:
 
     def section(self, path: str, structs: list[mi.StructType], depth: int, doc: str) -> None:
         key = tuple(s.cls for s in structs)
-        title = f"`[{path}]`"
+        title = _table(path)
         if key in self.seen:
             self.out += [f"{'#' * min(depth, 4)} {title}", "", _markdown(doc), ""]
             first = self.seen[key]
-            self.out += [f"Same keys as [`[{first}]`](#{_anchor(first)}).", ""]
+            self.out += [f"Same keys as [{_table(first)}](#{_anchor(first)}).", ""]
             return
         self.seen[key] = path
         self.toc.append((depth, path))
@@ -274,7 +274,7 @@ class _Writer:
                     doc += f" Unset, it is {_default(field).removeprefix('default ')}."
                 nested.append((dotted, structs, doc))
                 if depth > 1:  # the root's sections are listed in the contents
-                    link = f"[`[{dotted}]`](#{_anchor(dotted)})"
+                    link = f"[{_table(dotted)}](#{_anchor(dotted)})"
                     self.out += [f"- **`{dotted}`**: a table, see {link}.", ""]
                 continue
             _, optional = _strip(field.type)
@@ -287,20 +287,27 @@ class _Writer:
             self.section(dotted, structs, depth + 1, doc)
 
 
+def _table(path: str) -> str:
+    """How TOML spells the table at ``path``: ``[a.b]``, or ``[[a.b]]`` for a list of tables."""
+    if path.endswith("[]"):
+        return f"`[[{path[:-2]}]]`"
+    return f"`[{path}]`"
+
+
 def _anchor(path: str) -> str:
     """GitHub's anchor of a heading ``[path]`` in backticks."""
     return re.sub(r"[^a-z0-9_\- ]", "", path.lower()).replace(" ", "-")
 
 
-def render() -> str:
-    """docs/recipe.md as the schema says today."""
-    root = mi.type_info(RecipeConfig)
+def render(schema: type[msgspec.Struct] = RecipeConfig) -> str:
+    """docs/recipe.md as the schema says today (``schema``: the root, for tests)."""
+    root = mi.type_info(schema)
     assert isinstance(root, mi.StructType)
     writer = _Writer()
     writer.fields("", root, [f.name for f in root.fields], 1)
     body = writer.out
     toc = [
-        f"{'  ' * (depth - 2)}- [`[{path}]`](#{_anchor(path)})"
+        f"{'  ' * (depth - 2)}- [{_table(path)}](#{_anchor(path)})"
         for depth, path in writer.toc
         if depth <= 3
     ]
@@ -311,9 +318,9 @@ def render() -> str:
     return re.sub(r"\n{3,}", "\n\n", text)
 
 
-def _iter_paths() -> Iterator[str]:
-    """Every dotted field path the reference documents (for tests)."""
-    for line in render().splitlines():
+def _iter_paths(text: str) -> Iterator[str]:
+    """Every dotted field path a rendered reference documents (for tests)."""
+    for line in text.splitlines():
         if match := re.match(r"- \*\*`([^`]+)`\*\*", line):
             yield match.group(1)
 

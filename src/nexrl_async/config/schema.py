@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import msgspec
 from msgspec import Struct
 
 from nexrl_async.config.data import DataConfig
@@ -76,6 +77,19 @@ class WandbConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True)
     """``offline`` writes under the run folder; sync later with ``wandb sync``."""
 
 
+QUIET_LOGGERS = (
+    "httpx",
+    "httpcore",
+    "urllib3",
+    "requests",
+    "openai",
+    "anthropic",
+    "aiohttp.access",
+    "uvicorn.access",
+)
+"""The default ``logging.quiet_loggers``."""
+
+
 class LoggingConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Logs, metrics sinks, samples and the progress line."""
 
@@ -90,6 +104,11 @@ class LoggingConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     final step (0: never)."""
     progress: bool = True
     """Live progress line on the terminal."""
+    quiet_loggers: list[str] = msgspec.field(default_factory=lambda: list(QUIET_LOGGERS))
+    """Python (stdlib) loggers held at WARNING in the run's log and console, with their
+    children: libraries that log a line per HTTP request (your evaluator's or tool's own
+    clients included). Remove a name to see its INFO lines; ``level = "TRACE"`` shows them
+    all."""
 
 
 class RecipeConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -25,6 +25,7 @@ from nexrl_async.obs import (
     build_sinks,
     setup_logging,
 )
+from nexrl_async.obs.plots import write_plots
 
 
 class RunContext(msgspec.Struct, kw_only=True, dict=True):
@@ -45,8 +46,10 @@ class RunContext(msgspec.Struct, kw_only=True, dict=True):
         return self.recipe.base_dir
 
     def close(self) -> None:
+        """Flush and close the records, then draw ``plots/`` from ``metrics.jsonl``."""
         self.metrics.close()
         self.ledger.close()
+        write_plots(self.run_dir.metrics_path, self.run_dir.plots_dir)
 
 
 def launch_key(inference: InferenceConfig) -> InferenceConfig:
@@ -86,7 +89,9 @@ def open_run(
     run_dir = RunDir.create(output_dir(recipe, output), resume=resume)
     text = dump_recipe(cfg)
     run_dir.config_path.write_text(text, encoding="utf-8")
-    terminal = setup_logging(level=cfg.logging.level, rank=0, run_dir=run_dir.root)
+    terminal = setup_logging(
+        level=cfg.logging.level, rank=0, run_dir=run_dir.root, quiet=cfg.logging.quiet_loggers
+    )
     sinks = build_sinks(cfg.logging, run_dir, msgspec.to_builtins(cfg))
     ledger = RunLedger(run_dir.events_path)
     config_hash = hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -124,6 +124,7 @@ async def _wrap_up(parts: Parts, reason: str) -> None:
             f"the data ran out before the first training step: {flow.counts['GroupFailed']} "
             f"groups failed ({flow.breaker.describe()}), {flow.abandoned} items abandoned"
         )
+    await parts.reporting.dump_final()
     finished = reason in ("completed", "data_exhausted")
     if not finished or parts.cfg.checkpoint.at_end:
         await parts.checkpointer.save(step)

@@ -1,4 +1,5 @@
-"""How a run reports itself: the progress line, validation loss and sample dumps.
+"""How a run reports itself: the progress line, validation loss, sample dumps (every
+``logging.samples_every_steps`` steps and at the last step) and plots redrawn while it runs.
 
 What differs between the objectives is decided once, in :meth:`Reporting.for_run`: an RL run
 shows the reward, staleness and throughput and validates by reward; an SFT run
@@ -8,8 +9,9 @@ validates by the held-out loss (``val/loss``, ``val/ppl``).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from nexrl_async.core.records import TrainBatch
 from nexrl_async.engine.context import RunContext
 from nexrl_async.engine.samples import write_samples
 from nexrl_async.engine.validator import LossFn
+from nexrl_async.obs.plots import write_plots
 from nexrl_async.obs.progress import ProgressLine
 
 RL_PROGRESS = {
@@ -28,6 +31,8 @@ RL_PROGRESS = {
     "tokens_per_s": "throughput/tokens_per_s",
 }
 SFT_PROGRESS = {"loss": "train/loss"}
+PLOTS_EVERY_S = 300.0
+"""How often a running run redraws ``plots/`` (the run's end always draws them)."""
 
 
 @dataclass(kw_only=True)
@@ -41,6 +46,12 @@ class Reporting:
     samples_every: int
     samples_dir: Path
     tokenizer: Any
+    metrics_path: Path
+    plots_dir: Path
+    plots_every_s: float = PLOTS_EVERY_S
+    plotted_at: float = field(default_factory=time.monotonic)
+    undumped: TrainBatch | None = None
+    """The last trained batch, while its samples are not written (:meth:`dump_final`)."""
 
     @classmethod
     def for_run(
@@ -61,6 +72,8 @@ class Reporting:
             samples_every=ctx.cfg.logging.samples_every_steps,
             samples_dir=ctx.run_dir.samples_dir,
             tokenizer=trainer.tokenizer,
+            metrics_path=ctx.run_dir.metrics_path,
+            plots_dir=ctx.run_dir.plots_dir,
         )
 
     def progress(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -69,8 +82,23 @@ class Reporting:
         self.progress_line.update(step, **shown)
 
     async def dump_samples(self, batch: TrainBatch) -> None:
-        """``samples/step_<s>.jsonl`` every ``logging.samples_every_steps`` steps."""
+        """``samples/step_<s>.jsonl`` every ``logging.samples_every_steps`` steps; the plots
+        every ``plots_every_s`` seconds."""
         every = self.samples_every
+        self.undumped = batch if every else None
         if every and batch.step % every == 0:
-            path = self.samples_dir / f"step_{batch.step:06d}.jsonl"
-            await anyio.to_thread.run_sync(write_samples, path, batch, self.tokenizer)
+            await self._write(batch)
+        if time.monotonic() - self.plotted_at >= self.plots_every_s:
+            self.plotted_at = time.monotonic()
+            await anyio.to_thread.run_sync(write_plots, self.metrics_path, self.plots_dir)
+
+    async def dump_final(self) -> None:
+        """The samples of the run's last trained step, unless its step was dumped already
+        (``logging.samples_every_steps = 0`` writes none)."""
+        if self.undumped is not None:
+            await self._write(self.undumped)
+
+    async def _write(self, batch: TrainBatch) -> None:
+        self.undumped = None
+        path = self.samples_dir / f"step_{batch.step:06d}.jsonl"
+        await anyio.to_thread.run_sync(write_samples, path, batch, self.tokenizer)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 
 from nexrl_async.core.records import FailureReason, Status, TrainBatch
 from nexrl_async.data import source_of
@@ -59,11 +59,13 @@ class StepClock:
 
 
 def batch_metrics(batch: TrainBatch) -> dict[str, float]:
-    """Rollout metrics of the trained batch: rewards, lengths, staleness."""
+    """Rollout metrics of the trained batch: rewards, lengths, staleness, and the evaluator's
+    own metrics (:func:`evaluator_metrics`)."""
     trajs = batch.trajectories
     rewards = [t.reward for t in trajs]
     lengths = [t.num_generated for t in trajs]
-    out = {
+    out = evaluator_metrics(batch)
+    out |= {
         "rollout/reward_mean": sum(rewards) / len(rewards),
         "rollout/reward_max": max(rewards),
         "rollout/response_len_mean": sum(lengths) / len(lengths),
@@ -90,6 +92,19 @@ def source_metrics(batch: TrainBatch) -> dict[str, float]:
         out[f"data/{name}/samples"] = float(len(values))
         out[f"data/{name}/reward_mean"] = sum(values) / len(values) if values else 0.0
     return out
+
+
+def evaluator_metrics(batch: TrainBatch) -> dict[str, float]:
+    """``rollout/<name>_mean`` for every metric the evaluator returned in ``EvalResult.metrics``
+    (the demo's ``exact``): its mean over the batch's samples that report it. Names the engine
+    uses itself (``reward``, ``response_len``) are left to the engine's own metrics."""
+    sums: dict[str, float] = defaultdict(float)
+    counts: Counter[str] = Counter()
+    for traj in batch.trajectories:
+        for name, value in traj.metrics.items():
+            sums[name] += value
+            counts[name] += 1
+    return {f"rollout/{name}_mean": sums[name] / counts[name] for name in sorted(sums)}
 
 
 def staleness_metrics(batch: TrainBatch) -> dict[str, float]:

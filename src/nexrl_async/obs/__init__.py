@@ -3,7 +3,8 @@
 Owns: ``logs`` (rank-aware loguru, stdlib routed in), ``metrics`` (jsonl / TensorBoard / W&B),
 ``ledger`` (typed events appended to events.jsonl), ``rundir`` (the run folder layout),
 ``progress`` (the live progress line), ``terminal`` (the stderr stream logs and progress share),
-``jsonlines`` (the append-only, flushed JSON-lines file under metrics and ledger).
+``jsonlines`` (the append-only, flushed JSON-lines file under metrics and ledger), ``plots``
+(figures drawn from metrics.jsonl), ``glossary`` (every metric's unit and meaning).
 Must not import: torch at module level; ``inference``, ``pipeline``, ``rollout``, ``train``,
 ``weights``, ``engine``.
 """

@@ -13,9 +13,11 @@ leaves sinks added by others alone.
 - Stdlib: the root ``logging`` logger gets one :class:`InterceptHandler` that forwards records
   to loguru with their level and call site, so httpx, uvicorn, transformers and friends log
   through loguru. transformers' own stderr handler is switched off in favour of propagation.
-  ``httpx``/``httpcore`` (one INFO line per request) and ``uvicorn.access`` are held at WARNING
-  unless the level is TRACE. uvicorn servers must be built with ``log_config=None`` so uvicorn
-  does not install handlers of its own after this runs.
+  The ``quiet`` loggers (``logging.quiet_loggers``: HTTP clients such as ``httpx``,
+  ``urllib3`` and ``openai`` that log one INFO line per request, the user's own clients
+  included, and ``uvicorn.access``) are held at WARNING unless the level is TRACE. uvicorn
+  servers must be built with ``log_config=None`` so uvicorn does not install handlers of its
+  own after this runs.
 """
 
 from __future__ import annotations
@@ -25,19 +27,21 @@ import importlib.util
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loguru import logger
 
+from nexrl_async.config.schema import LoggingConfig
 from nexrl_async.core.errors import ConfigError
 from nexrl_async.obs.terminal import Terminal
 
 _CONSOLE_TIME = "<green>{time:HH:mm:ss.SSS}</green>"
 _FILE_TIME = "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green>"
 _BODY = "<level>{level: <8}</level> | {rank}<cyan>{name}</cyan>:<cyan>{line}</cyan> - {message}"
-_QUIET_LOGGERS = ("httpx", "httpcore", "uvicorn.access")
-"""Libraries whose INFO lines are per request; held at WARNING unless the level is TRACE."""
+QUIET_LOGGERS = LoggingConfig().quiet_loggers
+"""Libraries whose INFO lines are per request (``logging.quiet_loggers``' default)."""
 _UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 
 
@@ -47,6 +51,8 @@ class _State:
 
     handler_ids: list[int] = field(default_factory=list)
     default_removed: bool = False
+    quietened: set[str] = field(default_factory=set)
+    """Loggers the last call held at WARNING."""
 
 
 _STATE = _State()
@@ -81,6 +87,7 @@ def setup_logging(
     run_dir: Path | None = None,
     colorize: bool | None = None,
     terminal: Terminal | None = None,
+    quiet: Sequence[str] = QUIET_LOGGERS,
 ) -> Terminal:
     """Configure loguru for this process and return the console :class:`Terminal`.
 
@@ -88,7 +95,9 @@ def setup_logging(
     0 log at WARNING or higher whatever ``level`` says. ``world_size`` defaults to the
     ``WORLD_SIZE`` environment variable (set by torchrun), else 1. ``colorize`` defaults to
     whether the terminal is a TTY (and ``NO_COLOR`` is unset). ``terminal`` defaults to a new
-    one on the current ``sys.stderr``; hand the returned one to the progress line.
+    one on the current ``sys.stderr``; hand the returned one to the progress line. ``quiet``
+    names the stdlib loggers held at WARNING (see the module docstring); a logger a previous
+    call quietened and this one does not is set back to the level.
     """
     levelno = _effective_levelno(level, rank)
     world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
@@ -123,7 +132,7 @@ def setup_logging(
                 diagnose=False,
             )
         )
-    _route_stdlib(levelno)
+    _route_stdlib(levelno, quiet)
     return console
 
 
@@ -166,14 +175,18 @@ def _remove_own_handlers() -> None:
     _STATE.handler_ids.clear()
 
 
-def _route_stdlib(levelno: int) -> None:
-    """Send every stdlib record at ``levelno`` or above through loguru."""
+def _route_stdlib(levelno: int, quiet: Sequence[str]) -> None:
+    """Send every stdlib record at ``levelno`` or above through loguru; ``quiet`` loggers
+    only from WARNING (unless ``levelno`` is TRACE)."""
     root = logging.getLogger()
     root.handlers = [InterceptHandler()]
     root.setLevel(levelno)
     quiet_level = levelno if levelno <= logger.level("TRACE").no else logging.WARNING
-    for name in _QUIET_LOGGERS:
+    for name in _STATE.quietened - set(quiet):
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    for name in quiet:
         logging.getLogger(name).setLevel(max(quiet_level, levelno))
+    _STATE.quietened = set(quiet)
     for name in _UVICORN_LOGGERS:
         # Only matters when uvicorn configured itself before us (log_config left at default).
         lib_logger = logging.getLogger(name)

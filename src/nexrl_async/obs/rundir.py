@@ -5,9 +5,9 @@
   config.toml      the resolved recipe
   metrics.jsonl    one line per step: {"step", "time", ...metrics}
   events.jsonl     the RunLedger
-  samples/         decoded samples, every ``logging.samples_every_steps``
+  samples/         decoded samples, every ``logging.samples_every_steps`` and the last step
   checkpoints/     step folders
-  plots/           figures made from metrics.jsonl
+  plots/           figures drawn from metrics.jsonl at the end (``obs.plots``)
   logs/            rank<r>.log per rank
   weights/         safetensors written for disk weight publication
   tensorboard/     TensorBoard event files (made by the sink when enabled)

@@ -57,7 +57,7 @@ def test_sync_mode_is_on_policy(run_small) -> None:
 
 
 def test_metrics_cover_the_step(run_small) -> None:
-    run = run_small()
+    run = run_small("validation.at_end=true", "validation.max_items=8")
     rows = read_metrics(run / "metrics.jsonl")
     first = rows[0]
     for key in (
@@ -77,6 +77,24 @@ def test_metrics_cover_the_step(run_small) -> None:
         assert key in first, key
     assert first["train/logprob_mismatch"] <= 1e-3
     assert first["rollout/failed"] == 0
+    # the evaluator's own metric (exact match) reaches the sinks, in training and validation
+    assert all(0.0 <= row["rollout/exact_mean"] <= 1.0 for row in rows[:3])
+    assert "val/exact_mean" in rows[-1]
+    assert_in_glossary(rows)
+    # standard plots at the end, and the samples of the last step (samples_every_steps = 50)
+    plots = {p.name for p in (run / "plots").glob("*.png")}
+    assert {"reward.png", "evaluator_metrics.png", "loss.png", "throughput.png"} <= plots
+    samples = sorted(p.name for p in (run / "samples").glob("*.jsonl"))
+    assert samples == ["step_000000.jsonl", "step_000002.jsonl"]
+
+
+def assert_in_glossary(rows: list[dict[str, Any]]) -> None:
+    """Every metric a run wrote has an entry in docs/metrics.md (``obs/glossary.py``)."""
+    from nexrl_async.obs.glossary import COMMAND, describe
+
+    names = {key for row in rows for key in row} - {"step", "time"}
+    missing = sorted(name for name in names if describe(name) is None)
+    assert not missing, f"add {missing} to src/nexrl_async/obs/glossary.py, then `{COMMAND}`"
 
 
 def test_distributed_weight_sync_serves_the_trainers_weights(run_small) -> None:
@@ -98,7 +116,9 @@ def test_sft_recipe_lowers_validation_loss(run_small) -> None:
         "validation.before_training=true", "validation.at_end=true", "validation.max_items=32",
         recipe=recipe,
     )  # fmt: skip
-    losses = [row["val/loss"] for row in read_metrics(run / "metrics.jsonl") if "val/loss" in row]
+    rows = read_metrics(run / "metrics.jsonl")
+    assert_in_glossary(rows)
+    losses = [row["val/loss"] for row in rows if "val/loss" in row]
     assert len(losses) == 2
     assert losses[-1] < losses[0] - 0.1, losses
     # inference.backend = "none": no server was launched, publications only advanced the version

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import msgspec.inspect as mi
+from msgspec import Struct
 
 from nexrl_async.config import reference
 from nexrl_async.config.schema import RecipeConfig
@@ -50,7 +51,7 @@ def test_every_schema_field_is_documented_with_its_docstring() -> None:
     root = mi.type_info(RecipeConfig)
     assert isinstance(root, mi.StructType)
     expected = _schema_paths(root, "", set())
-    documented = set(reference._iter_paths())
+    documented = set(reference._iter_paths(reference.render()))
     assert expected - documented == set()
     assert "inference.urls" in documented  # a variant's own key
     assert "inference.api_key" in documented  # a key every variant shares
@@ -87,3 +88,42 @@ def test_the_module_runs_as_the_documented_command(tmp_path: Path) -> None:
     )
     assert out.stdout == ""
     assert (tmp_path / "r.md").read_text(encoding="utf-8") == reference.render()
+
+
+class _Leaf(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="kind"):
+    weight: float = 1.0
+    """Share of the mixture."""
+
+
+class _File(_Leaf, frozen=True, kw_only=True, tag="file"):
+    """Rows from a file."""
+
+    path: str
+    """Where the rows are."""
+
+
+class _Gen(_Leaf, frozen=True, kw_only=True, tag="gen"):
+    """Rows made up."""
+
+    count: int = 3
+    """How many."""
+
+
+class _Root(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    sources: list[_File | _Gen] = []
+    """Where data comes from."""
+    named: dict[str, _File] = {}
+    """Files by name."""
+
+
+def test_lists_and_tables_of_sections_are_documented() -> None:
+    text = reference.render(_Root)
+    assert "## `[[sources]]`" in text
+    assert "Variants, chosen by `sources[].kind`" in text
+    assert "- **`sources[].weight`** · float · default `1.0`" in text
+    assert "- **`sources[].path`** · string · **required**" in text
+    assert "- **`named.<name>.path`**" in text
+    assert set(reference._iter_paths(text)) == {
+        "sources[].weight", "sources[].path", "sources[].count", "named.<name>.weight",
+        "named.<name>.path",
+    }  # fmt: skip

@@ -151,3 +151,34 @@ def test_no_color_turns_colours_off(console: Console, monkeypatch: pytest.Monkey
     logger.info("plain")
     assert "plain" in buffer.getvalue()
     assert "\x1b[" not in buffer.getvalue()
+
+
+def test_a_users_own_http_clients_stay_out_of_the_run_log_unless_asked(
+    console: Console, tmp_path: Path
+) -> None:
+    import anyio
+    import httpx
+
+    def judge() -> None:  # an evaluator's LLM-judge calls, in a worker thread as sync ones run
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, json={"score": 1}))
+        with httpx.Client(transport=transport) as client:
+            client.post("http://judge.invalid/score", json={})
+        logging.getLogger("openai._base_client").info("openai retrying request")
+        logging.getLogger("urllib3.connectionpool").info("Starting new HTTPS connection")
+
+    def run_judge() -> str:
+        anyio.run(anyio.to_thread.run_sync, judge)
+        return (tmp_path / "logs" / "rank0.log").read_text() + buffer.getvalue()
+
+    terminal, buffer = console
+    setup_logging(terminal=terminal, world_size=1, run_dir=tmp_path)
+    logged = run_judge()
+    assert "HTTP Request" not in logged
+    assert "openai retrying" not in logged
+    assert "Starting new HTTPS" not in logged
+    # a recipe that drops httpx from logging.quiet_loggers sees its lines again
+    setup_logging(terminal=terminal, world_size=1, run_dir=tmp_path, quiet=["openai"])
+    logged = run_judge()
+    assert 'HTTP Request: POST http://judge.invalid/score "HTTP/1.1 200 OK"' in logged
+    assert "Starting new HTTPS" in logged
+    assert "openai retrying" not in logged

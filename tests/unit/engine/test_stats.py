@@ -1,0 +1,39 @@
+"""Step metrics of a trained batch: the evaluator's own metrics become rollout/<name>_mean."""
+
+from __future__ import annotations
+
+from nexrl_async.core.records import Group, TrainBatch, Trajectory, Turn, VersionToken
+from nexrl_async.engine.stats import batch_metrics
+
+TOKEN = VersionToken(lease_id=0, version=0)
+
+
+def _traj(index: int, reward: float, metrics: dict[str, float]) -> Trajectory:
+    turn = Turn(role="assistant", token_ids=[1, 2], loss_mask=[1, 1])
+    return Trajectory(
+        group_id="g0", item_key="0:0", sample_index=index, token=TOKEN, turns=[turn],
+        reward=reward, metrics=metrics,
+    )  # fmt: skip
+
+
+def test_evaluator_metrics_are_averaged_over_the_samples_that_report_them() -> None:
+    trajs = [
+        _traj(0, 1.0, {"exact": 1.0, "judge": 0.5}),
+        _traj(1, 0.5, {"exact": 0.0}),
+        _traj(2, 0.0, {"exact": 0.0, "judge": 1.5}),
+        _traj(3, 0.5, {"exact": 1.0}),
+    ]
+    batch = TrainBatch(step=3, groups=[Group(group_id="g0", item_key="0:0", token=TOKEN,
+                                             trajectories=trajs)])  # fmt: skip
+    metrics = batch_metrics(batch)
+    assert metrics["rollout/exact_mean"] == 0.5
+    assert metrics["rollout/judge_mean"] == 1.0
+    assert metrics["rollout/reward_mean"] == 0.5
+    assert metrics["rollout/samples"] == 4.0
+
+
+def test_an_evaluator_metric_never_hides_the_engines_own() -> None:
+    trajs = [_traj(0, 1.0, {"reward": 7.0}), _traj(1, 0.0, {"reward": 7.0})]
+    group = Group(group_id="g0", item_key="0:0", token=TOKEN, trajectories=trajs)
+    metrics = batch_metrics(TrainBatch(step=0, groups=[group]))
+    assert metrics["rollout/reward_mean"] == 0.5
