@@ -89,12 +89,25 @@ def _check_staleness(cfg: RecipeConfig) -> Iterator[Problem]:
 
 
 def _check_pool(cfg: RecipeConfig) -> Iterator[Problem]:
-    cap = cfg.pool.capacity_groups
-    if cap is not None and cap < cfg.pool.batch_groups:
+    pool = cfg.pool
+    cap = pool.capacity_groups
+    if cap is not None and cap < pool.batch_groups:
         yield (
             "pool.capacity_groups",
-            f"pool.capacity_groups = {cap}: must be >= pool.batch_groups = {cfg.pool.batch_groups}",
+            f"pool.capacity_groups = {cap}: must be >= pool.batch_groups = {pool.batch_groups}",
         )
+    size = cfg.rollout.group_size
+    if size > 1 and pool.min_group_size > size:
+        yield (
+            "pool.min_group_size",
+            f"pool.min_group_size = {pool.min_group_size}: more than rollout.group_size = "
+            f"{size}, so any failed sample would discard its group (say "
+            'pool.failed_samples = "drop_group" for that)',
+        )
+    for i, name in enumerate(pool.group_by):
+        if not name or name in pool.group_by[:i]:
+            problem = "is empty" if not name else "appears twice"
+            yield "pool.group_by", f"pool.group_by[{i}] = {name!r} {problem}"
 
 
 def _check_algorithm(cfg: RecipeConfig) -> Iterator[Problem]:

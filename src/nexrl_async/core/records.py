@@ -157,12 +157,16 @@ class Trajectory(Struct, frozen=True, kw_only=True):
 
 
 class Group(Struct, frozen=True, kw_only=True):
-    """All ``n`` samples of one data item, generated under one lease."""
+    """The samples of one data item, generated under one lease (all ``n`` of them, or those
+    the pool kept when some failed: ``pool.failed_samples``)."""
 
     group_id: str
     item_key: str
     token: VersionToken
     trajectories: list[Trajectory]
+    baseline_key: str | None = None
+    """Groups of one batch with the same key share one advantage baseline (``pool.group_by``);
+    ``None``: the group is its own."""
 
     @property
     def head_version(self) -> int:

@@ -147,7 +147,8 @@ class Flow:
         async with self._changed:
             while not self.pool.can_put(group):
                 await self._changed.wait()
-            self._handle(self.pool.put(group))
+            item = self.items.get(group.token.lease_id)
+            self._handle(self.pool.put(group, None if item is None else item.fields))
             self._changed.notify_all()
 
     async def release(self, token: VersionToken) -> None:
@@ -246,14 +247,27 @@ class Flow:
         for event in events:
             self.counts[type(event).__name__] += 1
             if isinstance(event, GroupPooled):
-                self.ledger.emit(Pooled(group_id=event.group_id, head_version=event.head_version))
-                self.breaker.record(None)
+                self._pooled(event)
             elif isinstance(event, GroupFailed | GroupDropped | GroupFiltered):
                 self._settle(event)
                 if not isinstance(event, GroupDropped):
                     self.breaker.record(event.reasons if isinstance(event, GroupFailed) else None)
             elif isinstance(event, LeaseOverdue) and event.action == "drop":
                 self._abort(event.token)
+
+    def _pooled(self, event: GroupPooled) -> None:
+        """A kept group: logged with the samples it lost; its failures feed the breaker (as a
+        failed group only when ``degraded``)."""
+        dropped = [FailureReason(r) for r in event.dropped]
+        zeroed = [FailureReason(r) for r in event.zeroed]
+        self.ledger.emit(
+            Pooled(
+                group_id=event.group_id, head_version=event.head_version,
+                samples=event.samples, dropped=dropped, zeroed=zeroed,
+            )
+        )  # fmt: skip
+        failures = [*event.dropped, *event.zeroed]
+        self.breaker.record(failures or None, trained=not event.degraded)
 
     def _settle(self, event: GroupFailed | GroupDropped | GroupFiltered) -> None:
         """A group that will not be trained: log it, replay its item if the event says so."""

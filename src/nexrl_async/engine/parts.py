@@ -302,18 +302,23 @@ def _workers(
     cfg = ctx.cfg
     train_evaluators = source_evaluators(cfg.data)
 
-    def build(section: RolloutConfig, tokenizer: Any, evaluators: dict[str, str]) -> GroupWorker:
+    def build(
+        section: RolloutConfig, tokenizer: Any, evaluators: dict[str, str], required: list[str]
+    ) -> GroupWorker:
         return load_worker(
             section, tokenizer=tokenizer, generator=generator, base_dir=ctx.base_dir,
-            required=list(cfg.data.required), events=events,
+            required=required, events=events,
             context_length=trainer.context_length, source_evaluators=evaluators,
         )  # fmt: skip
 
-    worker = build(cfg.rollout, trainer.tokenizer, train_evaluators)
+    # the pool's grouping keys are fields every training item must have
+    required = list(dict.fromkeys([*cfg.data.required, *cfg.pool.group_by]))
+    worker = build(cfg.rollout, trainer.tokenizer, train_evaluators, required)
     check_serverless(cfg, worker)
     val_worker = build(
         validation_rollout(cfg).rollout, copy.deepcopy(trainer.tokenizer),
         source_evaluators(cfg.validation.data, fallback=train_evaluators),
+        list(cfg.data.required),
     )  # fmt: skip
     return worker, val_worker
 

@@ -90,10 +90,16 @@ class Scored(_Event, frozen=True, tag="scored"):
 
 
 class Pooled(_Event, frozen=True, tag="pooled"):
-    """A finished group entered the trajectory pool."""
+    """A finished group entered the trajectory pool (without the failed samples it dropped)."""
 
     group_id: str
     head_version: NonNegInt
+    samples: NonNegInt | None = None
+    """Samples kept (``None`` in logs written before partial groups)."""
+    dropped: list[FailureReason] = []
+    """Reasons of the failed samples dropped from the group, one per sample."""
+    zeroed: list[FailureReason] = []
+    """Reasons of the failed samples kept with reward 0, one per sample."""
 
 
 class Trained(_Event, frozen=True, tag="trained"):

@@ -6,14 +6,19 @@ a batch) and logs the :data:`PoolEvent` s every call returns to the ledger. The 
 
 A group arrives complete from a worker and goes through, in order:
 
-1. FAILED (any trajectory failed): not kept; its lease is released and the item replayed.
+1. Failed samples (``pool.failed_samples``, ``partial_groups``): dropped from the group or
+   kept with reward 0; a group left with fewer than ``min_group_size`` samples (or any failed
+   sample under ``drop_group``) FAILS: not kept, lease released, item replayed.
+   With ``pool.group_by`` the group then gets its item's grouping key (``grouping``).
 2. Zero reward variance, when ``filter_zero_variance``: not kept; lease released, no replay.
 3. Staleness (:meth:`StalenessGate.fate` for the next step): overdue groups are dropped (lease
    released, item replayed) or, with ``requeue``, re-leased at the current version and kept.
 4. Kept, keyed by lease id. Only this step is subject to capacity.
 
 ``take_batch(step)`` offers the ``batch_groups`` oldest groups (lease version, then head
-version, then lease id: earliest deadline first). What each ``on_overdue`` means for a step:
+version, then lease id: earliest deadline first; with ``group_by``, groups of the last lease
+version taken go by whole key groups, ``grouping.cluster_by_key``). What each
+``on_overdue`` means for a step:
 
 * ``wait``: step ``s`` is handed its batch only when it has ``B`` groups *and* taking the ``B``
   oldest leaves every other outstanding lease a step before its deadline (the gate's
@@ -49,16 +54,20 @@ import msgspec
 from nexrl_async.config.pipeline import PoolConfig
 from nexrl_async.core.errors import CheckpointError, ConfigError
 from nexrl_async.core.records import Group, TrainBatch, VersionToken
+from nexrl_async.pipeline.grouping import baseline_key, cluster_by_key
+from nexrl_async.pipeline.partial_groups import Settled, settle_failures
 from nexrl_async.pipeline.pool_events import (
     GroupDropped,
     GroupFailed,
     GroupFiltered,
     GroupPooled,
     GroupRequeued,
+    Handout,
     LeaseOverdue,
     PoolEvent,
     StepWaiting,
 )
+from nexrl_async.pipeline.pool_state import PoolCounters, PoolState
 from nexrl_async.pipeline.staleness import Fate, StalenessGate
 
 __all__ = [
@@ -73,38 +82,6 @@ __all__ = [
     "StepWaiting",
     "TrajectoryPool",
 ]
-
-
-class Handout(msgspec.Struct, frozen=True, kw_only=True):
-    """What :meth:`TrajectoryPool.take_batch` returns."""
-
-    batch: TrainBatch | None
-    """The step's batch, or ``None`` while not ready."""
-    events: list[PoolEvent] = []
-    """Outcomes to log (drops and requeues it caused, a first wait)."""
-    waiting_for: list[VersionToken] = []
-    """In-flight leases the step waits for (``wait`` only)."""
-
-
-class PoolCounters(msgspec.Struct, kw_only=True):
-    """Cumulative group counts (checkpointed)."""
-
-    pooled: int = 0
-    handed_out: int = 0
-    dropped_overdue: int = 0
-    requeued: int = 0
-    filtered_zero_variance: int = 0
-    failed_groups: int = 0
-    waits: int = 0
-    """Steps that had to wait for stragglers."""
-    over_capacity: int = 0
-    """Groups admitted to a full pool because the next step waits for them."""
-
-
-class _PoolState(msgspec.Struct, kw_only=True):
-    groups: list[Group]
-    counters: PoolCounters
-    waited_step: int | None
 
 
 _Kind = Literal["failed", "filtered"] | Fate
@@ -131,6 +108,9 @@ class TrajectoryPool:
         self._batch = cfg.batch_groups
         self._capacity = capacity
         self._filter = cfg.filter_zero_variance
+        self._failed_samples = cfg.failed_samples
+        self._min_group = cfg.min_group_size
+        self._group_by = list(cfg.group_by)
         self._groups: dict[int, Group] = {}
         self._heads: dict[int, int] = {}
         self._waited_step: int | None = None
@@ -165,19 +145,26 @@ class TrajectoryPool:
         if group is None:
             return False
         token = self._current_token(group)
-        if self._classify(group, token) not in (Fate.TRAIN, Fate.REQUEUE):
+        if self._classify(self._settle(group), token) not in (Fate.TRAIN, Fate.REQUEUE):
             return True
         horizon = self._blocking_deadline()
         return horizon is not None and token.max_step is not None and token.max_step <= horizon
 
-    def put(self, group: Group) -> list[PoolEvent]:
-        """Offer a finished group. Raises ``OverflowError`` if full: check :meth:`can_put`."""
+    def put(self, group: Group, fields: Mapping[str, Any] | None = None) -> list[PoolEvent]:
+        """Offer a finished group; ``fields`` are its item's (for ``group_by``; without them
+        the group is its own advantage group). Raises ``OverflowError`` if full: check
+        :meth:`can_put`."""
         token = self._current_token(group)
         if token.lease_id in self._groups:
             raise ValueError(f"lease {token.lease_id} already has a group in the pool")
-        kind = self._classify(group, token)
-        if kind == "failed":
+        settled = self._settle(group)
+        kind = self._classify(settled, token)
+        if kind == "failed" or settled.group is None:
             return [self._fail(group, token)]
+        original, group = group, settled.group
+        if self._group_by and fields is not None:
+            key = baseline_key(fields, self._group_by)
+            group = msgspec.structs.replace(group, baseline_key=key)
         if kind == "filtered":
             return [self._filter_out(group, token)]
         step = self.next_step
@@ -192,15 +179,7 @@ class TrajectoryPool:
             events.append(self._requeue(group, token, step))
             token = self._gate.current(token.lease_id) or token
         self._keep(msgspec.structs.replace(group, token=token))
-        events.append(
-            GroupPooled(
-                group_id=group.group_id,
-                item_key=group.item_key,
-                token=token,
-                head_version=self._heads[token.lease_id],
-                pool_size=self.size,
-            )
-        )
+        events.append(self._pooled(settled, original, token))
         return events
 
     # -- take ------------------------------------------------------------------------------
@@ -237,28 +216,19 @@ class TrajectoryPool:
     # -- metrics and checkpoints -----------------------------------------------------------
 
     def metrics(self) -> dict[str, float]:
-        c = self.counters
-        return {
-            "pool/size": float(self.size),
-            "pool/dropped_overdue": float(c.dropped_overdue),
-            "pool/requeued": float(c.requeued),
-            "pool/filtered_zero_variance": float(c.filtered_zero_variance),
-            "pool/failed_groups": float(c.failed_groups),
-            "pool/waits": float(c.waits),
-            "pool/over_capacity": float(c.over_capacity),
-        }
+        return {"pool/size": float(self.size), **self.counters.metrics()}
 
     def state_dict(self) -> dict[str, Any]:
         """Contents and counters, JSON- and msgpack-able. Save the gate with it."""
         groups = [self._groups[i] for i in sorted(self._groups)]
-        state = _PoolState(groups=groups, counters=self.counters, waited_step=self._waited_step)
+        state = PoolState(groups=groups, counters=self.counters, waited_step=self._waited_step)
         result: dict[str, Any] = msgspec.to_builtins(state)
         return result
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore contents; load the gate's state first (every group's lease must be in it)."""
         try:
-            loaded = msgspec.convert(dict(state), _PoolState)
+            loaded = msgspec.convert(dict(state), PoolState)
         except msgspec.ValidationError as err:
             raise CheckpointError(f"trajectory pool state is malformed: {err}") from err
         self._groups.clear()
@@ -284,8 +254,12 @@ class TrajectoryPool:
             )
         return token
 
-    def _classify(self, group: Group, token: VersionToken) -> _Kind:
-        if not group.ok:
+    def _settle(self, group: Group) -> Settled:
+        return settle_failures(group, self._failed_samples, self._min_group)
+
+    def _classify(self, settled: Settled, token: VersionToken) -> _Kind:
+        group = settled.group
+        if group is None:
             return "failed"
         rewards = group.rewards
         if self._filter and rewards and max(rewards) == min(rewards):
@@ -302,7 +276,15 @@ class TrajectoryPool:
         def key(lease_id: int) -> tuple[int, int, int]:
             return (self._groups[lease_id].token.version, self._heads[lease_id], lease_id)
 
-        return sorted(self._groups, key=key)[: self._batch]
+        ordered = sorted(self._groups, key=key)
+        if not self._group_by:
+            return ordered[: self._batch]
+        return cluster_by_key(
+            ordered,
+            self._batch,
+            tier=lambda lease_id: self._groups[lease_id].token.version,
+            key=lambda lease_id: self._groups[lease_id].baseline_key or f"\0{lease_id}",
+        )
 
     def _blocking_deadline(
         self, step: int | None = None, chosen: list[int] | None = None
@@ -349,6 +331,25 @@ class TrajectoryPool:
             for tok in self._gate.overdue_outstanding(step + 1, exclude=self._groups)
             if tok.max_step == step
         ]
+
+    def _pooled(self, settled: Settled, original: Group, token: VersionToken) -> GroupPooled:
+        """The event of a kept group, counting its dropped and zeroed samples."""
+        c = self.counters
+        c.partial_groups += bool(settled.dropped or settled.zeroed)
+        c.dropped_samples += len(settled.dropped)
+        c.zeroed_samples += len(settled.zeroed)
+        group = self._groups[token.lease_id]
+        return GroupPooled(
+            group_id=group.group_id,
+            item_key=group.item_key,
+            token=token,
+            head_version=self._heads[token.lease_id],
+            pool_size=self.size,
+            samples=len(group.trajectories),
+            dropped=[str(r) for r in settled.dropped],
+            zeroed=[str(r) for r in settled.zeroed],
+            degraded=settled.scored < min(self._min_group, len(original.trajectories)),
+        )
 
     def _fail(self, group: Group, token: VersionToken) -> GroupFailed:
         self._gate.release(token)

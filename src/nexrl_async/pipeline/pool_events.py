@@ -10,7 +10,7 @@ from typing import ClassVar, Literal
 
 import msgspec
 
-from nexrl_async.core.records import VersionToken
+from nexrl_async.core.records import TrainBatch, VersionToken
 
 
 class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
@@ -19,17 +19,27 @@ class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
 
 
 class GroupPooled(_Event, frozen=True, kw_only=True, tag="pooled"):
-    """A group is kept, waiting for a step."""
+    """A group is kept, waiting for a step (with fewer samples if some failed)."""
 
     group_id: str
     item_key: str
     token: VersionToken
     head_version: int
     pool_size: int
+    samples: int = 0
+    """Samples kept (failed ones dropped, zeroed ones counted)."""
+    dropped: list[str] = []
+    """Failure reasons of the samples dropped from the group, one per sample."""
+    zeroed: list[str] = []
+    """Failure reasons of the samples kept with reward 0 (``zero_reward``), one per sample."""
+    degraded: bool = False
+    """Fewer than ``min_group_size`` samples were scored without failure (the rest zeroed):
+    the group trains, but counts as failed for the failure breaker."""
 
 
 class GroupFailed(_Event, frozen=True, kw_only=True, tag="failed"):
-    """A group with a FAILED trajectory: not trained, lease released."""
+    """A group whose failed samples fail it as a whole (``pool.failed_samples``): not
+    trained, lease released."""
 
     replay: ClassVar[bool] = True
     group_id: str
@@ -94,3 +104,14 @@ PoolEvent = (
     | StepWaiting
 )
 """Every outcome the pool reports; ``msgspec`` encodes it with a ``kind`` tag."""
+
+
+class Handout(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``TrajectoryPool.take_batch`` returns."""
+
+    batch: TrainBatch | None
+    """The step's batch, or ``None`` while not ready."""
+    events: list[PoolEvent] = []
+    """Outcomes to log (drops and requeues it caused, a first wait)."""
+    waiting_for: list[VersionToken] = []
+    """In-flight leases the step waits for (``wait`` only)."""

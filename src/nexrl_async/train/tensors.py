@@ -41,7 +41,8 @@ class SequenceBatch:
     rewards: Tensor
     """``[B]`` float32: the evaluator's reward."""
     group_index: Tensor
-    """``[B]`` int64: dense group id (``0..G-1`` in order of first appearance)."""
+    """``[B]`` int64: dense advantage-group id (``0..G-1`` in order of first appearance): the
+    group's ``baseline_key`` when it has one, else the group itself."""
     response_lengths: Tensor
     """``[B]`` int64: tokens of the longest assistant turn (what ``max_new_tokens`` limits)."""
 
@@ -111,7 +112,6 @@ def sequences_from_batch(batch: TrainBatch, *, pad_token_id: int) -> SequenceBat
     rollout_logprobs = flat.spread(flat.logprobs, torch.float32, real, 0.0)
     rollout_mask = flat.spread(flat.known, torch.int8, real, 0) != 0
     rollout_mask &= (loss_mask != 0) & torch.isfinite(rollout_logprobs)
-    groups: dict[str, int] = {}
     return SequenceBatch(
         input_ids=flat.spread(flat.ids, torch.int64, real, pad_token_id),
         attention_mask=real.long(),
@@ -120,13 +120,26 @@ def sequences_from_batch(batch: TrainBatch, *, pad_token_id: int) -> SequenceBat
         rollout_mask=rollout_mask,
         lengths=lengths,
         rewards=torch.tensor([t.reward for t in trajectories], dtype=torch.float32),
-        group_index=torch.tensor(
-            [groups.setdefault(t.group_id, len(groups)) for t in trajectories], dtype=torch.int64
-        ),
+        group_index=_group_index(batch),
         response_lengths=torch.tensor(
             [_response_length(t) for t in trajectories], dtype=torch.int64
         ),
     )
+
+
+def _group_index(batch: TrainBatch) -> Tensor:
+    """``[B]`` dense advantage-group ids: a group's ``baseline_key`` if it has one (groups
+    sharing it share one baseline, ``pool.group_by``), else its own id."""
+    dense: dict[tuple[bool, str], int] = {}
+    index = [
+        dense.setdefault(
+            (True, g.baseline_key) if g.baseline_key is not None else (False, g.group_id),
+            len(dense),
+        )
+        for g in batch.groups
+        for _ in g.trajectories
+    ]
+    return torch.tensor(index, dtype=torch.int64)
 
 
 def _check(traj: Trajectory, step: int) -> None:

@@ -137,6 +137,23 @@ def launch(tmp_path: Path) -> Iterator[Callable[..., Server]]:
             one.stop()
 
 
+@pytest.fixture(scope="module")
+def launch_shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Server]]:
+    """As ``launch``, for servers shared by the tests of one module."""
+    logs = tmp_path_factory.mktemp("shared-logs")
+    started: list[Server] = []
+
+    def run(model_dir: Path, *extra: str) -> Server:
+        started.append(start_server(model_dir, logs / f"server{len(started)}.log", *extra))
+        return started[-1]
+
+    try:
+        yield run
+    finally:
+        for one in started:
+            one.stop()
+
+
 @pytest.fixture
 async def client(server: Server) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=30.0) as c:

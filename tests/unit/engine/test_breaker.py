@@ -40,3 +40,26 @@ def test_warns_once_per_crossing() -> None:
         logger.remove(sink)
     assert len(lines) == 2, lines
     assert "bad_item" in lines[0]
+
+
+def test_groups_trained_without_their_failed_samples_warn_but_never_stop() -> None:
+    lines: list[str] = []
+    sink = logger.add(lines.append, level="WARNING", format="{message}")
+    try:
+        breaker = FailureBreaker(FaultsConfig(window_groups=4, stop_failed_fraction=0.5))
+        for _ in range(8):
+            breaker.record(["evaluator_error"], trained=True)
+    finally:
+        logger.remove(sink)
+    assert len(lines) == 1, lines
+    assert "4 of the last 4 groups had failed samples (0 failed as a whole)" in lines[0]
+    assert "evaluator_error: 4" in lines[0]
+
+
+def test_groups_not_trained_count_towards_the_stop() -> None:
+    breaker = FailureBreaker(FaultsConfig(window_groups=4, stop_failed_fraction=0.5))
+    breaker.record(["timeout"], trained=True)
+    breaker.record(["timeout"], trained=True)
+    breaker.record(["timeout"])
+    with pytest.raises(RolloutError, match=r"2 of the last 4 groups failed \(timeout: 4\)"):
+        breaker.record(["timeout", "timeout"])  # reasons count once per group

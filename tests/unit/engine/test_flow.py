@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import anyio
+import msgspec
 
 from nexrl_async.config.pipeline import PoolConfig, StalenessConfig
 from nexrl_async.core.records import FailureReason, Group, Status, Trajectory, Turn, VersionToken
 from nexrl_async.data.source import RowSource
 from nexrl_async.engine.flow import Flow
-from nexrl_async.obs.ledger import Dropped, RunLedger, read_events
+from nexrl_async.obs.ledger import Dropped, Pooled, RunLedger, read_events
 from nexrl_async.pipeline.pool import TrajectoryPool
 from nexrl_async.pipeline.staleness import StalenessGate
 
@@ -115,3 +116,31 @@ async def test_an_overdue_lease_keeps_running_under_requeue(tmp_path: Path) -> N
         assert await flow.take(1) is not None
         assert flow.counts["LeaseOverdue"] == 1  # reported ...
     assert not scope.cancel_called  # ... but its group is re-leased when it arrives
+
+
+async def test_a_partial_group_trains_is_logged_and_not_replayed(tmp_path: Path) -> None:
+    gate = StalenessGate(StalenessConfig(max_staleness=1), batch_groups=1)
+    pool = TrajectoryPool(PoolConfig(batch_groups=1, group_by=["task"]), gate=gate)
+    data = RowSource([{"task": "t", "x": i} for i in range(3)], shuffle=False)
+    flow = Flow(gate=gate, pool=pool, data=data, ledger=_ledger(tmp_path), max_replays=1)
+    admitted = await flow.admit()
+    assert admitted is not None
+    token, item = admitted
+    partial = group(token, item.key, [0.0, 1.0, 1.0])
+    failed = msgspec.structs.replace(
+        partial.trajectories[0], status=Status.FAILED, failure=FailureReason.EVALUATOR_ERROR
+    )
+    partial = msgspec.structs.replace(partial, trajectories=[failed, *partial.trajectories[1:]])
+    await flow.put(partial)
+    batch = await flow.take(0)
+    assert batch is not None
+    (kept,) = batch.groups
+    assert [t.sample_index for t in kept.trajectories] == [1, 2]
+    assert kept.baseline_key == '["t"]'  # the flow handed the pool the item's fields
+    nxt = await flow.admit()
+    assert nxt is not None
+    assert nxt[1].key != item.key  # trained: not replayed
+    flow.ledger.close()
+    (pooled,) = [e for e in read_events(tmp_path / "events.jsonl") if isinstance(e, Pooled)]
+    assert pooled.samples == 2
+    assert pooled.dropped == [FailureReason.EVALUATOR_ERROR]

@@ -4,10 +4,18 @@ Enough of SGLang's OpenAI layer (docs/sglang_api.md §3) for the official ``open
 template comes from the tokenizer, unset sampling values come from ``generation_config.json``,
 ``seed`` becomes ``sampling_seed``, streams send text deltas and end with ``data: [DONE]``.
 Responses carry ``metadata.weight_version`` and SGLang's ``matched_stop``.
+
+With ``n > 1`` and a ``seed``, choice ``i`` samples with seed ``seed + i`` (vLLM's rule): the
+choices differ from each other, choice 0 is what ``n = 1`` gives, and the same request gives
+the same choices again. A chat request that offers ``tools`` gets the Hermes / Qwen
+``<tool_call>`` blocks of its answers parsed into ``message.tool_calls`` (``openai_format``;
+SGLang needs ``--tool-call-parser`` for that, the local server always does it).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
@@ -41,6 +49,7 @@ from nexrl_async.inference.local.protocol import (
     sampling_spec,
 )
 from nexrl_async.inference.local.request import Notifier, Request
+from nexrl_async.inference.local.sampling import SamplingSpec
 from nexrl_async.inference.local.sglang_schema import SamplingParamsBody
 from nexrl_async.inference.local.streaming import (
     DONE,
@@ -93,6 +102,7 @@ class ChatRequest(_OpenAICommon, kw_only=True):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     input_ids: list[int] | None = None
@@ -152,13 +162,13 @@ def _samples(
         prompt = check_prompt(raw, ctx.limits)
         spec = sampling_spec(params, len(prompt), ctx.limits)
         lp = logprob_request(enabled, start, top_n, None, len(prompt), ctx.limits)
-        for _ in range(params.n):
+        for copy in range(params.n):
             single = rid is not None and len(prompts) == 1 and params.n == 1
             out.append(
                 Request(
                     rid=rid if single and rid is not None else new_rid(),
                     prompt_ids=prompt,
-                    sampling=spec,
+                    sampling=_seeded(spec, copy),
                     logprobs=lp,
                     stream=stream,
                     notifier=notifier,
@@ -166,6 +176,30 @@ def _samples(
                 )
             )
     return out
+
+
+def _seeded(spec: SamplingSpec, copy: int) -> SamplingSpec:
+    """The spec of choice ``copy`` of a prompt: seed ``seed + copy`` (wrapping at 64 bits)."""
+    seed = spec.sampling_seed
+    if seed is None or copy == 0:
+        return spec
+    seed += copy
+    if seed >= 2**64:
+        seed -= 2**64
+    return dataclasses.replace(spec, sampling_seed=seed)
+
+
+def offered_tools(body: ChatRequest) -> frozenset[str] | None:
+    """Names of the functions the request offers, or ``None`` when calls are not parsed (no
+    tools, or ``tool_choice = "none"``)."""
+    if not body.tools or body.tool_choice == "none":
+        return None
+    names = set()
+    for tool in body.tools:
+        function = tool.get("function")
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            names.add(function["name"])
+    return frozenset(names)
 
 
 async def _chat_requests(body: ChatRequest, ctx: ServerContext) -> list[Request]:
@@ -259,8 +293,10 @@ async def chat_completions(http: HttpRequest, ctx: ServerContext) -> ASGIApp:
         return ran
     body, requests = ran
     created = int(time.time())
+    tools = offered_tools(body)
     if body.stream:
-        return _streaming(chat_chunks, body, requests, ctx, created)
+        chunks = functools.partial(chat_chunks, tools=tools)
+        return _streaming(chunks, body, requests, ctx, created)
 
     def build() -> Response:
         return json_response(
@@ -269,7 +305,7 @@ async def chat_completions(http: HttpRequest, ctx: ServerContext) -> ASGIApp:
                 "object": "chat.completion",
                 "created": created,
                 "model": body.model,
-                "choices": [chat_choice(r, ctx, body.logprobs) for r in requests],
+                "choices": [chat_choice(r, ctx, body.logprobs, tools) for r in requests],
                 "usage": usage(requests),
                 "metadata": {"weight_version": ctx.scheduler.weight_version},
             }

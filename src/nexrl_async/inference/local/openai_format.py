@@ -1,13 +1,29 @@
-"""OpenAI response objects (choices, usage, stream chunks) built from finished requests."""
+"""OpenAI response objects (choices, usage, stream chunks) built from finished requests.
+
+Tool calls: when a chat request offers tools (and ``tool_choice`` is not ``"none"``), the
+generated text is split by :mod:`nexrl_async.inference.tool_calls` (the Hermes / Qwen
+``<tool_call>{json}</tool_call>`` format): each well-formed call to an offered tool becomes a
+``message.tool_calls`` entry (``id``, ``type: "function"``, ``function.name``,
+``function.arguments`` as a JSON string), ``content`` keeps the text outside the calls (``null``
+when nothing is left), and ``finish_reason`` is ``"tool_calls"`` when the generation stopped
+(not on ``"length"``). Malformed call text stays in ``content``. Streams send a call whole, in
+one ``delta.tool_calls`` chunk, once its end tag has arrived, and hold back content that may
+still turn out to be a call.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Collection
 from typing import Any
 
 from nexrl_async.inference.local.app_state import ServerContext
 from nexrl_async.inference.local.request import Request
 from nexrl_async.inference.local.step_plan import LogprobEntry
+from nexrl_async.inference.tool_calls import ParsedCall, ToolCallStream, split_tool_calls
+
+ToolNames = Collection[str] | None
+"""Names of the tools a chat request offered; ``None``: do not parse tool calls."""
 
 
 def finish_fields(req: Request) -> tuple[str | None, int | str | None]:
@@ -45,15 +61,40 @@ def chat_logprobs(req: Request, ctx: ServerContext, start: int = 0) -> dict[str,
     return {"content": content}
 
 
-def chat_choice(req: Request, ctx: ServerContext, logprobs: bool) -> dict[str, Any]:
+def _tool_call(call: ParsedCall, index: int | None = None) -> dict[str, Any]:
+    entry: dict[str, Any] = {} if index is None else {"index": index}
+    entry.update(
+        id=f"call_{uuid.uuid4().hex[:24]}",
+        type="function",
+        function={"name": call.name, "arguments": call.arguments},
+    )
+    return entry
+
+
+def _with_calls(reason: str | None, calls: list[ParsedCall]) -> str | None:
+    """``finish_reason``: a generation that stopped after making calls says ``tool_calls``."""
+    return "tool_calls" if calls and reason == "stop" else reason
+
+
+def chat_choice(
+    req: Request, ctx: ServerContext, logprobs: bool, tools: ToolNames = None
+) -> dict[str, Any]:
     reason, matched = finish_fields(req)
+    content: str | None = req.text
+    tool_calls: list[dict[str, Any]] | None = None
+    if tools is not None:
+        split = split_tool_calls(req.text, tools)
+        if split.calls:
+            content = split.content or None
+            tool_calls = [_tool_call(call) for call in split.calls]
+            reason = _with_calls(reason, split.calls)
     return {
         "index": req.index,
         "message": {
             "role": "assistant",
-            "content": req.text,
+            "content": content,
             "reasoning_content": None,
-            "tool_calls": None,
+            "tool_calls": tool_calls,
         },
         "logprobs": chat_logprobs(req, ctx) if logprobs else None,
         "finish_reason": reason,
@@ -116,30 +157,68 @@ class _Deltas:
         return start
 
 
+class _CallDeltas:
+    """Per choice of a stream that offered tools: content and calls through a
+    :class:`ToolCallStream` (fed only while the text grows; the final text decides)."""
+
+    def __init__(self, tools: Collection[str]) -> None:
+        self.tools = tools
+        self.streams: dict[int, ToolCallStream] = {}
+        self.fed: dict[int, str] = {}
+
+    def delta(self, req: Request) -> dict[str, Any]:
+        stream = self.streams.setdefault(req.index, ToolCallStream(self.tools))
+        before = self.fed.get(req.index, "")
+        if req.finished:
+            text, calls = stream.finish(req.text)
+        elif req.text.startswith(before):
+            text, calls = stream.feed(req.text)
+        else:
+            text, calls = "", []
+        self.fed[req.index] = req.text
+        out: dict[str, Any] = {"content": text} if text else {}
+        if calls:
+            first = len(stream.calls) - len(calls)
+            out["tool_calls"] = [_tool_call(c, first + i) for i, c in enumerate(calls)]
+        return out
+
+    def finish_reason(self, req: Request, reason: str | None) -> str | None:
+        stream = self.streams.get(req.index)
+        return _with_calls(reason, stream.calls if stream is not None else [])
+
+
 async def chat_chunks(
     updates: AsyncIterator[list[Request]],
     requests: list[Request],
     ctx: ServerContext,
     head: dict[str, Any],
     include_usage: bool,
+    tools: ToolNames = None,
 ) -> AsyncIterator[dict[str, Any]]:
-    """``chat.completion.chunk`` objects: a role chunk per choice, content deltas, finish."""
+    """``chat.completion.chunk`` objects: a role chunk per choice, content (and tool call)
+    deltas, finish."""
     head = {"id": requests[0].rid, "object": "chat.completion.chunk", **head}
     for req in requests:
         choice = {"index": req.index, "delta": {"role": "assistant", "content": ""}}
         yield {**head, "choices": [{**choice, "logprobs": None, "finish_reason": None}]}
     sent = _Deltas()
+    calls = None if tools is None else _CallDeltas(tools)
     async for changed in updates:
         for req in changed:
             text = sent.text_delta(req)
+            delta = {"content": text} if text else {}
+            if calls is not None:
+                delta = calls.delta(req)
             start = sent.logprob_start(req)
-            if not text and not req.finished and start == len(req.output_logprobs):
+            if not delta and not req.finished and start == len(req.output_logprobs):
                 continue
             reason, matched = finish_fields(req)
+            if calls is not None:
+                reason = calls.finish_reason(req, reason)
             lp = chat_logprobs(req, ctx, start) if req.logprobs.enabled else None
             choice = {
                 "index": req.index,
-                "delta": {"content": text} if text else {},
+                "delta": delta,
                 "logprobs": lp,
                 "finish_reason": reason,
                 "matched_stop": matched,
