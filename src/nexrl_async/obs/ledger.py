@@ -89,8 +89,9 @@ class Scored(_Event, frozen=True, tag="scored"):
     failure: FailureReason | None = None
 
 
-class Pooled(_Event, frozen=True, tag="pooled"):
-    """A finished group entered the trajectory pool (without the failed samples it dropped)."""
+class Pooled(_Event, frozen=True, tag="pooled", omit_defaults=True):
+    """A finished group entered the trajectory pool (without the failed samples it dropped;
+    fields at their defaults are not written)."""
 
     group_id: str
     head_version: NonNegInt

@@ -41,7 +41,11 @@ def test_a_flaky_evaluator_keeps_most_samples_in_training(run_small) -> None:
     kept = sum(pooled[g].samples or 0 for g in trained)
     share = kept / len(generated)
     failures = Counter(s.failure for s in generated if s.status is Status.FAILED)
-    print(f"kept {kept} of {len(generated)} generated samples ({share:.3f}); {failures}")
+    per_group = Counter(len(pooled[g].dropped) for g in trained)
+    print(
+        f"kept {kept} of {len(generated)} generated samples ({share:.3f}); {failures}; "
+        f"trained groups by failed samples: {dict(per_group)}; {len(failed)} groups failed"
+    )
     assert share >= 0.70
     assert failures[FailureReason.EVALUATOR_ERROR] >= 0.2 * len(generated)
     assert set(failures) == {FailureReason.EVALUATOR_ERROR}

@@ -58,7 +58,7 @@ def test_cluster_by_key_takes_whole_key_groups_within_the_last_tier() -> None:
     assert pick(3) == [0, 3, 1]  # "a" already in the step comes first, then the oldest key
     assert pick(4) == [0, 3, 1, 4]  # "b" whole
     assert pick(5) == [0, 3, 1, 4, 2]
-    assert pick(6) == [0, 3, 1, 4, 2, 5]  # the last tier is tier 2 now
+    assert pick(6) == [0, 1, 2, 3, 4, 5]  # the last tier is tier 2 now: tier 1 goes whole
     assert pick(7) == [0, 1, 2, 3, 4, 5]  # not enough: everything, in order
 
 

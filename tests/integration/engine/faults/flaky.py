@@ -1,9 +1,9 @@
 """An evaluator that fails a quarter of its calls (a flaky reward service).
 
-Exactly one call in each run of four consecutive calls raises, at a position drawn by a
-seeded RNG: the failure rate is 25% at every point of the run, and which samples fail depends
-on the order the samples finish in (groups can lose none, one or several). The others score
-the reversal like the reverse-digits evaluator.
+In each run of eight consecutive calls, two raise, at positions drawn by a seeded RNG: the
+failure rate is 25% at every point of the run, and which samples fail depends on the order
+the samples finish in (a group can lose none, one, or several). The others score the
+reversal like the reverse-digits evaluator.
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ from __future__ import annotations
 import random
 
 from nexrl_async.core.records import DataItem, EvalResult, Trajectory
+
+BLOCK = 8
+FAILING = 2
 
 
 class FailsAQuarter:
@@ -20,14 +23,14 @@ class FailsAQuarter:
     def __init__(self) -> None:
         self._rng = random.Random(0)
         self._calls = 0
-        self._failing = 0
+        self._failing: set[int] = set()
 
     def evaluate(self, item: DataItem, trajectory: Trajectory) -> EvalResult:
-        position = self._calls % 4
+        position = self._calls % BLOCK
         if position == 0:
-            self._failing = self._rng.randrange(4)
+            self._failing = set(self._rng.sample(range(BLOCK), FAILING))
         self._calls += 1
-        if position == self._failing:
+        if position in self._failing:
             raise ConnectionError("the reward service timed out")
         answer = str(item.fields["answer"])
         response = trajectory.response_text.strip()
