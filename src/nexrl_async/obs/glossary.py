@@ -131,7 +131,25 @@ GLOSSARY: tuple[tuple[str, str, tuple[MetricDoc, ...]], ...] = (
             MetricDoc(
                 "pool/failed_groups",
                 "groups",
-                f"Groups not kept because a sample failed (their items replay, {TOTAL}).",
+                "Groups not kept because of failed samples (fewer than `pool.min_group_size` "
+                f'left, or any under `pool.failed_samples = "drop_group"`; their items '
+                f"replay, {TOTAL}).",
+            ),
+            MetricDoc(
+                "pool/partial_groups",
+                "groups",
+                f"Groups kept without some failed samples, or with them zeroed ({TOTAL}).",
+            ),
+            MetricDoc(
+                "pool/dropped_samples",
+                "samples",
+                f"Failed samples dropped from groups that were kept ({TOTAL}).",
+            ),
+            MetricDoc(
+                "pool/zeroed_samples",
+                "samples",
+                f'Failed samples kept with reward 0 (`pool.failed_samples = "zero_reward"`, '
+                f"{TOTAL}).",
             ),
             MetricDoc(
                 "pool/filtered_zero_variance",
