@@ -1,7 +1,8 @@
-"""The reverse-digits task: data factory and evaluator.
+"""The reverse-digits task: data factories and evaluator.
 
 Each item is a string of digits; the model must answer with the digits reversed, then EOS.
-Reward = fraction of the answer's positions the response gets right.
+Reward = fraction of the answer's positions the response gets right. ``make_pairs`` adds a
+preference pair to each item for DPO (``dpo.toml``): the reversal against a wrong answer.
 """
 
 from __future__ import annotations
@@ -18,6 +19,25 @@ def make_items(count: int = 4096, digits: int = 2, seed: int = 0) -> Iterator[di
     for _ in range(count):
         text = "".join(rng.choice("0123456789") for _ in range(digits))
         yield {"prompt": f"<bos>{text}<sep>", "digits": text, "answer": text[::-1]}
+
+
+def wrong_reversal(digits: str, rng: random.Random) -> str:
+    """A wrong answer of a kind a model makes here: the digits copied unreversed (when that
+    differs from the reversal), else the reversal with one position changed to another digit."""
+    answer = digits[::-1]
+    if digits != answer and rng.random() < 0.5:
+        return digits
+    position = rng.randrange(len(answer))
+    other = rng.choice([d for d in "0123456789" if d != answer[position]])
+    return answer[:position] + other + answer[position + 1 :]
+
+
+def make_pairs(count: int = 4096, digits: int = 2, seed: int = 0) -> Iterator[dict[str, str]]:
+    """:func:`make_items` with a preference pair: ``chosen`` the reversal, ``rejected`` a wrong
+    answer (:func:`wrong_reversal`)."""
+    rng = random.Random(seed + 1)
+    for item in make_items(count=count, digits=digits, seed=seed):
+        yield {**item, "chosen": item["answer"], "rejected": wrong_reversal(item["digits"], rng)}
 
 
 def positional_accuracy(answer: str, response: str) -> float:

@@ -125,15 +125,17 @@ def _check_algorithm(cfg: RecipeConfig) -> Iterator[Problem]:
             f"algorithm.minibatches = {algo.minibatches}: more than the "
             f"{cfg.pool.batch_groups * cfg.rollout.group_size} samples of a batch",
         )
-    if algo.mode == "sft" and (algo.dynamic_sampling or cfg.pool.filter_zero_variance):
+    if algo.mode != "rl" and (algo.dynamic_sampling or cfg.pool.filter_zero_variance):
         field = (
             "algorithm.dynamic_sampling" if algo.dynamic_sampling else "pool.filter_zero_variance"
         )
         yield (
             field,
-            f'{field} = true: with algorithm.mode = "sft" groups have no reward variance, so the '
-            "zero-variance filter would drop every one of them",
+            f'{field} = true: with algorithm.mode = "{algo.mode}" groups have no reward variance, '
+            "so the zero-variance filter would drop every one of them",
         )
+    if algo.mode == "dpo":
+        yield from _check_dpo(cfg)
     if algo.kl.controller == "adaptive" and algo.kl.coef == 0:
         yield (
             "algorithm.kl.coef",
@@ -147,15 +149,33 @@ def _check_algorithm(cfg: RecipeConfig) -> Iterator[Problem]:
         )
 
 
+def _check_dpo(cfg: RecipeConfig) -> Iterator[Problem]:
+    """DPO trains one optimizer step per batch of pairs (docs/algorithms.md, *DPO*)."""
+    algo = cfg.algorithm
+    for field, value in (("minibatches", algo.minibatches), ("epochs", algo.epochs)):
+        if value != 1:
+            yield (
+                f"algorithm.{field}",
+                f'algorithm.{field} = {value}: algorithm.mode = "dpo" takes one optimizer step per '
+                "batch of pairs; size the step with pool.batch_groups",
+            )
+    if algo.dpo.label_smoothing > 0 and algo.dpo.loss != "sigmoid":
+        yield (
+            "algorithm.dpo.label_smoothing",
+            f"algorithm.dpo.label_smoothing = {algo.dpo.label_smoothing}: only the sigmoid loss "
+            f'smooths labels; algorithm.dpo.loss = "{algo.dpo.loss}"',
+        )
+
+
 def _check_inference(cfg: RecipeConfig) -> Iterator[Problem]:
     inf = cfg.inference
     if isinstance(inf, AttachInference) and not inf.urls:
         yield "inference.urls", "inference.urls = []: attach needs at least one server URL"
-    if isinstance(inf, NoInference) and cfg.algorithm.mode != "sft":
+    if isinstance(inf, NoInference) and cfg.algorithm.mode == "rl":
         yield (
             "inference.backend",
-            f'inference.backend = "none" with algorithm.mode = "{cfg.algorithm.mode}": RL '
-            'generates its samples; only algorithm.mode = "sft" can run without servers',
+            'inference.backend = "none" with algorithm.mode = "rl": RL generates its samples; '
+            'only algorithm.mode = "sft" or "dpo" can run without servers',
         )
     if isinstance(inf, NoInference) and cfg.rollout.worker is None:
         yield (

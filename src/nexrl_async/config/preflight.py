@@ -39,6 +39,10 @@ def user_refs(cfg: RecipeConfig) -> Iterator[tuple[str, str]]:
         yield f"rollout.tools.{i}", tool
     if cfg.algorithm.prepare_batch:
         yield "algorithm.prepare_batch", cfg.algorithm.prepare_batch
+    if isinstance(cfg.algorithm.loss, str):  # the Python API may set a callable instead
+        yield "algorithm.loss", cfg.algorithm.loss
+    if cfg.validation.worker:
+        yield "validation.worker", cfg.validation.worker
     for dotted, source in _sources(cfg):
         if isinstance(source, PythonData):
             yield f"{dotted}.factory", source.factory

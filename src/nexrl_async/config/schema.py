@@ -22,7 +22,7 @@ from nexrl_async.config.training import (
     OptimConfig,
     TrainerConfig,
 )
-from nexrl_async.config.types import NonNegFloat, NonNegInt, PosInt
+from nexrl_async.config.types import NonNegFloat, NonNegInt, PosInt, RefStr
 
 
 class RunConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -57,6 +57,11 @@ class ValidationConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Sampling temperature for validation (0 is greedy)."""
     max_items: PosInt | None = None
     """Validate on at most this many items."""
+    worker: RefStr | None = None
+    """The validation rollout worker (``file.py:Name`` or ``module:Name``); unset:
+    ``rollout.worker``. A worker that generates is scored by rewards (``val/reward_mean``), one
+    that does not (SFT answers, DPO pairs) by the trainer's loss. E.g. a DPO recipe trained on
+    pairs validates greedy generations with ``"nexrl_async.rollout:RolloutWorker"``."""
     failed_samples: Literal["zero", "exclude"] = "zero"
     """How a FAILED validation sample counts in ``val/reward_mean`` and every
     ``val/<metric>_mean``: ``zero`` scores it 0 (a policy that breaks the evaluator or times

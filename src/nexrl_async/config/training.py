@@ -56,11 +56,29 @@ class OverlongConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     """Penalty at the limit."""
 
 
+class DPOConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Direct Preference Optimization (``algorithm.mode = "dpo"``; docs/algorithms.md, *DPO*)."""
+
+    beta: PosFloat = 0.1
+    """How far the policy may move from the reference: the sigmoid's scale (IPO: its tau)."""
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    """``sigmoid``: DPO's ``-log σ(beta · h)``; ``ipo``: ``(h - 1/(2 · beta))²``."""
+    label_smoothing: Annotated[float, Meta(ge=0.0, lt=0.5)] = 0.0
+    """Share of pairs assumed mislabelled (conservative DPO); ``sigmoid`` only."""
+    length_norm: bool = False
+    """Divide each completion's log-prob ratio by its token count (length-normalised DPO)."""
+    reference: Literal["model", "data"] = "model"
+    """``model``: a frozen copy of the initial policy scores each completion; ``data``: the
+    items carry the reference's sequence log-probs (``ref_chosen_logprob``,
+    ``ref_rejected_logprob``) and no reference model is built."""
+
+
 class AlgorithmConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The learning rule. See docs/algorithms.md for formulas and published presets."""
 
-    mode: Literal["rl", "sft"] = "rl"
-    """``rl``: policy gradient on rewards; ``sft``: cross-entropy on the loss-masked tokens."""
+    mode: Literal["rl", "sft", "dpo"] = "rl"
+    """``rl``: policy gradient on rewards; ``sft``: cross-entropy on the loss-masked tokens;
+    ``dpo``: preference pairs (``[algorithm.dpo]``)."""
     estimator: Estimator = "grpo"
     """Advantage estimator."""
     loss_agg: LossAgg = "token-mean"
@@ -91,6 +109,12 @@ class AlgorithmConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     """Passes over the batch per training step."""
     prepare_batch: RefStr | None = None
     """``file.py:prepare_batch`` seam: receives batch tensors, returns advantages/extras."""
+    loss: RefStr | None = None
+    """``file.py:fn`` replacing the mode's built-in loss: it receives the micro-batch's per-token
+    tensors (``dpo``: the pairs' sequence log-probs) and returns ``(loss, metrics)``
+    (docs/algorithms.md, *Custom loss*). Unset: the built-in loss."""
+    dpo: DPOConfig = DPOConfig()
+    """DPO settings (``mode = "dpo"``)."""
 
 
 class OptimConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

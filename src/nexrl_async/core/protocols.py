@@ -119,7 +119,8 @@ class PolicyTrainer(Protocol):
         ...
 
     def validation_loss(self, batch: TrainBatch) -> Mapping[str, float]:
-        """``val/loss``, ``val/ppl`` and ``val/tokens`` of the loss-masked tokens (no update)."""
+        """Scores held-out groups without an update: ``val/loss``, ``val/ppl`` and ``val/tokens``
+        of the loss-masked tokens; DPO: the pairs' ``val/loss`` and ``val/preference_accuracy``."""
         ...
 
     def save_hf(self, path: str | Path) -> Path:

@@ -289,7 +289,9 @@ def _assemble(
         cfg=cfg, ctx=ctx, trainer=trainer, flow=flow, fleet=fleet, publisher=publisher,
         generator=generator, events=events, val_items=val_items,
         worker=worker, val_worker=val_worker,
-        reporting=Reporting.for_run(ctx, trainer, limiter),
+        reporting=Reporting.for_run(
+            ctx, trainer, limiter, validation_generates=val_worker.generates
+        ),
         checkpointer=checkpointer, torch_limiter=limiter,
     )  # fmt: skip
 
@@ -315,20 +317,30 @@ def _workers(
     required = list(dict.fromkeys([*cfg.data.required, *cfg.pool.group_by]))
     worker = build(cfg.rollout, trainer.tokenizer, train_evaluators, required)
     check_serverless(cfg, worker)
+    val_rollout = validation_rollout(cfg).rollout
     val_worker = build(
-        validation_rollout(cfg).rollout, copy.deepcopy(trainer.tokenizer),
+        val_rollout, copy.deepcopy(trainer.tokenizer),
         source_evaluators(cfg.validation.data, fallback=train_evaluators),
         list(cfg.data.required),
     )  # fmt: skip
+    if cfg.validation.data is not None:
+        check_serverless(cfg, val_worker, field="validation.worker", ref=val_rollout.worker)
     return worker, val_worker
 
 
-def check_serverless(cfg: RecipeConfig, worker: GroupWorker) -> None:
-    """``inference.backend = "none"`` needs a worker that never generates."""
+def check_serverless(
+    cfg: RecipeConfig,
+    worker: GroupWorker,
+    *,
+    field: str = "rollout.worker",
+    ref: str | None = None,
+) -> None:
+    """``inference.backend = "none"`` needs workers that never generate."""
     if isinstance(cfg.inference, NoInference) and worker.generates:
-        name = cfg.rollout.worker or "RolloutWorker"
+        name = ref or cfg.rollout.worker or "RolloutWorker"
         raise ConfigError(
-            f'inference.backend = "none": rollout.worker = {name!r} generates its samples '
+            f'inference.backend = "none": {field} = {name!r} generates its samples '
             "(set generates = False on a worker that does not, e.g. "
-            '"nexrl_async.rollout.sft_worker:SFTWorker")'
+            '"nexrl_async.rollout.sft_worker:SFTWorker")',
+            path=field,
         )

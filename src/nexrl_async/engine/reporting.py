@@ -2,9 +2,11 @@
 ``logging.samples_every_steps`` steps and at the last step) and plots redrawn while it runs.
 
 What differs between the objectives is decided once, in :meth:`Reporting.for_run`: an RL run
-shows the reward, staleness and throughput and validates by reward; an SFT run
-(``algorithm.mode = "sft"``: no rewards, no generated tokens) shows the training loss and also
-validates by the held-out loss (``val/loss``, ``val/ppl``).
+shows the reward, staleness and throughput; an SFT or DPO run (``algorithm.mode = "sft"`` or
+``"dpo"``: no rewards, no generated tokens) shows the training loss. Validation is scored by
+reward when the validation worker generates, and otherwise by the trainer
+(:meth:`~nexrl_async.core.protocols.PolicyTrainer.validation_loss`: SFT's held-out loss
+``val/loss``, ``val/ppl``; DPO's held-out preference accuracy).
 """
 
 from __future__ import annotations
@@ -55,9 +57,16 @@ class Reporting:
 
     @classmethod
     def for_run(
-        cls, ctx: RunContext, trainer: PolicyTrainer, limiter: anyio.CapacityLimiter
+        cls,
+        ctx: RunContext,
+        trainer: PolicyTrainer,
+        limiter: anyio.CapacityLimiter,
+        *,
+        validation_generates: bool = True,
     ) -> Reporting:
-        sft = ctx.cfg.algorithm.mode == "sft"  # the one place the engine tells SFT from RL
+        """``validation_generates``: the validation worker's ``generates``."""
+        # the one place the engine tells RL from the data-driven objectives (SFT, DPO)
+        sft = ctx.cfg.algorithm.mode != "rl"
 
         async def loss(batch: TrainBatch) -> dict[str, float]:
             result = await anyio.to_thread.run_sync(trainer.validation_loss, batch, limiter=limiter)
@@ -68,7 +77,7 @@ class Reporting:
                 ctx.cfg.run.total_steps, terminal=ctx.terminal, enabled=ctx.cfg.logging.progress
             ),
             progress_keys=SFT_PROGRESS if sft else RL_PROGRESS,
-            validation_loss=loss if sft else None,
+            validation_loss=None if validation_generates else loss,
             samples_every=ctx.cfg.logging.samples_every_steps,
             samples_dir=ctx.run_dir.samples_dir,
             tokenizer=trainer.tokenizer,

@@ -20,14 +20,21 @@ from nexrl_async.core.records import DataItem, Group, TrainBatch, VersionToken
 from nexrl_async.data import source_of
 
 LossFn = Callable[[TrainBatch], Awaitable[dict[str, float]]]
-"""Scores a batch of validation groups by the trainer's loss (SFT's ``val/loss``)."""
+"""Scores a batch of validation groups by the trainer's loss (SFT's ``val/loss``, DPO's
+``val/preference_accuracy``)."""
 
 
 def validation_rollout(cfg: RecipeConfig) -> RecipeConfig:
-    """The recipe with ``[rollout]`` adjusted for validation (group size, temperature)."""
+    """The recipe with ``[rollout]`` adjusted for validation (group size, temperature, and
+    ``validation.worker`` when set)."""
     val = cfg.validation
     sampling = msgspec.structs.replace(cfg.rollout.sampling, temperature=val.temperature)
-    rollout = msgspec.structs.replace(cfg.rollout, group_size=val.group_size, sampling=sampling)
+    rollout = msgspec.structs.replace(
+        cfg.rollout,
+        group_size=val.group_size,
+        sampling=sampling,
+        worker=val.worker or cfg.rollout.worker,
+    )
     return msgspec.structs.replace(cfg, rollout=rollout)
 
 
@@ -42,7 +49,8 @@ async def validate(
 ) -> dict[str, float]:
     """Run every item once and average rewards and evaluator metrics.
 
-    ``loss`` (SFT) scores the groups' trained tokens instead: ``val/loss`` and ``val/ppl``.
+    ``loss`` (a worker that does not generate) scores the groups by the trainer instead: SFT's
+    ``val/loss`` and ``val/ppl``, DPO's preference accuracy.
     """
     groups: list[Group] = []
     limiter = anyio.CapacityLimiter(concurrency)

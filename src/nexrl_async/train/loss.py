@@ -11,6 +11,10 @@ RL (per token, ``l_pg`` from :func:`policy_loss`, ``kl`` the estimator against t
 
 SFT: ``loss = agg(-log p)`` over the loss-masked tokens.
 
+Both go through the ``algorithm.loss`` seam (:mod:`~nexrl_async.train.custom_loss`): the terms
+above are the built-in functions, and a recipe's own function receives the same per-token
+tensors (:class:`~nexrl_async.algorithms.token_loss.TokenLossInputs`) in their place.
+
 Without old log-probs in the targets (the trainer skipped its pre-pass) the RL loss takes its
 forward's own log-probs, detached, as the old ones (ratio 1, the same gradient), and records
 that forward's log-probs and entropies (no-grad) in a :class:`ForwardCapture` for the metrics.
@@ -28,14 +32,13 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from nexrl_async.algorithms import aggregate, kl_estimate, policy_loss, sft_loss
+from nexrl_async.algorithms.token_loss import TokenLossInputs, nll_token_loss, ppo_token_loss
 from nexrl_async.config.training import AlgorithmConfig, LossAgg
+from nexrl_async.train.custom_loss import LossSeam
 from nexrl_async.train.logprobs import forward_logprobs
 from nexrl_async.train.microbatch import MicroBatch
 from nexrl_async.train.ranks.collectives import all_reduce_sum
 from nexrl_async.train.targets import UpdateTargets
-
-NORM_MODE = "seq-mean-token-sum-norm"
 
 
 @dataclass
@@ -107,7 +110,8 @@ class ForwardCapture:
 
 @dataclass
 class RLLoss:
-    """PPO-clip policy loss plus optional KL-to-reference and entropy terms."""
+    """The RL loss through the ``algorithm.loss`` seam (built-in: PPO-clip policy loss plus
+    optional KL-to-reference and entropy terms, :func:`ppo_token_loss`)."""
 
     algo: AlgorithmConfig
     targets: UpdateTargets
@@ -116,6 +120,9 @@ class RLLoss:
     norm_constant: float
     capture: ForwardCapture | None = None
     """Record the forwards' log-probs and entropies (the trainer's skipped pre-pass)."""
+    objective: LossSeam[TokenLossInputs] = field(
+        default_factory=lambda: LossSeam(ppo_token_loss, name="built-in rl loss")
+    )
 
     @property
     def loss_mask(self) -> Tensor:
@@ -126,35 +133,23 @@ class RLLoss:
         return self.algo.loss_agg
 
     def __call__(self, model: PreTrainedModel, mb: MicroBatch, denominator: Tensor) -> MicroResult:
-        algo = self.algo
         logprobs, entropy = self._forward(model, mb)
-        mask = mb.take(self.targets.loss_mask)
-        old = self.targets.old_logprobs
-        pg, stats = policy_loss(
-            logprobs,
-            logprobs.detach() if old is None else mb.take(old),
-            mb.take(self.targets.advantages),
-            mask,
-            clip_low=algo.clip_low,
-            clip_high=algo.clip_high,
-            dual_clip_c=algo.dual_clip_c,
-            agg=algo.loss_agg,
+        targets = self.targets
+        old = targets.old_logprobs
+        inputs = TokenLossInputs(
+            logprobs=logprobs,
+            loss_mask=mb.take(targets.loss_mask),
             denominator=denominator,
+            agg=self.algo.loss_agg,
             norm_constant=self.norm_constant,
+            algorithm=self.algo,
+            old_logprobs=logprobs.detach() if old is None else mb.take(old),
+            advantages=mb.take(targets.advantages),
+            ref_logprobs=None if targets.ref_logprobs is None else mb.take(targets.ref_logprobs),
+            entropy=entropy if self.algo.entropy_coef > 0 else None,
+            kl_coef=self.kl_coef,
         )
-        result = MicroResult(loss=pg, tokens=float((mask != 0).sum()))
-        result.sums["pg_loss"] = float(pg.detach())
-        result.means = {k: float(v) for k, v in stats.items()}
-        if algo.kl.placement == "loss" and self.targets.ref_logprobs is not None:
-            kl = kl_estimate(logprobs, mb.take(self.targets.ref_logprobs), algo.kl.kind)
-            kl_term = self._agg(kl, mask, denominator)
-            result.loss = result.loss + self.kl_coef * kl_term
-            result.sums["kl_loss"] = float(kl_term.detach())
-        if entropy is not None and algo.entropy_coef > 0:
-            entropy_term = self._agg(entropy, mask, denominator)
-            result.loss = result.loss - algo.entropy_coef * entropy_term
-            result.sums["entropy_bonus"] = float(entropy_term.detach())
-        return result
+        return micro_result(self.objective, inputs)
 
     def _forward(self, model: PreTrainedModel, mb: MicroBatch) -> tuple[Tensor, Tensor | None]:
         """Log-probs and, for the entropy bonus or the capture, entropies of ``mb``."""
@@ -170,35 +165,39 @@ class RLLoss:
             self.capture.record(mb, logprobs, entropy)
         return logprobs, entropy
 
-    def _agg(self, values: Tensor, mask: Tensor, denominator: Tensor) -> Tensor:
-        return aggregate(
-            values,
-            mask,
-            self.algo.loss_agg,
-            denominator=denominator,
-            norm_constant=self.norm_constant,
-        )
-
 
 @dataclass
 class SFTLoss:
-    """Negative log-likelihood of the loss-masked tokens (temperature 1)."""
+    """The SFT loss through the ``algorithm.loss`` seam (built-in: the negative log-likelihood
+    of the loss-masked tokens at temperature 1, :func:`nll_token_loss`)."""
 
     loss_mask: Tensor
     agg: LossAgg
     norm_constant: float
+    algo: AlgorithmConfig = field(default_factory=lambda: AlgorithmConfig(mode="sft"))
+    objective: LossSeam[TokenLossInputs] = field(
+        default_factory=lambda: LossSeam(nll_token_loss, name="built-in sft loss")
+    )
 
     def __call__(self, model: PreTrainedModel, mb: MicroBatch, denominator: Tensor) -> MicroResult:
         logprobs, _ = forward_logprobs(model, mb, temperature=1.0, with_entropy=False)
-        mask = mb.take(self.loss_mask)
-        if self.agg == NORM_MODE:
-            # sft_loss has no norm_constant: the same formula with the constant normaliser.
-            loss = aggregate(
-                -logprobs, mask, self.agg, denominator=denominator, norm_constant=self.norm_constant
-            )
-        else:
-            loss = sft_loss(logprobs, mask, agg=self.agg, denominator=denominator)
-        keep = mask != 0
-        tokens = float(keep.sum())
-        nll = float(-(logprobs.detach() * keep).sum()) / tokens if tokens else 0.0
-        return MicroResult(loss=loss, means={"nll": nll}, tokens=tokens)
+        inputs = TokenLossInputs(
+            logprobs=logprobs,
+            loss_mask=mb.take(self.loss_mask),
+            denominator=denominator,
+            agg=self.agg,
+            norm_constant=self.norm_constant,
+            algorithm=self.algo,
+        )
+        return micro_result(self.objective, inputs)
+
+
+def micro_result(objective: LossSeam[TokenLossInputs], inputs: TokenLossInputs) -> MicroResult:
+    """Call the seam and file its output: ``parts`` add up, ``metrics`` are token means."""
+    out = objective(inputs)
+    return MicroResult(
+        loss=out.loss,
+        sums=objective.metric_floats(out.parts),
+        means=objective.metric_floats(out.metrics),
+        tokens=float((inputs.loss_mask != 0).sum()),
+    )

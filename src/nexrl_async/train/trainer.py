@@ -7,24 +7,24 @@ trainer.save_hf(run_dir / "weights" / f"v{batch.step + 1}")       # publication 
 ```
 
 :class:`Trainer` implements :class:`nexrl_async.core.protocols.PolicyTrainer`, the engine's
-view of a trainer. Whether a step is RL or SFT is decided once, when the trainer is built.
-
+view of a trainer. Whether a step is RL, SFT or DPO is decided once, when the trainer is built.
 An RL step (``algorithm.mode = "rl"``):
 
 1. the batch becomes ``[B, T]`` tensors (:mod:`~nexrl_async.train.tensors`);
-2. one no-grad pass with the pre-step weights gives the trainer's log-probs (old log-probs for
-   ``recompute``, the ``train/logprob_mismatch`` against the server's, TIS) and entropies, and
-   the reference model's log-probs when KL is on. The policy's part is skipped when nothing
-   needs it before training (one minibatch, one epoch, no KL in the reward, no TIS, no
-   ``prepare_batch``, no dropout): its log-probs are then the training forward's own, and
-   the mismatch, entropy and KL metrics come from that forward (the weights are the same);
-3. rewards, advantages, KL in the reward, the ``prepare_batch`` hook and TIS weights give the
-   per-token targets (:mod:`~nexrl_async.train.targets`);
-4. ``minibatches × epochs`` AdamW steps with gradient accumulation over micro-batches and
-   global loss denominators (:mod:`~nexrl_async.train.step`, :mod:`~nexrl_async.train.loss`);
+2. a no-grad pass with the pre-step weights gives the trainer's log-probs (old log-probs for
+   ``recompute``, ``train/logprob_mismatch``, TIS) and entropies, and the reference's
+   log-probs when KL is on. The policy's part is skipped when nothing needs it before training
+   (one minibatch, one epoch, no KL in the reward, no TIS, no ``prepare_batch``, no dropout):
+   its log-probs and metrics then come from the training forward (the weights are the same);
+3. rewards, advantages, KL in the reward, ``prepare_batch`` and TIS weights give the per-token
+   targets (:mod:`~nexrl_async.train.targets`);
+4. ``minibatches × epochs`` AdamW steps with gradient accumulation and global loss
+   denominators (:mod:`~nexrl_async.train.step`; the loss through the ``algorithm.loss`` seam,
+   :mod:`~nexrl_async.train.loss`);
 5. the LR schedule and the adaptive KL controller advance once.
 
-An SFT step (``mode = "sft"``) trains the loss-masked tokens' NLL with steps 1, 4 and 5.
+An SFT step trains the loss-masked tokens' NLL with steps 1, 4 and 5; a DPO step trains
+preference pairs (:mod:`~nexrl_async.train.dpo`).
 
 At world size ``N > 1`` (``groups``, see :mod:`~nexrl_async.train.ranks.topology`) every rank builds
 the same trainer, sharded with FSDP2 (:mod:`~nexrl_async.train.ranks.sharding`; the reference too
@@ -64,6 +64,8 @@ from nexrl_async.config.training import AlgorithmConfig, OptimConfig, TrainerCon
 from nexrl_async.core.errors import TrainError
 from nexrl_async.core.records import TrainBatch
 from nexrl_async.train.checkpoint import load_trainer, save_trainer
+from nexrl_async.train.custom_loss import loss_seams
+from nexrl_async.train.dpo import DPOStep
 from nexrl_async.train.evaluation import validation_loss
 from nexrl_async.train.export import parameters_for_sync, save_hf_folder
 from nexrl_async.train.hook import PrepareBatchHook
@@ -145,14 +147,17 @@ class Trainer:
         self.steps_done = 0
         if trainer.activation_checkpointing:
             enable_activation_checkpointing(model)
-        rl = algorithm.mode == "rl"  # the one place RL and SFT part ways
-        self._train: Callable[[SequenceBatch, int], StepMetrics] = (
-            self._rl_step if rl else self._sft_step
-        )
+        mode, rl = algorithm.mode, algorithm.mode == "rl"  # the one place the modes part ways
+        self._train: Callable[[SequenceBatch, TrainBatch], StepMetrics] = {
+            "rl": self._rl_step, "sft": self._sft_step, "dpo": self._dpo_step
+        }[mode]  # fmt: skip
         if not rl and (algorithm.kl.placement != "none" or algorithm.prepare_batch is not None):
-            logger.warning("algorithm.mode = 'sft': kl and prepare_batch settings are ignored")
+            logger.warning("algorithm.mode = {!r}: kl and prepare_batch are ignored", mode)
         uses_kl = rl and algorithm.kl.placement != "none"
-        self.reference = frozen_copy(model, on_cpu=algorithm.reference_on_cpu) if uses_kl else None
+        needs_ref = uses_kl or (mode == "dpo" and algorithm.dpo.reference == "model")
+        on_cpu = algorithm.reference_on_cpu
+        self.reference = frozen_copy(model, on_cpu=on_cpu) if needs_ref else None
+        self._objective, pair_objective = loss_seams(mode, algorithm.loss, base_dir or Path.cwd())
         if self.groups.distributed:
             self._shard(trainer.param_dtype, reference_on_cpu=algorithm.reference_on_cpu)
         self.kl_controller = kl_controller(algorithm.kl) if uses_kl else None
@@ -171,6 +176,10 @@ class Trainer:
             rank=self.groups.rank,
             world_size=self.groups.world_size,
         )
+        self._dpo = DPOStep(
+            model=model, reference=self.reference, optimizer=self.optimizer, config=algorithm.dpo,
+            settings=self._settings, objective=pair_objective, pad_token_id=self.pad_token_id,
+        )  # fmt: skip
 
     def _shard(self, param_dtype: str, *, reference_on_cpu: bool) -> None:
         shard_model(self.model, self.groups, param_dtype=param_dtype)
@@ -237,7 +246,7 @@ class Trainer:
         lr = float(self.optimizer.param_groups[0]["lr"])
         try:
             seq = sequences_from_batch(batch, pad_token_id=self.pad_token_id)
-            metrics = self._train(seq, batch.step)
+            metrics = self._train(seq, batch)
         except (RuntimeError, ValueError) as err:
             raise TrainError(f"step {batch.step}: {type(err).__name__}: {err}") from err
         self.scheduler.step()
@@ -246,27 +255,19 @@ class Trainer:
         metrics["train/step_s"] = time.perf_counter() - started
         return metrics
 
-    def _rl_step(self, seq: SequenceBatch, step: int) -> StepMetrics:
-        skip = self._skip_policy_pre_pass
+    def _rl_step(self, seq: SequenceBatch, batch: TrainBatch) -> StepMetrics:
+        skip, step = self._skip_policy_pre_pass, batch.step
         prepass = self._pre_pass(seq, policy=not skip)
         coef = self.kl_controller.coef if self.kl_controller is not None else 0.0
         targets, metrics = build_targets(
-            seq,
-            prepass,
-            self.algorithm,
-            step=step,
-            kl_coef=coef,
-            max_new_tokens=self.max_new_tokens,
-            hook=self._hook,
-        )
+            seq, prepass, self.algorithm, step=step, kl_coef=coef,
+            max_new_tokens=self.max_new_tokens, hook=self._hook,
+        )  # fmt: skip
         loss = RLLoss(
-            algo=self.algorithm,
-            targets=targets,
-            temperature=self.temperature,
-            kl_coef=coef,
-            norm_constant=float(self.max_new_tokens),
+            algo=self.algorithm, targets=targets, temperature=self.temperature, kl_coef=coef,
+            norm_constant=float(self.max_new_tokens), objective=self._objective,
             capture=self._capture(seq) if skip else None,
-        )
+        )  # fmt: skip
         metrics.update(run_updates(self.model, self.optimizer, seq, loss, self._settings))
         if loss.capture is not None:
             logprobs, entropy = loss.capture.gathered()
@@ -278,16 +279,18 @@ class Trainer:
             self.kl_controller.update(metrics["train/kl"], int(min(seq.size, horizon)))
         return metrics
 
-    def _sft_step(self, seq: SequenceBatch, step: int) -> StepMetrics:
+    def _sft_step(self, seq: SequenceBatch, batch: TrainBatch) -> StepMetrics:
         loss = SFTLoss(
-            loss_mask=seq.loss_mask,
-            agg=self.algorithm.loss_agg,
-            norm_constant=float(self.max_new_tokens),
-        )
+            loss_mask=seq.loss_mask, agg=self.algorithm.loss_agg, algo=self.algorithm,
+            norm_constant=float(self.max_new_tokens), objective=self._objective,
+        )  # fmt: skip
         metrics = run_updates(self.model, self.optimizer, seq, loss, self._settings)
         metrics["train/tokens"] = float(seq.lengths.sum())
         metrics["train/loss_tokens"] = float((seq.loss_mask != 0).sum())
         return metrics
+
+    def _dpo_step(self, seq: SequenceBatch, batch: TrainBatch) -> StepMetrics:
+        return self._dpo.step(seq, batch)  # train/dpo.py
 
     def _pre_pass(self, seq: SequenceBatch, *, policy: bool = True) -> PrePass:
         """No-grad log-probs before the step: the policy's (unless ``policy=False``, when the
@@ -359,10 +362,13 @@ class Trainer:
         return gathered_parameters(self.model, self.export_dtype)
 
     def validation_loss(self, batch: TrainBatch) -> StepMetrics:
-        """``val/*`` NLL metrics of ``batch`` (see :mod:`nexrl_async.train.evaluation`).
+        """``val/*`` NLL metrics of ``batch`` (see :mod:`nexrl_async.train.evaluation`); DPO:
+        held-out preference accuracy (:meth:`DPOStep.validate`).
 
         Sharded: every rank calls it with the same batch.
         """
+        if self.algorithm.mode == "dpo":
+            return self._dpo.validate(batch)
         return validation_loss(
             self.model,
             batch,

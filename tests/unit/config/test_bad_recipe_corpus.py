@@ -26,7 +26,7 @@ BAD_OVERRIDES = [
     'pool.capacity_groups=0', 'pool.filter_zero_variance="no"', 'staleness.mode="async"',
     'staleness.max_staleness=-1', 'staleness.on_overdue="skip"', 'staleness.max_inflight_groups=0',
     'algorithm.estimator="ppo2"', 'algorithm.loss_agg="mean"', 'algorithm.entropy_coef="x"',
-    'algorithm.mode="dpo"', 'algorithm.epochs=0', 'algorithm.minibatches=0', 'optim.lr=-1',
+    'algorithm.mode="ppo"', 'algorithm.epochs=0', 'algorithm.minibatches=0', 'optim.lr=-1',
     'optim.weight_decay="none"', 'optim.max_grad_norm=-1', 'optim.schedule="exp"',
     'trainer.device="tpu"', 'trainer.threads=-1', 'trainer.micro_batch_tokens=0',
     'inference.backend="tgi"', 'inference.servers=0', 'inference.max_batch=0',
@@ -34,7 +34,9 @@ BAD_OVERRIDES = [
     'validation.temperature=-0.5', 'validation.max_items=0', 'checkpoint.every_steps=-1',
     'checkpoint.keep_last=0', 'logging.level="LOUD"', 'logging.samples_every_steps=-1',
     'faults.window_groups=0', 'faults.stop_failed_fraction=1.5', 'nosuchsection.x=1',
-    'run.nosuchfield=1',
+    'run.nosuchfield=1', 'algorithm.dpo.beta=0', 'algorithm.dpo.loss="hinge"',
+    'algorithm.dpo.label_smoothing=0.5', 'algorithm.dpo.reference="server"',
+    'algorithm.loss="task.py:nope"', 'algorithm.loss="bad ref"', 'validation.worker="task.py:nope"',
 ]  # fmt: skip
 
 
