@@ -51,9 +51,8 @@ def test_dpo_recipe_one_step_loss_is_ln2(tmp_path: Path) -> None:
 def test_serverless_dpo_validates_by_preference_accuracy(tmp_path: Path) -> None:
     overrides = [
         'inference.backend="none"', f"validation.worker={PREFERENCE_WORKER}",
-        "run.total_steps=12", "validation.every_steps=0", "validation.max_items=32",
-        "pool.batch_groups=16", "rollout.workers=4", "logging.progress=false",
-        "checkpoint.every_steps=0", "optim.lr=1e-2",
+        "run.total_steps=30", "validation.every_steps=0", "validation.max_items=32",
+        "rollout.workers=4", "logging.progress=false", "checkpoint.every_steps=0",
     ]  # fmt: skip
     out = tmp_path / "run"
     assert run_recipe(load_recipe(DPO, overrides), output=out) == "completed"
@@ -65,8 +64,9 @@ def test_serverless_dpo_validates_by_preference_accuracy(tmp_path: Path) -> None
     assert first["val/loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert first["val/pairs"] == 32.0
     assert first["val/failed"] == 0.0
-    assert last["val/preference_accuracy"] > 0.7, last
-    assert last["val/reward_margin"] > 0
+    assert last["val/preference_accuracy"] > 0.8, last
+    assert last["val/reward_margin"] > 0.5, last
+    assert last["val/loss"] < 0.5, last
     assert not list((out / "logs").glob("server*"))  # no server was launched
 
 
