@@ -230,7 +230,29 @@ GLOSSARY: tuple[tuple[str, str, tuple[MetricDoc, ...]], ...] = (
                 "train/padding_frac", "fraction", "Share of micro-batch slots that are padding."
             ),
             MetricDoc(
-                "train/user/<name>", "yours", "A metric returned by `algorithm.prepare_batch`."
+                "train/user/<name>",
+                "yours",
+                "A metric returned by `algorithm.prepare_batch` or a custom `algorithm.loss`.",
+            ),
+            MetricDoc(
+                "train/reward_chosen",
+                "nats",
+                "DPO: mean implicit reward of the chosen completions, "
+                "`beta · (log π − log π_ref)`.",
+            ),
+            MetricDoc("train/reward_rejected", "nats", "DPO: the same for the rejected ones."),
+            MetricDoc(
+                "train/reward_margin", "nats", "DPO: mean chosen minus rejected implicit reward."
+            ),
+            MetricDoc(
+                "train/preference_accuracy",
+                "fraction",
+                "DPO: pairs whose chosen implicit reward is strictly larger (0 at step 0).",
+            ),
+            MetricDoc("train/pairs", "pairs", "DPO: preference pairs in the batch."),
+            MetricDoc("train/logp_chosen", "nats", "DPO: mean log-prob of the chosen completions."),
+            MetricDoc(
+                "train/logp_rejected", "nats", "DPO: mean log-prob of the rejected completions."
             ),
         ),
     ),
@@ -249,9 +271,28 @@ GLOSSARY: tuple[tuple[str, str, tuple[MetricDoc, ...]], ...] = (
             ),
             MetricDoc("val/samples", "samples", "Validation samples run."),
             MetricDoc("val/failed", "samples", "Validation samples that failed."),
-            MetricDoc("val/loss", "nats/token", "SFT: held-out NLL of the reference answers."),
+            MetricDoc(
+                "val/loss",
+                "nats/token",
+                "SFT: held-out NLL of the reference answers. DPO: the pair loss of the held-out "
+                "pairs (a loss, not per token).",
+            ),
             MetricDoc("val/ppl", "perplexity", "SFT: `exp(val/loss)`."),
             MetricDoc("val/tokens", "tokens", "SFT: tokens scored by `val/loss`."),
+            MetricDoc(
+                "val/preference_accuracy",
+                "fraction",
+                "DPO: held-out pairs whose chosen implicit reward is strictly larger.",
+            ),
+            MetricDoc("val/reward_margin", "nats", "DPO: mean implicit reward margin, held out."),
+            MetricDoc("val/reward_chosen", "nats", "DPO: mean chosen implicit reward, held out."),
+            MetricDoc(
+                "val/reward_rejected", "nats", "DPO: mean rejected implicit reward, held out."
+            ),
+            MetricDoc("val/pairs", "pairs", "DPO: held-out pairs scored."),
+            MetricDoc("val/logp_chosen", "nats", "DPO: mean log-prob of the chosen, held out."),
+            MetricDoc("val/logp_rejected", "nats", "DPO: mean log-prob of the rejected, held out."),
+            MetricDoc("val/user/<name>", "yours", "DPO: a custom `algorithm.loss` metric."),
         ),
     ),
     (

@@ -61,6 +61,12 @@ STANDARD_PLOTS: tuple[Plot, ...] = (
         ylabel="mean",
     ),
     Plot(name="loss", title="Loss", series=("train/loss", "val/loss"), ylabel="loss"),
+    Plot(
+        name="preference",
+        title="DPO: preference accuracy (implicit rewards)",
+        series=("train/preference_accuracy", "val/preference_accuracy"),
+        ylabel="fraction of pairs",
+    ),
     Plot(name="entropy", title="Policy entropy", series=("train/entropy",), ylabel="nats"),
     Plot(name="kl", title="KL to the reference", series=("train/kl",), ylabel="nats"),
     Plot(

@@ -62,8 +62,10 @@ class LossSeam(Generic[In]):
         return _checked(out, self.name)
 
     def metric_floats(self, values: Mapping[str, object]) -> dict[str, float]:
-        """``{key: float}`` of a metrics mapping (numbers or 0-dim tensors)."""
-        return {key: _number(value, key, self.name) for key, value in values.items()}
+        """``{key: float}`` of a metrics mapping (numbers or 0-dim tensors); a user function's
+        keys become ``user/<key>`` (reported as ``train/user/<key>``)."""
+        prefix = "user/" if self.user else ""
+        return {f"{prefix}{key}": _number(value, key, self.name) for key, value in values.items()}
 
 
 def _load(spec: LossSpec, base_dir: Path) -> tuple[Callable[..., object], str] | None:

@@ -226,8 +226,9 @@ class DPOStep:
         self, area: str, inputs: PairLossInputs, loss: Tensor, extra: Mapping[str, MetricValue]
     ) -> dict[str, float]:
         chosen, rejected = implicit_rewards(inputs)
-        values = {**preference_stats(chosen, rejected), **extra}
-        out = {f"{area}/{k}": v for k, v in self.objective.metric_floats(values).items()}
+        values = {k: float(v) for k, v in preference_stats(chosen, rejected).items()}
+        values.update(self.objective.metric_floats(extra))
+        out = {f"{area}/{k}": v for k, v in values.items()}
         out[f"{area}/loss"] = float(loss.detach())
         out[f"{area}/pairs"] = float(inputs.chosen_logps.numel())
         out[f"{area}/logp_chosen"] = float(inputs.chosen_logps.detach().mean())
