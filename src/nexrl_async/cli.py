@@ -49,14 +49,14 @@ def _root(
 
 @app.command()
 def check(recipe: RecipeArg, set_: SetOption = None) -> None:
-    """Validate a recipe: schema, cross-field rules, data paths and user code imports."""
+    """Check a recipe as ``run`` would at its start, without running it: schema, cross-field
+    rules, paths, optional backends, user code and its shape, model and tokenizer, data."""
     from nexrl_async.config.loader import load_recipe
-    from nexrl_async.config.preflight import preflight, summary
-    from nexrl_async.rollout.sandbox import configure_tool
+    from nexrl_async.config.preflight import summary
+    from nexrl_async.engine.startup import preflight_run
 
     loaded = load_recipe(recipe, set_ or [])
-    preflight(loaded)
-    configure_tool(loaded.config.rollout)
+    preflight_run(loaded)
     typer.echo(summary(loaded))
     typer.echo("ok")
 

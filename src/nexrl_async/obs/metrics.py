@@ -194,10 +194,7 @@ def build_sinks(
     Raises :class:`ConfigError` naming the field and the extra to install when an enabled
     backend is not installed (checked before any sink is opened).
     """
-    if cfg.tensorboard:
-        _require("tensorboard", "logging.tensorboard", "tensorboard")
-    if cfg.wandb.enabled:
-        _require("wandb", "logging.wandb.enabled", "wandb")
+    require_sink_backends(cfg)
     sinks: list[MetricsSink] = [JsonlMetrics(run_dir.metrics_path)]
     if cfg.tensorboard:
         sinks.append(TensorBoardMetrics(run_dir.tensorboard_dir))
@@ -213,6 +210,15 @@ def build_sinks(
             )
         )
     return sinks
+
+
+def require_sink_backends(cfg: LoggingConfig) -> None:
+    """Raise :class:`ConfigError` naming the field and the extra to install when a sink ``cfg``
+    enables is not installed (the run's pre-flight calls it too)."""
+    if cfg.tensorboard:
+        _require("tensorboard", "logging.tensorboard", "tensorboard")
+    if cfg.wandb.enabled:
+        _require("wandb", "logging.wandb.enabled", "wandb")
 
 
 def _require(module: str, field: str, extra: str) -> None:

@@ -11,17 +11,25 @@
   logs/            rank<r>.log per rank
   weights/         safetensors written for disk weight publication
   tensorboard/     TensorBoard event files (made by the sink when enabled)
+  failed_starts/   the records of earlier starts that failed before their first step
 ```
 
-A fresh run refuses a folder that already holds files, so two runs never interleave their
-records; resuming reuses it and every log is appended to.
+A fresh run refuses a folder that already holds a run, so two runs never interleave their
+records; resuming reuses it and every log is appended to. A folder whose records show a start
+that never trained (``events.jsonl`` without a ``trained`` event, no metrics row, no
+checkpoint: the recipe's model failed to load, a server failed to launch, ...) does not count as
+a run: a fresh start moves those records to ``failed_starts/<time>/`` and reuses the folder.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
-from nexrl_async.core.errors import ConfigError
+from loguru import logger
+
+from nexrl_async.core.errors import ConfigError, DataError
+from nexrl_async.obs.ledger import RunStarted, Trained, read_events
 
 _FOLDERS = ("samples", "checkpoints", "plots", "logs", "weights")
 
@@ -39,9 +47,11 @@ class RunDir:
     def create(cls, root: Path | str, *, resume: bool) -> RunDir:
         """Make the folder layout under ``root`` and return it.
 
-        Without ``resume``, ``root`` must be missing or empty: reusing a folder with files in it
-        raises :class:`ConfigError` (pick another ``run.output_dir`` or resume). With
-        ``resume`` an existing folder is reused as is (missing sub-folders are made).
+        Without ``resume``, ``root`` must be missing, empty or hold only starts that never
+        trained (:meth:`never_trained`; their records move to ``failed_starts/``): reusing a
+        folder that holds a run raises :class:`ConfigError` (pick another ``run.output_dir`` or
+        resume). With ``resume`` an existing folder is reused as is (missing sub-folders are
+        made).
         """
         run_dir = cls(root)
         path = run_dir.root
@@ -51,14 +61,54 @@ class RunDir:
                 path="run.output_dir",
             )
         if not resume and path.is_dir() and any(path.iterdir()):
-            raise ConfigError(
-                f"run.output_dir = {str(path)!r}: the folder already holds a run; "
-                "resume it or choose another run.output_dir (or run.name)",
-                path="run.output_dir",
-            )
+            if run_dir.never_trained():
+                run_dir._set_aside()
+            else:
+                raise ConfigError(
+                    f"run.output_dir = {str(path)!r}: the folder already holds a run; "
+                    "resume it or choose another run.output_dir (or run.name)",
+                    path="run.output_dir",
+                )
         for name in _FOLDERS:
             (path / name).mkdir(parents=True, exist_ok=True)
         return run_dir
+
+    def never_trained(self) -> bool:
+        """Whether the folder's records are those of starts that failed before their first
+        step: a ledger with a ``run_started`` and no ``trained`` event, no metrics row and no
+        checkpoint. A folder without a ledger (or with one that does not parse) is not."""
+        if not self.events_path.is_file():
+            return False
+        try:
+            events = read_events(self.events_path)
+        except DataError:
+            return False
+        if not any(isinstance(e, RunStarted) for e in events):
+            return False
+        if any(isinstance(e, Trained) for e in events):
+            return False
+        if self.metrics_path.is_file() and self.metrics_path.read_text(encoding="utf-8").strip():
+            return False
+        return not (self.checkpoints_dir.is_dir() and any(self.checkpoints_dir.iterdir()))
+
+    def _set_aside(self) -> None:
+        """Move everything but ``failed_starts/`` into ``failed_starts/<time>/``."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target = self.failed_starts_dir / stamp
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.failed_starts_dir / f"{stamp}-{n}"
+        target.mkdir(parents=True)
+        for entry in list(self.root.iterdir()):
+            if entry != self.failed_starts_dir:
+                entry.rename(target / entry.name)
+        logger.info("{}: a start that never trained is kept in {}", self.root, target)
+
+    @property
+    def failed_starts_dir(self) -> Path:
+        """Records of earlier starts that failed before their first step."""
+        return self.root / "failed_starts"
 
     @property
     def config_path(self) -> Path:
