@@ -20,7 +20,7 @@ nox.options.default_venv_backend = "none"
 nox.options.sessions = ["lint", "types", "arch", "tests"]
 nox.options.error_on_missing_interpreters = False
 
-PATHS = ["src", "tests", "benchmarks", "recipes", "noxfile.py"]
+PATHS = ["src", "tests", "benchmarks", "recipes", "examples", "noxfile.py"]
 PYTHON = sys.executable
 """The interpreter running nox (the project's venv), so sessions work without activating it."""
 BIN = Path(PYTHON).parent

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 import tomllib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,18 +59,62 @@ class LoadedRecipe(msgspec.Struct, frozen=True, kw_only=True):
         return self.path.parent
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedRecipe:
+Override = str | tuple[str, Any]
+"""A ``--set`` override: ``"KEY.PATH=TOML_VALUE"``, or ``(KEY.PATH, value)`` from Python."""
+
+
+def load_recipe(path: str | Path, overrides: Sequence[Override] = ()) -> LoadedRecipe:
     """Read, merge, override, validate and cross-check a recipe file."""
     recipe = Path(path).expanduser().resolve()
     provenance: Provenance = {}
     files: list[Path] = []
     merged = _load_chain(recipe, provenance, files, stack=())
+    return _finish(merged, provenance, recipe, files, overrides)
+
+
+def load_recipe_dict(
+    raw: Mapping[str, Any],
+    overrides: Sequence[Override] = (),
+    *,
+    base_dir: Path,
+    name: str = "<python recipe>",
+) -> LoadedRecipe:
+    """A recipe given as nested dicts (the TOML's tables), loaded as if it were the file
+    ``base_dir/name``: relative paths, ``file.py:Name`` refs and ``extends`` resolve against
+    ``base_dir``, and errors name ``name``."""
+    recipe = (base_dir.expanduser().resolve()) / name
+    try:
+        data: dict[str, Any] = msgspec.to_builtins(dict(raw))  # a deep copy of plain values
+    except TypeError as err:
+        raise ConfigError(f"not a recipe value: {err}", file=str(recipe)) from None
+    provenance: Provenance = {}
+    files: list[Path] = []
+    resolve_paths(data, _ROOT, recipe.parent)
+    base: dict[str, Any] = {}
+    parent = data.get("extends")
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise ConfigError(f"extends = {parent!r}: expected a file name", file=str(recipe))
+        base = _load_chain((recipe.parent / parent).resolve(), provenance, files, (recipe,))
+    files.append(recipe)
+    _merge(base, data, provenance, str(recipe), prefix="")
+    return _finish(base, provenance, recipe, files, overrides)
+
+
+def _finish(
+    merged: dict[str, Any],
+    provenance: Provenance,
+    recipe: Path,
+    files: list[Path],
+    overrides: Sequence[Override],
+) -> LoadedRecipe:
     for item in overrides:
         _apply_override(merged, item, provenance)
     config = _convert(merged, provenance, recipe)
     for dotted, message in cross_check(config):
         raise ConfigError(message, file=_source(provenance, dotted, recipe), path=dotted)
-    return LoadedRecipe(config=config, path=recipe, files=files, overrides=list(overrides))
+    shown = [item if isinstance(item, str) else f"{item[0]}={_show(item[1])}" for item in overrides]
+    return LoadedRecipe(config=config, path=recipe, files=files, overrides=shown)
 
 
 def dump_recipe(config: RecipeConfig) -> str:
@@ -154,15 +199,18 @@ def _mark_children(value: Any, dotted: str, provenance: Provenance, source: str)
             _mark_children(v, f"{dotted}.{k}", provenance, source)
 
 
-def _apply_override(merged: dict[str, Any], item: str, provenance: Provenance) -> None:
-    key, sep, text = item.partition("=")
-    key = key.strip()
+def _apply_override(merged: dict[str, Any], item: Override, provenance: Provenance) -> None:
+    if isinstance(item, str):
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        value = _parse_literal(text)
+    else:
+        (key, value), sep = item, "="
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"expected KEY.PATH=VALUE, got {item!r}", file="--set")
     problem = check_override_path(_ROOT, merged, key)
     if problem is not None:
         raise ConfigError(problem, file=f"--set {key}", path=key)
-    value = _parse_literal(text)
     node: Any = merged
     parts = key.split(".")
     for part in parts[:-1]:

@@ -15,7 +15,8 @@ NexRLError
 ├── WeightSyncError        a publication step failed or timed out
 ├── RolloutError           agent loop or evaluator failure (caught at the per-sample boundary)
 ├── TrainError             trainer step or rank-protocol failure
-└── CheckpointError        save / load / resume failure
+├── CheckpointError        save / load / resume failure
+└── CallbackError          a Python API callback raised (the run was stopped gracefully first)
 ```
 """
 
@@ -97,3 +98,8 @@ class TrainError(NexRLError):
 
 class CheckpointError(NexRLError):
     """Saving, loading or resuming a checkpoint failed."""
+
+
+class CallbackError(NexRLError):
+    """A callback given to ``nexrl_async.train`` raised; the run was stopped gracefully first
+    (the callback's exception is the ``__cause__``)."""

@@ -10,6 +10,11 @@ a ``run_finished`` event.
 
 ``resume`` (``--resume``): ``auto`` continues from the newest checkpoint of the run folder (or
 starts fresh when it has none), anything else names a checkpoint folder (``engine.resume``).
+
+Before anything is started or written, :func:`~nexrl_async.engine.startup.preflight_run` checks
+what ``nexrl-async check`` checks. Signals are handled when the run owns the main thread; a run
+in another thread (the Python API under a running event loop) is stopped through its
+``observer`` instead.
 """
 
 from __future__ import annotations
@@ -18,20 +23,23 @@ import functools
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import anyio
 from anyio import CancelScope
+from anyio.abc import TaskStatus
 from loguru import logger
 
 from nexrl_async.config.loader import LoadedRecipe, load_recipe
-from nexrl_async.config.preflight import preflight
 from nexrl_async.core.errors import TrainError
 from nexrl_async.core.process import mark_unsafe_teardown
 from nexrl_async.engine.context import RunContext, open_run, output_dir
 from nexrl_async.engine.loop import StopRequest, run_engine
 from nexrl_async.engine.parts import TrainerFactory
 from nexrl_async.engine.resume import Resume, abandon_newer, check_resumable, find_checkpoint
+from nexrl_async.engine.startup import preflight_run
 from nexrl_async.obs.ledger import RunFinished, RunResumed, RunStarted, Trained, read_events
 from nexrl_async.obs.logs import setup_logging
 from nexrl_async.obs.rundir import RunDir
@@ -42,6 +50,21 @@ from nexrl_async.train.ranks.topology import Topology, open_process_groups
 ANYIO_WORKER = "AnyIO worker thread"
 """The name anyio gives the threads of ``anyio.to_thread.run_sync``."""
 
+StopFn = Callable[[str], None]
+"""Asks the run to stop gracefully with a reason (call it on the run's event loop)."""
+
+
+class RunObserver(Protocol):
+    """Something that watches a run from inside (the Python API's callbacks)."""
+
+    async def run_watch(
+        self, ctx: RunContext, stop: StopFn, *, task_status: TaskStatus[None]
+    ) -> None:
+        """A task of the run's root group, started before the engine (``task_status.started()``
+        once it is set up) and cancelled when the run ends: ``ctx`` holds the run's metrics
+        hub and ledger; ``stop(reason)`` ends the run gracefully (checkpoint first) once its
+        trainer loop runs, and cancels it before that."""
+
 
 def run_recipe(
     recipe: LoadedRecipe,
@@ -49,6 +72,7 @@ def run_recipe(
     output: Path | None = None,
     trainer_factory: TrainerFactory | None = None,
     resume: str | None = None,
+    observer: RunObserver | None = None,
 ) -> str:
     """Run ``recipe`` to its end and return why it ended; raises on failure.
 
@@ -58,7 +82,7 @@ def run_recipe(
     """
     topology = Topology.from_env()
     if not topology.distributed:
-        return _run_rank0(recipe, output, trainer_factory, resume)
+        return _run_rank0(recipe, output, trainer_factory, resume, observer)
     with open_process_groups(recipe.config.trainer) as groups:
         if groups.rank != 0:
             setup_logging(level="WARNING", rank=groups.rank, world_size=groups.world_size)
@@ -67,7 +91,7 @@ def run_recipe(
                 raise TrainError(f"rank {groups.rank} stopped after a failure (see rank 0)")
             return "follower"
         factory = trainer_factory or functools.partial(make_trainer, groups=groups)
-        return _run_rank0(recipe, output, factory, resume)
+        return _run_rank0(recipe, output, factory, resume, observer)
 
 
 def _run_rank0(
@@ -75,8 +99,10 @@ def _run_rank0(
     output: Path | None,
     trainer_factory: TrainerFactory | None,
     resume: str | None,
+    observer: RunObserver | None = None,
 ) -> str:
-    preflight(recipe)
+    preflight_run(recipe)
+    threads_before: set[object] = set(threading.enumerate())  # a caller's threads are not ours
     checkpoints = RunDir(output_dir(recipe, output)).checkpoints_dir
     found = find_checkpoint(checkpoints, resume) if resume is not None else None
     point = Resume.load(found) if found is not None else None
@@ -90,11 +116,11 @@ def _run_rank0(
         abandon_newer(ctx.run_dir.checkpoints_dir, point.step)
     outcome = {"reason": "error"}
     try:
-        anyio.run(_main, ctx, outcome, trainer_factory, point)
+        anyio.run(_main, ctx, outcome, trainer_factory, point, observer)
     finally:
         ctx.ledger.emit(RunFinished(reason=outcome["reason"], step=_steps_done(ctx)))
         ctx.close()
-        _let_go_of_stuck_user_code()
+        _let_go_of_stuck_user_code(ignore=threads_before)
     logger.info("run {} ({}) in {}", outcome["reason"], _steps_done(ctx), ctx.run_dir.root)
     return outcome["reason"]
 
@@ -104,10 +130,21 @@ async def _main(
     outcome: dict[str, str],
     trainer_factory: TrainerFactory | None,
     resume: Resume | None,
+    observer: RunObserver | None = None,
 ) -> None:
     stop = StopRequest()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_watch_signals, tg.cancel_scope, stop, outcome, ctx.cfg.checkpoint.on_sigterm)
+
+        def stop_run(reason: str) -> None:
+            if not stop.request(reason):
+                outcome["reason"] = reason
+                tg.cancel_scope.cancel()
+
+        if observer is not None:
+            await tg.start(observer.run_watch, ctx, stop_run)
+        if threading.current_thread() is threading.main_thread():
+            on_sigterm = ctx.cfg.checkpoint.on_sigterm
+            tg.start_soon(_watch_signals, tg.cancel_scope, stop, outcome, on_sigterm)
         if ctx.cfg.run.max_wall_s is not None:
             tg.start_soon(_watch_wall, tg.cancel_scope, stop, outcome, ctx.cfg.run.max_wall_s)
         outcome["reason"] = await run_engine(
@@ -159,7 +196,7 @@ def _steps_done(ctx: RunContext) -> int:
     return steps
 
 
-def _let_go_of_stuck_user_code(grace_s: float = 1.0) -> None:
+def _let_go_of_stuck_user_code(grace_s: float = 1.0, ignore: set[object] | None = None) -> None:
     """User code that outlived its timeout (a sync evaluator stuck in a worker thread) must not
     keep the process alive: interpreter shutdown would join those threads forever. Warn, and
     make the process end with ``os._exit`` (``core.process.exit_process``)."""
@@ -167,6 +204,8 @@ def _let_go_of_stuck_user_code(grace_s: float = 1.0) -> None:
     stuck = []
     for thread in threading.enumerate():
         if thread.name == ANYIO_WORKER and thread is not threading.current_thread():
+            if ignore is not None and thread in ignore:
+                continue
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
                 stuck.append(thread)

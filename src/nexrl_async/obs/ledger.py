@@ -18,6 +18,7 @@ Floats that may be non-finite (a reward the evaluator got wrong, a validation me
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Annotated, TypeAlias
@@ -200,6 +201,12 @@ class RunLedger:
 
     def __init__(self, path: Path) -> None:
         self._writer = JsonlWriter(path)
+        self._listeners: list[Callable[[Event], None]] = []
+
+    def subscribe(self, listener: Callable[[Event], None]) -> None:
+        """Call ``listener(event)`` after each event is written, in the emitting thread; it must
+        be quick and must not raise (the Python API's callbacks catch their own errors)."""
+        self._listeners.append(listener)
 
     @property
     def path(self) -> Path:
@@ -208,6 +215,8 @@ class RunLedger:
     def emit(self, event: Event) -> None:
         """Append ``event``. After :meth:`close` the event is dropped with one warning."""
         self._writer.write_line(msgspec.json.encode(event), lazy=isinstance(event, LAZY_EVENTS))
+        for listener in self._listeners:
+            listener(event)
 
     def close(self) -> None:
         self._writer.close()
