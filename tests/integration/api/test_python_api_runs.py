@@ -126,7 +126,7 @@ async def test_cancelling_train_async_stops_the_run_gracefully(tmp_path: Path) -
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(train)
-        await anyio.to_thread.run_sync(first_step.wait)
+        assert await anyio.to_thread.run_sync(first_step.wait, 200)
         tg.cancel_scope.cancel()
     events = read_events(tmp_path / "run" / "events.jsonl")
     assert isinstance(events[-1], RunFinished)  # the run ended before train_async returned
@@ -144,12 +144,13 @@ def test_a_start_that_fails_before_its_first_step_leaves_the_folder_reusable(
         raise RuntimeError("the GPU fell off the bus")
 
     for _ in range(2):  # the second start is not refused with "already holds a run"
-        with pytest.raises(RuntimeError, match="fell off the bus"):
+        with pytest.raises(BaseException) as info:  # the RuntimeError, maybe in a group
             run_recipe(loaded, output=out, trainer_factory=no_trainer)
+        assert "fell off the bus" in repr(info.value)
     assert len(list((out / "failed_starts").iterdir())) == 1
-    assert read_events(out / "events.jsonl")[-1] == RunFinished(
-        reason="error", step=0, time=read_events(out / "events.jsonl")[-1].time
-    )
+    last = read_events(out / "events.jsonl")[-1]
+    assert isinstance(last, RunFinished)
+    assert (last.reason, last.step) == ("error", 0)
 
 
 def test_a_bad_recipe_is_a_config_error_before_anything_starts(tmp_path: Path) -> None:
