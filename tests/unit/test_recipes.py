@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from nexrl_async.cli import main
 
+VLLM_MISSING = 'inference.backend = "vllm": vllm is not installed for inference.python'
 RECIPES = sorted((Path(__file__).parents[2] / "recipes").rglob("*.toml"))
 
 
@@ -19,4 +21,7 @@ def test_recipes_exist() -> None:
 def test_recipe_passes_check(recipe: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["check", str(recipe)])
-    assert info.value.code == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    if info.value.code == 2 and VLLM_MISSING in err and "NEXRL_VLLM_PYTHON" not in os.environ:
+        pytest.skip("no vLLM environment here (nox -s vllm_env): check refuses it, as run would")
+    assert info.value.code == 0, err

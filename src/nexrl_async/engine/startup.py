@@ -183,7 +183,7 @@ def _pretrained_on_meta(path: Path, attn: str) -> None:
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         with torch.device("meta"):
-            AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+            AutoModelForCausalLM.from_config(config, attn_implementation=attn)  # type: ignore[no-untyped-call]
     except (OSError, ValueError, ImportError, KeyError) as err:
         raise ConfigError(f"cannot load the model in {path}: {err}", path="model.path") from err
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):

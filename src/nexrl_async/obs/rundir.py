@@ -60,7 +60,7 @@ class RunDir:
                 f"run.output_dir = {str(path)!r}: exists and is not a folder",
                 path="run.output_dir",
             )
-        if not resume and path.is_dir() and any(path.iterdir()):
+        if not resume and path.is_dir() and run_dir._holds_files():
             if run_dir.never_trained():
                 run_dir._set_aside()
             else:
@@ -90,6 +90,11 @@ class RunDir:
         if self.metrics_path.is_file() and self.metrics_path.read_text(encoding="utf-8").strip():
             return False
         return not (self.checkpoints_dir.is_dir() and any(self.checkpoints_dir.iterdir()))
+
+    def _holds_files(self) -> bool:
+        """Any file outside ``failed_starts/`` (empty folders, the bare layout, do not count)."""
+        kept = self.failed_starts_dir
+        return any(p.is_file() for p in self.root.rglob("*") if kept not in (p, *p.parents))
 
     def _set_aside(self) -> None:
         """Move everything but ``failed_starts/`` into ``failed_starts/<time>/``."""
