@@ -2,7 +2,8 @@
 
 ``import nexrl_async`` stays light: the Python API (``nexrl_async.train``, ``train_async``,
 ``grpo``, ``RunResult``, the callback events) is imported from :mod:`nexrl_async.api` on first
-use.
+use. ``nexrl_async.train`` is also the training package (``nexrl_async/train/``), which is
+callable: calling it runs :func:`nexrl_async.api.train`.
 """
 
 from __future__ import annotations
@@ -53,5 +54,8 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in _API:
-        return getattr(importlib.import_module("nexrl_async.api"), name)
+        api = importlib.import_module("nexrl_async.api")
+        if name == "train":  # the training package shares the name and forwards calls to it
+            return importlib.import_module("nexrl_async.train")
+        return getattr(api, name)
     raise AttributeError(f"module 'nexrl_async' has no attribute {name!r}")

@@ -5,9 +5,18 @@ Owns: everything torch does on the training ranks: loading the policy
 training step, built from a :class:`TrainerSpec`; it implements
 :class:`nexrl_async.core.protocols.PolicyTrainer`), HF export and trainer state.
 Must not import: ``inference``, ``rollout``, ``weights``, ``engine``.
+
+The package is also callable: ``nexrl_async.train(recipe, output=...)`` is the Python API's
+``train`` (docs/api.md), which shares this package's name; the call is forwarded by name, so
+nothing here imports the API.
 """
 
 from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import Any
 
 from nexrl_async.train.model_loading import load_policy, resolve_device
 from nexrl_async.train.spec import TrainerSpec
@@ -20,3 +29,13 @@ __all__ = [
     "load_policy",
     "resolve_device",
 ]
+
+
+class _CallablePackage(types.ModuleType):
+    """This package's class: calling it runs ``nexrl_async.api.train``."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return importlib.import_module("nexrl_async.api").train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage
