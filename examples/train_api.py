@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> nexrl_async.RunResult:
             "validation.temperature": 0.0,
             "validation.every_steps": 0 if args.small else 25,
             "trainer.threads": 1,
-            "inference.extra_args": ["--torch-threads", "1"],
+            "inference": {"backend": "local", "extra_args": ["--torch-threads", "1"]},
             "logging.progress": not args.small,
         },
         callbacks=[log],
