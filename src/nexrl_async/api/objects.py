@@ -156,6 +156,8 @@ def _value(ftype: mi.Type, value: Any, reg: Registration, dotted: str) -> Any:
         return value if value is None or isinstance(value, str) else reg.ref(value, dotted)
     if isinstance(inner, mi.ListType) and isinstance(value, list | tuple):
         _, item_mark = unwrap(inner.item_type)
+        if struct_variants(inner.item_type):  # a list of sections ([[data.sources]])
+            return [_value(inner.item_type, v, reg, f"{dotted}.{i}") for i, v in enumerate(value)]
         if item_mark == REF_MARK:
             return [
                 v if isinstance(v, str) else reg.ref(v, f"{dotted}.{i}")

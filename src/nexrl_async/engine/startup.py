@@ -32,7 +32,7 @@ from typing import Any, cast
 
 import torch
 
-from nexrl_async.config.data import DataConfig
+from nexrl_async.config.data import DataConfig, sources_of
 from nexrl_async.config.inference import LocalInference, SGLangInference, VLLMInference
 from nexrl_async.config.loader import LoadedRecipe
 from nexrl_async.config.model import BuiltModel, PretrainedModel
@@ -133,6 +133,12 @@ def _user_objects(recipe: LoadedRecipe) -> None:
     with _at(recipe, "rollout.evaluator"):
         evaluator = load_evaluator(cfg.rollout.evaluator, base)
         _takes(getattr(evaluator, "evaluate", evaluator), 2, cfg.rollout.evaluator)
+    for dotted, data in (("data", cfg.data), ("validation.data", cfg.validation.data)):
+        for at, source in sources_of(dotted, data) if data is not None else ():
+            if source.evaluator is not None:
+                with _at(recipe, f"{at}.evaluator"):
+                    per_source = load_evaluator(source.evaluator, base)
+                    _takes(getattr(per_source, "evaluate", per_source), 2, source.evaluator)
     with _at(recipe, "rollout.worker"):
         worker = load_worker_class(cfg.rollout.worker, base)
         check_serverless(cfg, cast(GroupWorker, worker))  # ``generates`` is a class attribute
@@ -194,15 +200,16 @@ def _pretrained_on_meta(path: Path, attn: str) -> None:
 
 
 def _data(recipe: LoadedRecipe, dotted: str, data: DataConfig) -> None:
-    """The source reads and some row is usable."""
+    """Every source reads and some row of each is usable."""
     cfg = recipe.config
-    with _at(recipe, dotted):
-        rows = load_rows(data, recipe.base_dir)
-        required = list(data.required)
-        if cfg.rollout.worker is None and cfg.rollout.prompt_field not in required:
-            required.append(cfg.rollout.prompt_field)
-        if rows and not any(not missing_fields(row, required) for row in rows):
-            raise DataError(
-                f"no row has every field the run needs ({', '.join(required)}); the first "
-                f"row has {sorted(k for k, v in rows[0].items() if v is not None)}"
-            )
+    required = list(data.required)
+    if cfg.rollout.worker is None and cfg.rollout.prompt_field not in required:
+        required.append(cfg.rollout.prompt_field)
+    for at, source in sources_of(dotted, data):
+        with _at(recipe, at):
+            rows = load_rows(source, recipe.base_dir, required=data.required)
+            if rows and not any(not missing_fields(row, required) for row in rows):
+                raise DataError(
+                    f"no row has every field the run needs ({', '.join(required)}); the first "
+                    f"row has {sorted(k for k, v in rows[0].items() if v is not None)}"
+                )

@@ -145,3 +145,20 @@ def test_bad_overrides_name_the_path(reg: Registration) -> None:
         load_any(RECIPE, {"rollout.workers": 0}, registration=reg)
     with pytest.raises(ConfigError, match="expected a path, a mapping or a RecipeConfig"):
         load_any(42, None, registration=reg)  # type: ignore[arg-type]
+
+
+def test_a_mixture_holds_objects_in_each_source(reg: Registration, tmp_path: Path) -> None:
+    mixture = {
+        "kind": "mixture",
+        "sources": [
+            {"name": "easy", "kind": "python", "factory": ROWS, "weight": 3.0},
+            {"name": "hard", "kind": "python", "factory": lambda: ROWS, "evaluator": score},
+        ],
+    }
+    loaded = load_any(
+        {"extends": str(RECIPE), "data": mixture}, None, registration=reg, base_dir=tmp_path
+    )
+    easy, hard = loaded.config.data.sources  # type: ignore[union-attr]
+    assert load_object(easy.factory, tmp_path)() == ROWS
+    assert load_object(hard.factory, tmp_path)() == ROWS
+    assert load_object(hard.evaluator, tmp_path) is score
