@@ -19,8 +19,10 @@ Rules (strict: a block that is not a well-formed call stays text):
 - with ``allowed`` names given, a call to any other name is not a call;
 - anything else (bad JSON, a missing name, an unclosed block at the end) is kept verbatim in
   the content;
-- whitespace between a call block and its neighbours (text or another call) is dropped, so
-  ``"Sure.\\n<tool_call>...</tool_call>\\n"`` leaves the content ``"Sure."``.
+- whitespace before a call block, and after the last one or at the start, is dropped;
+  text that resumes after a call keeps the whitespace that came right after the block as the
+  separator. So ``"Sure.\\n<tool_call>...</tool_call>\\n"`` leaves ``"Sure."``, and
+  ``"Sure.\\n<tool_call>...</tool_call>\\nDone."`` leaves ``"Sure.\\nDone."``.
 
 Pure Python: no tokenizer, no I/O. Used by the local server's OpenAI route
 (``inference/local/openai_format.py``); the rollout's own agent loop parses leniently
@@ -95,7 +97,9 @@ class ToolCallStream:
         """Whitespace decided as text but held back: sent before more text, dropped before a
         call."""
         self._after_call = False
-        """The last thing decided was a call (leading whitespace of the next text drops)."""
+        """The last thing decided was a call (the whitespace after it is a separator at most)."""
+        self._emitted = False
+        """Some content was sent (only then does whitespace after a call separate)."""
 
     def feed(self, text: str) -> tuple[str, list[ParsedCall]]:
         """``text`` is everything generated so far (it only grows): the content that is now
@@ -130,9 +134,7 @@ class ToolCallStream:
         delta, new = self.feed(text)
         rest = text[self._pos :]
         self._pos = len(text)
-        tail = self._space + rest if (rest or not self._after_call) else ""
-        if self._after_call and not rest.strip():
-            tail = ""
+        tail = "" if self._after_call and not rest else self._space + rest
         self._space = ""
         return delta + tail, new
 
@@ -142,7 +144,10 @@ class ToolCallStream:
             return
         self._pos += len(piece)
         if self._after_call:
-            piece = piece.lstrip()
+            rest = piece.lstrip()
+            if self._emitted:
+                self._space += piece[: len(piece) - len(rest)]
+            piece = rest
             if not piece:
                 return
             self._after_call = False
@@ -150,6 +155,7 @@ class ToolCallStream:
         if body:
             out.append(self._space + body)
             self._space = ""
+            self._emitted = True
         self._space += piece[len(body) :]
 
 

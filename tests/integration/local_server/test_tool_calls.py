@@ -118,7 +118,7 @@ def test_offered_tools_come_back_as_tool_calls(tool_oai: openai.OpenAI) -> None:
 def test_a_call_to_a_tool_not_offered_stays_text(tool_oai: openai.OpenAI) -> None:
     choice = chat(tool_oai, tools=TOOLS[:1]).choices[0]
     assert [c.function.name for c in choice.message.tool_calls or []] == ["add"]
-    assert choice.message.content == f"ok<tool_call>\n{MUL}\n</tool_call>"
+    assert choice.message.content == f"ok\n<tool_call>\n{MUL}\n</tool_call>"
     assert choice.finish_reason == "tool_calls"
 
 

@@ -20,6 +20,12 @@ def test_calls_leave_the_content_outside_them() -> None:
     assert json.loads(split.calls[0].arguments) == {"a": 1, "b": 2}
 
 
+def test_text_after_a_call_keeps_the_whitespace_that_separates_it() -> None:
+    assert split_tool_calls(f"Let me add.\n{ADD}\nDone.", TOOLS).content == "Let me add.\nDone."
+    assert split_tool_calls(f"{ADD}\n\nDone.", TOOLS).content == "Done."
+    assert split_tool_calls(f"Both:\n{ADD}\n{MUL}\n", TOOLS).content == "Both:"
+
+
 def test_parallel_calls_and_string_arguments() -> None:
     split = split_tool_calls(f"{ADD}\n{MUL}", TOOLS)
     assert split.content == ""
@@ -75,6 +81,8 @@ def test_text_without_calls_is_verbatim() -> None:
         f"Let me add.\n{ADD}\n",
         f"{ADD}\n{MUL}",
         f"one {ADD} two <tool_call>bad</tool_call> three {MUL}  ",
+        f"Let me add.\n{ADD}\n\nDone.\n",
+        f"{ADD} \n{MUL}\n then",
         f'{ADD}\n<tool_call>{{"name": "mul"',
         "no calls at all, trailing space  \n",
         "ends in a partial tag <tool_c",
@@ -102,5 +110,5 @@ def test_a_stream_holds_back_what_may_become_a_call() -> None:
     assert stream.feed("Sure <tool") == ("Sure", [])
     assert stream.feed("Sure <tool_call>{") == ("", [])
     delta, calls = stream.feed(f"Sure {ADD} and")
-    assert delta == "and"
+    assert delta == " and"  # the whitespace after the call separates the text
     assert [c.name for c in calls] == ["add"]
