@@ -118,8 +118,14 @@ def _finish(
 
 
 def dump_recipe(config: RecipeConfig) -> str:
-    """The resolved recipe as TOML (``None`` fields omitted); loads back to the same config."""
-    return tomli_w.dumps(_drop_none(msgspec.to_builtins(config)))
+    """The resolved recipe as TOML (``None`` fields omitted), self-contained: its ``extends``
+    chain is already merged in, so it is named in a comment, not as a key (a run folder's
+    ``config.toml`` must load without the base file next to it). Loads back to the same config
+    but for ``extends``."""
+    resolved = _drop_none(msgspec.to_builtins(config))
+    base = resolved.pop("extends", None)
+    note = f"# resolved recipe; it extended {base!r}, merged in below\n" if base else ""
+    return note + tomli_w.dumps(resolved)
 
 
 def _drop_none(value: Any) -> Any:

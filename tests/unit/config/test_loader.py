@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from nexrl_async.config.data import JsonlData
@@ -79,9 +80,12 @@ def test_override_into_free_form_dict(write) -> None:
 
 def test_dump_round_trips(write, recipe_dir: Path) -> None:
     loaded = load_recipe(write('extends = "base.toml"\n[optim]\nlr = 3e-4\n'))
-    out = recipe_dir / "resolved.toml"
+    elsewhere = recipe_dir / "run"  # as a run folder's config.toml: no base.toml beside it
+    elsewhere.mkdir()
+    out = elsewhere / "config.toml"
     out.write_text(dump_recipe(loaded.config))
-    assert load_recipe(out).config == loaded.config
+    assert load_recipe(out).config == msgspec.structs.replace(loaded.config, extends=None)
+    assert out.read_text().startswith("# resolved recipe; it extended 'base.toml'")
 
 
 @pytest.mark.parametrize(
