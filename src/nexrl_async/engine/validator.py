@@ -84,7 +84,7 @@ def summarize(groups: list[Group], *, failed_samples: str = "zero") -> dict[str,
         if (name := source_of(group.item_key)) is not None:
             by_source[name].append(group)
     for name, named in sorted(by_source.items()):
-        out.update(_summary(named, f"val/{name}/", failed_samples))
+        out.update(_summary(named, "val/" + name + "/", failed_samples))  # val/<source>/...
     return out
 
 

@@ -57,8 +57,25 @@ STANDARD_PLOTS: tuple[Plot, ...] = (
         name="evaluator_metrics",
         title="Evaluator metrics (training samples and validation)",
         series=("rollout/*_mean", "val/*_mean"),
-        exclude=("rollout/reward_mean", "rollout/response_len_mean", "val/reward_mean"),
+        exclude=(
+            "rollout/reward_mean",
+            "rollout/response_len_mean",
+            "val/reward_mean",
+            "val/*/*_mean",  # per data source: the data_* plots
+        ),
         ylabel="mean",
+    ),
+    Plot(
+        name="data_reward",
+        title="Reward per data source (training batch and validation)",
+        series=("data/*/reward_mean", "val/*/reward_mean"),
+        ylabel="reward",
+    ),
+    Plot(
+        name="data_drawn",
+        title="Items drawn per data source",
+        series=("data/*/drawn",),
+        ylabel="items",
     ),
     Plot(name="loss", title="Loss", series=("train/loss", "val/loss"), ylabel="loss"),
     Plot(

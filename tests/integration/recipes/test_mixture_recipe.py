@@ -14,6 +14,7 @@ from nexrl_async.data import MixtureSource, open_source, source_of
 from nexrl_async.engine.checkpointer import list_checkpoints, read_engine_state
 from nexrl_async.engine.resume import AdmissionPoint, stitched_admissions
 from nexrl_async.engine.run import run_recipe
+from nexrl_async.obs import glossary
 from nexrl_async.obs.ledger import Admitted, Dropped, Failed, RunStarted, read_events
 
 RECIPE = Path(__file__).parents[3] / "recipes" / "reverse_digits" / "mixture.toml"
@@ -52,6 +53,8 @@ def test_a_mixture_run_reports_each_source_and_resumes_exactly(tmp_path: Path) -
                 assert m[f"data/{name}/samples"] == 4 * m[f"data/{name}/groups"]
         assert m["data/two/drawn"] + m["data/three/drawn"] == m["data/draws"]
     assert train[-1]["data/draws"] >= 3 * GROUPS
+    named = {key for m in metrics_of(out) for key in m if key not in ("step", "time")}
+    assert not [key for key in named if glossary.describe(key) is None]  # all in the glossary
     validated = [m for m in metrics_of(out) if "val/reward_mean" in m]
     assert [(m["val/two/samples"], m["val/three/samples"]) for m in validated] == [(48, 16)]
 

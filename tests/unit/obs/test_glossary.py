@@ -9,7 +9,7 @@ import nexrl_async
 from nexrl_async.obs import glossary
 
 ROOT = Path(__file__).parents[3]
-AREAS = ("rollout", "pipeline", "pool", "train", "val", "weights", "timing", "throughput")
+AREAS = ("rollout", "pipeline", "pool", "train", "val", "weights", "timing", "throughput", "data")
 LITERAL = re.compile(r"""["'](?:""" + "|".join(AREAS) + r""")/[A-Za-z0-9_/{}<>-]+["']""")
 
 
