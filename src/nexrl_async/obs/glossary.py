@@ -258,24 +258,14 @@ GLOSSARY: tuple[tuple[str, str, tuple[MetricDoc, ...]], ...] = (
     ),
     (
         "data",
-        "Per named data source (every source of a mixture, docs/data.md); `<source>` is its "
-        "`name`.",
+        "Per named data source (each source of a mixture, docs/data.md), `<source>` its name.",
         (
-            MetricDoc(
-                "data/<source>/groups",
-                "groups",
-                "Groups of the trained batch from this source (absent when none).",
-            ),
+            MetricDoc("data/<source>/groups", "groups", "Its groups in the batch (absent if 0)."),
             MetricDoc("data/<source>/samples", "samples", "Their samples."),
             MetricDoc("data/<source>/reward_mean", "reward", "Mean reward of those samples."),
-            MetricDoc(
-                "data/<source>/drawn",
-                "items",
-                "New items handed out by this source so far, all epochs, in flight included "
-                "(replays not counted; restored on resume).",
-            ),
-            MetricDoc("data/<source>/epoch", "epochs", "The epoch this source is in."),
-            MetricDoc("data/draws", "items", "Draws of the mixture so far (restored on resume)."),
+            MetricDoc("data/<source>/drawn", "items", "New items it handed out so far (resumed)."),
+            MetricDoc("data/<source>/epoch", "epochs", "The epoch it is in."),
+            MetricDoc("data/draws", "items", "Draws of the mixture so far (resumed)."),
         ),
     ),
     (
@@ -315,12 +305,8 @@ GLOSSARY: tuple[tuple[str, str, tuple[MetricDoc, ...]], ...] = (
             MetricDoc("val/logp_chosen", "nats", "DPO: mean log-prob of the chosen, held out."),
             MetricDoc("val/logp_rejected", "nats", "DPO: mean log-prob of the rejected, held out."),
             MetricDoc("val/user/<name>", "yours", "DPO: a custom `algorithm.loss` metric."),
-            MetricDoc(
-                "val/<source>/reward_mean", "reward", "`val/reward_mean` of one named data source."
-            ),
-            MetricDoc(
-                "val/<source>/<metric>_mean", "the metric's", "An evaluator metric, one source."
-            ),
+            MetricDoc("val/<source>/reward_mean", "reward", "`val/reward_mean`, one source."),
+            MetricDoc("val/<source>/<metric>_mean", "the metric's", "An evaluator metric, one."),
             MetricDoc("val/<source>/samples", "samples", "Validation samples of one source."),
             MetricDoc("val/<source>/failed", "samples", "Those that failed."),
         ),
