@@ -50,7 +50,7 @@ STANDARD_PLOTS: tuple[Plot, ...] = (
     Plot(
         name="reward",
         title="Reward",
-        series=("rollout/reward_mean", "rollout/reward_max", "val/reward_mean"),
+        series=("rollout/reward_mean", "val/reward_mean"),
         ylabel="reward",
     ),
     Plot(
