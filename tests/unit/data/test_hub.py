@@ -20,6 +20,7 @@ import pytest
 
 from nexrl_async.cli import main
 from nexrl_async.config.data import HFData, MixtureData
+from nexrl_async.config.hub_cache import datasets_cache
 from nexrl_async.core.errors import DataError
 from nexrl_async.data import open_source
 
@@ -205,3 +206,19 @@ def test_check_and_run_exit_2_naming_the_field_and_the_dataset(
     assert f"{field} = 'nexrl-test/absent'" in err
     assert "is not in the local Hugging Face cache" in err
     assert not (tmp_path / "out").exists()  # refused before the run folder was made
+
+
+def test_the_cache_folder_follows_the_environment_at_every_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("HF_DATASETS_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert datasets_cache() == tmp_path / "home" / ".cache" / "huggingface" / "datasets"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert datasets_cache() == tmp_path / "xdg" / "huggingface" / "datasets"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert datasets_cache() == tmp_path / "hf" / "datasets"
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "ds"))
+    assert datasets_cache() == tmp_path / "ds"
+    assert datasets_cache(str(tmp_path / "mine")) == tmp_path / "mine"
