@@ -14,7 +14,7 @@ one it refuses is refused by ``run`` with the same one line and exit code 2:
 4. the tokenizer loads and the model's architecture builds (on the meta device: no weights are
    read or allocated; a pretrained folder must hold weight files);
 5. the data (and the validation data) reads, and some row has every required field (and the
-   prompt field, for the default worker).
+   prompt field, for the default worker; for the training data, the ``pool.group_by`` fields).
 
 Every failure is a :class:`ConfigError` naming the recipe file and the dotted path.
 """
@@ -205,6 +205,8 @@ def _data(recipe: LoadedRecipe, dotted: str, data: DataConfig) -> None:
     required = list(data.required)
     if cfg.rollout.worker is None and cfg.rollout.prompt_field not in required:
         required.append(cfg.rollout.prompt_field)
+    if dotted == "data":  # the pool's grouping keys: fields of every training item
+        required += [name for name in cfg.pool.group_by if name not in required]
     for at, source in sources_of(dotted, data):
         with _at(recipe, at):
             rows = load_rows(source, recipe.base_dir, required=data.required)

@@ -102,6 +102,11 @@ def test_a_good_recipe_passes(recipe: Path) -> None:
             "cannot be called with 1 positional argument",
         ),
         ('rollout.prompt_field="question"', "data", "no row has every field"),
+        (
+            'pool.group_by=["task_id"]',
+            "data",
+            "no row has every field the run needs (prompt, task_id)",
+        ),
         ('data.required=["solution"]', "data", "'solution' has a value in no row"),
     ],
 )
