@@ -159,6 +159,12 @@ def _check_dpo(cfg: RecipeConfig) -> Iterator[Problem]:
                 f'algorithm.{field} = {value}: algorithm.mode = "dpo" takes one optimizer step per '
                 "batch of pairs; size the step with pool.batch_groups",
             )
+    if cfg.pool.min_group_size < 2:
+        yield (
+            "pool.min_group_size",
+            f"pool.min_group_size = {cfg.pool.min_group_size}: a DPO group is a pair; a pair "
+            "with a failed side must be dropped, not trained",
+        )
     if algo.dpo.label_smoothing > 0 and algo.dpo.loss != "sigmoid":
         yield (
             "algorithm.dpo.label_smoothing",

@@ -25,6 +25,7 @@ def check(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str
         ("algorithm.minibatches=2", "algorithm.minibatches", "one optimizer step per batch"),
         ("algorithm.epochs=3", "algorithm.epochs", "one optimizer step per batch"),
         ("algorithm.dynamic_sampling=true", "algorithm.dynamic_sampling", "no reward variance"),
+        ("pool.min_group_size=1", "pool.min_group_size", "a DPO group is a pair"),
     ],
 )
 def test_dpo_refuses(
