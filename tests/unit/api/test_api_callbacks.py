@@ -136,3 +136,26 @@ def test_run_result_reads_the_last_value_of_every_metric(tmp_path: Path) -> None
     assert result.series("val/reward_mean") == [(0, 0.0), (2, 0.8)]
     assert len(result.history) == 3
     assert RunResult.read(tmp_path / "none", "error").metrics == {}
+
+
+def test_an_interrupt_while_waiting_asks_a_graceful_stop_and_keeps_waiting(tmp_path: Path) -> None:
+    from concurrent.futures import Future
+
+    from nexrl_async.api.entry import _Session, _wait
+
+    session = _Session("recipe.toml", tmp_path, None, (), None, None)
+    done = RunResult(run_dir=tmp_path, reason="stopped (interrupted)")
+
+    class Interrupted(Future[RunResult]):
+        calls = 0
+
+        def result(self, timeout: float | None = None) -> RunResult:
+            self.calls += 1
+            if self.calls == 1:
+                raise KeyboardInterrupt  # Ctrl-C / the notebook's stop button
+            return done
+
+    future = Interrupted()
+    assert _wait(future, session) is done
+    assert future.calls == 2
+    assert session.control.stop_reason == "stopped (interrupted)"

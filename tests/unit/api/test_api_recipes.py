@@ -24,6 +24,10 @@ def score(item: Any, trajectory: Any) -> float:
     return 1.0
 
 
+class Agent:
+    """Stands for a custom worker class."""
+
+
 @pytest.fixture
 def reg() -> Any:
     registration = Registration()
@@ -83,7 +87,7 @@ def test_rows_become_a_factory(reg: Registration) -> None:
 
 def test_replace_objects_walks_the_schema(reg: Registration) -> None:
     raw = {
-        "rollout": {"evaluator": score, "tools": ["tools.py:search", json.loads]},
+        "rollout": {"evaluator": score, "tools": ["tools.py:search", json.loads], "worker": Agent},
         "data": ROWS,
         "validation": {"data": {"kind": "python", "factory": lambda: ROWS}},
         "run": {"name": "x"},
@@ -91,6 +95,7 @@ def test_replace_objects_walks_the_schema(reg: Registration) -> None:
     out = replace_objects(raw, reg)
     assert out["rollout"]["tools"][0] == "tools.py:search"
     assert out["rollout"]["tools"][1] == "json:loads"
+    assert load_object(out["rollout"]["worker"], Path.cwd()) is Agent
     assert isinstance(out["rollout"]["evaluator"], str)
     assert load_object(out["rollout"]["evaluator"], Path.cwd()) is score
     assert out["data"]["kind"] == "python"
