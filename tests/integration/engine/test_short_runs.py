@@ -89,12 +89,12 @@ def test_metrics_cover_the_step(run_small) -> None:
 
 
 def assert_in_glossary(rows: list[dict[str, Any]]) -> None:
-    """Every metric a run wrote has an entry in docs/metrics.md (``obs/glossary.py``)."""
+    """Every metric a run wrote has an entry in docs/metrics.md (``obs/glossary.toml``)."""
     from nexrl_async.obs.glossary import COMMAND, describe
 
     names = {key for row in rows for key in row} - {"step", "time"}
     missing = sorted(name for name in names if describe(name) is None)
-    assert not missing, f"add {missing} to src/nexrl_async/obs/glossary.py, then `{COMMAND}`"
+    assert not missing, f"add {missing} to src/nexrl_async/obs/glossary.toml, then `{COMMAND}`"
 
 
 def test_distributed_weight_sync_serves_the_trainers_weights(run_small) -> None:

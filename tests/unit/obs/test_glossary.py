@@ -32,7 +32,7 @@ def test_every_metric_named_in_the_source_is_in_the_glossary() -> None:
     missing = sorted(n for n in names - glossary.NOT_LOGGED if glossary.describe(n) is None)
     assert not missing, (
         f"metrics without a glossary entry: {missing}; add them to "
-        f"src/nexrl_async/obs/glossary.py and run `{glossary.COMMAND}`"
+        f"src/nexrl_async/obs/glossary.toml and run `{glossary.COMMAND}`"
     )
 
 
