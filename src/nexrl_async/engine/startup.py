@@ -8,11 +8,13 @@ one it refuses is refused by ``run`` with the same one line and exit code 2:
 2. optional backends the recipe asks for are installed: TensorBoard, W&B, flash-attention,
    bubblewrap for the sandboxed python tool, SGLang / vLLM in their interpreter; a ``cuda``
    device (``trainer.device``, the local server's) exists;
-3. user objects have the right shape: the evaluator (a class is instantiated, as the run does)
-   has ``evaluate(item, trajectory)``, the worker is a worker class (one that never generates
-   when ``inference.backend = "none"``), tools are tools, ``prepare_batch`` takes the batch;
-4. the tokenizer loads and the model's architecture builds (on the meta device: no weights are
+3. the tokenizer loads and the model's architecture builds (on the meta device: no weights are
    read or allocated; a pretrained folder must hold weight files);
+4. user objects have the right shape: the evaluator (a class is instantiated, as the run does)
+   has ``evaluate(item, trajectory)``, the worker is a worker class (one that never generates
+   when ``inference.backend = "none"``) and is built with them and the tokenizer as the run
+   builds it (a custom constructor runs; nothing generates), tools are tools,
+   ``prepare_batch`` takes the batch;
 5. the data (and the validation data) reads, and some row has every required field (and the
    prompt field, for the default worker; for the training data, the ``pool.group_by`` fields).
 
@@ -37,14 +39,20 @@ from nexrl_async.config.inference import LocalInference, SGLangInference, VLLMIn
 from nexrl_async.config.loader import LoadedRecipe
 from nexrl_async.config.model import BuiltModel, PretrainedModel
 from nexrl_async.config.preflight import preflight
+from nexrl_async.config.schema import RecipeConfig
 from nexrl_async.core.errors import ConfigError, DataError, UserCodeError
 from nexrl_async.core.protocols import GroupWorker
 from nexrl_async.core.usercode import load_object
 from nexrl_async.data import load_rows, missing_fields
 from nexrl_async.engine.parts import check_serverless
 from nexrl_async.obs.metrics import require_sink_backends
+from nexrl_async.rollout.generation import TurnGenerator
 from nexrl_async.rollout.loading import load_evaluator, load_tools, load_worker_class
+from nexrl_async.rollout.rendering import Tokenizer
 from nexrl_async.rollout.sandbox import configure_tool
+from nexrl_async.rollout.scoring import SourceEvaluators
+from nexrl_async.rollout.tools import Tool
+from nexrl_async.rollout.worker import RolloutWorker
 from nexrl_async.train.hook import PrepareBatchHook
 from nexrl_async.train.model_loading import load_policy, load_tokenizer, resolve_device
 
@@ -56,9 +64,9 @@ def preflight_run(recipe: LoadedRecipe) -> None:
     preflight(recipe)
     with _at(recipe, None):
         _backends(recipe)
-    _user_objects(recipe)
     with _at(recipe, "model"):
-        _model(recipe)
+        tokenizer = _model(recipe)
+    _user_objects(recipe, tokenizer)
     _data(recipe, "data", recipe.config.data)
     if recipe.config.validation.data is not None:
         _data(recipe, "validation.data", recipe.config.validation.data)
@@ -128,26 +136,59 @@ def _probe(python: str, module: str, what: str) -> None:
         )
 
 
-def _user_objects(recipe: LoadedRecipe) -> None:
+def _user_objects(recipe: LoadedRecipe, tokenizer: Tokenizer) -> None:
     cfg, base = recipe.config, recipe.base_dir
     with _at(recipe, "rollout.evaluator"):
         evaluator = load_evaluator(cfg.rollout.evaluator, base)
         _takes(getattr(evaluator, "evaluate", evaluator), 2, cfg.rollout.evaluator)
+    by_source: dict[str, Any] = {}
     for dotted, data in (("data", cfg.data), ("validation.data", cfg.validation.data)):
         for at, source in sources_of(dotted, data) if data is not None else ():
             if source.evaluator is not None:
                 with _at(recipe, f"{at}.evaluator"):
                     per_source = load_evaluator(source.evaluator, base)
                     _takes(getattr(per_source, "evaluate", per_source), 2, source.evaluator)
+                if dotted == "data" and source.name is not None:
+                    by_source[source.name] = per_source
+    with _at(recipe, "rollout.tools"):
+        tools = load_tools(cfg.rollout.tools, base)
     with _at(recipe, "rollout.worker"):
         worker = load_worker_class(cfg.rollout.worker, base)
         check_serverless(cfg, cast(GroupWorker, worker))  # ``generates`` is a class attribute
-    with _at(recipe, "rollout.tools"):
-        load_tools(cfg.rollout.tools, base)
+    with _at(recipe, "rollout.worker" if cfg.rollout.worker else "rollout"):
+        scorer = SourceEvaluators(evaluator, by_source) if by_source else evaluator
+        _build_worker(cfg, worker, scorer, tools, tokenizer)
     if cfg.algorithm.prepare_batch is not None:
         with _at(recipe, "algorithm.prepare_batch"):
             PrepareBatchHook.load(cfg.algorithm.prepare_batch, base)
             _takes(load_object(cfg.algorithm.prepare_batch, base), 1, cfg.algorithm.prepare_batch)
+
+
+class _NoGeneration:
+    """The pre-flight's generator: a worker is built, never run (any call is a bug)."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(f"the pre-flight does not generate ({name})")
+
+
+def _build_worker(
+    cfg: RecipeConfig, cls: type[RolloutWorker], evaluator: Any, tools: list[Tool], tok: Tokenizer
+) -> None:
+    """Construct the worker as the run does (``rollout.loading.load_worker``), with the user
+    objects already loaded: a custom worker's constructor, the renderer and its tokenizer."""
+    try:
+        generator = cast(TurnGenerator, _NoGeneration())
+        cls(
+            cfg.rollout, tokenizer=tok, generator=generator, evaluator=evaluator, tools=tools,
+            required=list(cfg.data.required),
+        )  # fmt: skip
+    except UserCodeError:
+        raise
+    except Exception as err:
+        raise UserCodeError(
+            f"{cfg.rollout.worker or 'RolloutWorker'!r}: building the worker raised "
+            f"{type(err).__name__}: {err}"
+        ) from err
 
 
 def _takes(fn: Callable[..., Any], count: int, ref: str) -> None:
@@ -165,18 +206,18 @@ def _takes(fn: Callable[..., Any], count: int, ref: str) -> None:
         ) from None
 
 
-def _model(recipe: LoadedRecipe) -> None:
+def _model(recipe: LoadedRecipe) -> Tokenizer:
     """The tokenizer loads; the model builds on the meta device (no weights read)."""
     cfg = recipe.config
     model = cfg.model
     if isinstance(model, BuiltModel):
         meta = torch.device("meta")
         with meta:
-            load_policy(model, cfg.tokenizer, seed=cfg.run.seed, device=meta)
-        return
+            _, tokenizer = load_policy(model, cfg.tokenizer, seed=cfg.run.seed, device=meta)
+        return cast(Tokenizer, tokenizer)
     assert isinstance(model, PretrainedModel)
     _pretrained_on_meta(Path(model.path), model.attn_implementation)
-    load_tokenizer(cfg.tokenizer, model)
+    return cast(Tokenizer, load_tokenizer(cfg.tokenizer, model))
 
 
 def _pretrained_on_meta(path: Path, attn: str) -> None:

@@ -33,6 +33,8 @@ evaluator = "evaluator.py:Evaluator"
 """
 
 EVALUATORS = """
+from nexrl_async.rollout.worker import RolloutWorker
+
 class Evaluator:
     def evaluate(self, item, trajectory):
         return 1.0
@@ -55,6 +57,11 @@ class NotAWorker:
     pass
 
 NOT_CALLABLE = 3
+
+class NeedsKey(RolloutWorker):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        raise KeyError("JUDGE_API_KEY")
 """
 
 
@@ -95,6 +102,11 @@ def test_a_good_recipe_passes(recipe: Path) -> None:
         ),
         ('rollout.evaluator="evaluator.py:Broken"', "rollout.evaluator", "no judge configured"),
         ('rollout.worker="evaluator.py:NotAWorker"', "rollout.worker", "must subclass"),
+        (
+            'rollout.worker="evaluator.py:NeedsKey"',
+            "rollout.worker",
+            "building the worker raised KeyError: 'JUDGE_API_KEY'",
+        ),
         ('rollout.tools=["evaluator.py:NOT_CALLABLE"]', "rollout.tools", "is not callable"),
         (
             'algorithm.prepare_batch="evaluator.py:prepare_nothing"',
