@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import importlib
 import inspect
 import json
@@ -50,11 +51,16 @@ section afresh), and `--set a.b=value` on the command line overrides any key bel
 """
 
 
+@functools.cache
+def _module_tree(name: str) -> ast.Module:
+    module = importlib.import_module(name)
+    return ast.parse(Path(module.__file__ or "").read_text(encoding="utf-8"))
+
+
+@functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """``{field: docstring}`` of the attributes ``cls`` itself declares (not inherited)."""
-    module = importlib.import_module(cls.__module__)
-    tree = ast.parse(Path(module.__file__ or "").read_text(encoding="utf-8"))
-    for node in ast.walk(tree):
+    for node in ast.walk(_module_tree(cls.__module__)):
         if isinstance(node, ast.ClassDef) and node.name == cls.__name__:
             body = node.body
             docs = {}
