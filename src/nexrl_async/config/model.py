@@ -2,14 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
-from msgspec import Struct
+from msgspec import Meta, Struct
 
 from nexrl_async.config.types import PathStr, PosFloat, PosInt
 
 Dtype = Literal["float32", "bfloat16", "float16"]
+
+ModuleName = Annotated[str, Meta(min_length=1)]
+
+
+class LoraConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[model.lora]``: train low-rank adapters (peft) instead of the whole model (docs/lora.md).
+
+    Each targeted linear layer ``W`` gets ``A`` (``rank x in``, random) and ``B``
+    (``out x rank``, zero) and computes ``W x + s B A x`` with ``s = alpha / rank``
+    (``alpha / sqrt(rank)`` with ``rslora``); only ``A`` and ``B`` train and are checkpointed.
+    Servers get the merged weights ``W + s B A``.
+    """
+
+    rank: PosInt = 8
+    """Rank of every adapter."""
+    alpha: PosFloat = 16.0
+    """Scale numerator: the adapter's output is multiplied by ``alpha / rank``."""
+    dropout: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.0
+    """Dropout on the adapters' input while training."""
+    target_modules: Annotated[list[ModuleName], Meta(min_length=1)] | Literal["all-linear"] = (
+        "all-linear"
+    )
+    """Linear layers that get an adapter: module names (a name matches the layers whose path
+    ends with it, e.g. ``["q_proj", "v_proj"]``), or ``"all-linear"``: every linear layer but
+    the LM head."""
+    rslora: bool = False
+    """Rank-stabilised scaling ``alpha / sqrt(rank)``."""
 
 
 class _ModelCommon(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="kind"):
@@ -17,6 +44,8 @@ class _ModelCommon(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     """Parameter dtype of the trainer's master weights and of the local server."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel; ``flash_attention_2`` needs flash-attn and a GPU."""
+    lora: LoraConfig | None = None
+    """``[model.lora]``: train LoRA adapters on the frozen model (absent: full fine-tuning)."""
 
 
 class PretrainedModel(_ModelCommon, frozen=True, kw_only=True, tag="pretrained"):

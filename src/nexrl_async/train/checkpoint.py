@@ -12,6 +12,12 @@ reads its own shards). Without an initialized process group DCP runs in single-p
 (``no_dist``). The optimizer state is keyed by parameter names, not positions, so it loads into
 a trainer built again from the same config.
 
+Only trainable parameters are saved (``ignore_frozen_params``): everything, in full
+fine-tuning; the adapters alone with ``[model.lora]``, whose frozen base a resumed run rebuilds
+from the recipe like the reference model. Loading asks the checkpoint for exactly the new
+trainer's trainable parameters, so a checkpoint of the other kind (LoRA or not, another rank)
+does not fit and is a ``CheckpointError``.
+
 The reference model is not saved: it is a frozen copy of the initial weights, which a resumed run
 rebuilds from the recipe (see ``train.trainer``).
 
@@ -33,7 +39,11 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.optim import Optimizer
@@ -46,6 +56,11 @@ MODEL_DIR = "trainer"
 EXTRA_FILE = "trainer_extra.pt"
 """Scheduler, steps done and KL controller state inside a checkpoint folder."""
 EXTRA_FORMAT = 1
+
+_TRAINABLE = StateDictOptions(ignore_frozen_params=True)
+_TRAINABLE_LOAD = StateDictOptions(ignore_frozen_params=True, strict=False)
+"""Non-strict: the frozen parameters are missing on purpose; the trainable ones were all
+loaded (DCP fails on any key the checkpoint lacks)."""
 
 # DCP warns on every single-process save/load even when asked for one (``no_dist=True``).
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninit")
@@ -78,7 +93,7 @@ def save_state(
         CheckpointError: a file could not be written.
     """
     folder = Path(directory)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _trainable_state(model, optimizer)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         state = {"model": model_sd, "optim": optim_sd}
@@ -113,12 +128,16 @@ def load_state(
     folder = Path(directory)
     if not has_state(folder):
         raise CheckpointError(f"{folder} holds no trainer checkpoint ({MODEL_DIR}/, {EXTRA_FILE})")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _trainable_state(model, optimizer)
     state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
     try:
-        dcp_load(state, checkpoint_id=folder / MODEL_DIR, **_dist())
+        dcp_load(state, checkpoint_id=folder / MODEL_DIR, **_dist())  # every key asked for
         set_state_dict(
-            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+            model,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=_TRAINABLE_LOAD,
         )
         payload = torch.load(folder / EXTRA_FILE, map_location="cpu", weights_only=True)
     except (
@@ -209,6 +228,23 @@ def _byte_tensor(data: bytes) -> torch.Tensor:
 
 
 # ---- internals ------------------------------------------------------------------------------
+
+
+def _trainable_state(
+    model: torch.nn.Module, optimizer: Optimizer
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Model (trainable parameters and buffers) and optimizer state dicts for DCP.
+
+    ``ignore_frozen_params`` drops a frozen parameter under its first name only; a second name
+    of the same tensor (an LM head tied to a frozen embedding) is dropped here.
+    """
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_TRAINABLE)
+    frozen = {
+        name
+        for name, param in model.named_parameters(remove_duplicate=False)
+        if not param.requires_grad
+    }
+    return {k: v for k, v in model_sd.items() if k not in frozen}, dict(optim_sd)
 
 
 def _dist() -> dict[str, bool]:

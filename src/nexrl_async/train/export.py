@@ -6,6 +6,9 @@
   one.
 - :func:`parameters_for_sync` yields ``(HF name, tensor)`` pairs, one at a time, so a transport
   can stream them (a sharded model gathers each one: ``sharding.gathered_parameters``).
+- A LoRA policy (``train.lora``) is exported and synced merged, as the plain model
+  (``W + s B A`` under the base model's names); an HF folder also gets the peft adapter folder
+  ``adapter/`` (servers read only the top folder's safetensors).
 - :func:`save_state_file` / :func:`load_state_file` are the checkpoint seam: ``torch.save`` of
   one state dict today; torch.distributed.checkpoint replaces them when weights are sharded.
 """
@@ -16,7 +19,7 @@ import os
 import pickle
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from nexrl_async.core.errors import CheckpointError
+from nexrl_async.train.lora import is_lora, merged_parameters, save_merged
 
 STATE_FILE = "trainer.pt"
 
@@ -41,7 +45,8 @@ def save_hf_folder(
 
     An existing folder at ``path`` is replaced (moved aside, then deleted once the new one is in
     place). ``state_dict`` replaces the model's own weights (a sharded model's gathered full
-    state, see ``sharding.full_state_dict``). Returns ``path``.
+    state, see ``sharding.full_state_dict``). A LoRA model is written merged, as the plain
+    model, plus its adapter in ``path/adapter``. Returns ``path``.
 
     Raises:
         CheckpointError: the folder could not be written.
@@ -52,7 +57,10 @@ def save_hf_folder(
     retired = target.with_name(f".{target.name}.old-{tag}")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(staging, state_dict=state_dict)
+        if is_lora(model):
+            save_merged(model, staging, model.state_dict() if state_dict is None else state_dict)
+        else:
+            model.save_pretrained(staging, state_dict=state_dict)
         tokenizer.save_pretrained(staging)
         if target.exists():
             os.replace(target, retired)
@@ -65,12 +73,18 @@ def save_hf_folder(
     return target
 
 
-def parameters_for_sync(model: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
+def parameters_for_sync(
+    model: torch.nn.Module, named: Iterable[tuple[str, Tensor]] | None = None
+) -> Iterator[tuple[str, Tensor]]:
     """``(name, tensor)`` for every parameter, in HF checkpoint naming, detached.
 
-    Tied weights appear once (under the input embedding's name), as in ``save_pretrained``.
+    ``named``: the model's parameters as whole tensors when they are not its own
+    (``sharding.gathered_parameters`` of a sharded model); by default ``named_parameters``.
+    Tied weights appear once (under the input embedding's name), as in ``save_pretrained``;
+    a LoRA model's adapters are merged into their layers (``train.lora``).
     """
-    for name, param in model.named_parameters():
+    params = named if named is not None else model.named_parameters()
+    for name, param in merged_parameters(model, params):
         yield name, param.detach()
 
 

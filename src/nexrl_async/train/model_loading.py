@@ -5,6 +5,9 @@ model, tok = load_policy(PretrainedModel(path="/models/qwen"), None, seed=0, dev
 model, tok = load_policy(BuiltModel(), CharTokenizer(), seed=0, device="auto")
 ```
 
+With ``[model.lora]`` the policy comes back wrapped with its adapters (``train.lora``): only
+they train, and exports merge them into the plain model.
+
 A pretrained model comes from a local Hugging Face folder (nothing is downloaded); a built model
 comes from :mod:`nexrl_async.train.build`, seeded so the trainer and the local server that builds
 the same config start from identical weights.
@@ -35,6 +38,7 @@ from nexrl_async.config.model import (
 )
 from nexrl_async.core.errors import ConfigError
 from nexrl_async.train.build import build_char_tokenizer, build_model
+from nexrl_async.train.lora import apply_lora
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -113,6 +117,10 @@ def load_policy(
         seed: initialisation seed of a built model (ignored for pretrained weights).
         device: a torch device, or ``"auto"``/``"cpu"``/``"cuda"``.
         dtype: parameter dtype; defaults to ``model_cfg.dtype``.
+
+    Raises:
+        ConfigError: no model or tokenizer at the given paths, a bad built model, or
+            ``[model.lora]`` targets that are not linear layers.
     """
     target = resolve_device(device) if isinstance(device, str) else device
     param_dtype = dtype or DTYPES[model_cfg.dtype]
@@ -130,6 +138,8 @@ def load_policy(
         model = _load_pretrained(Path(model_cfg.path), model_cfg.attn_implementation, param_dtype)
         tokenizer = load_tokenizer(tokenizer_cfg, model_cfg)
     _move(model, target, param_dtype)
+    if model_cfg.lora is not None:
+        model = apply_lora(model, model_cfg.lora, seed=seed)
     model.eval()
     logger.debug(
         "policy loaded: {} parameters, {} on {}",

@@ -36,11 +36,10 @@ size 1's, and the metrics are the same on every rank (except ``train/step_s``).
 ``prepare_batch`` runs on every rank with the same inputs, so it must be deterministic.
 
 Everything here is blocking torch code; the engine calls it from a worker thread, never on the
-event loop. A trainer is not thread-safe: call one method at a time
-(``step``, ``save_hf``, ``named_parameters_for_sync``, checkpoints), e.g. all through one
-``CapacityLimiter(1)``. The reference model is a frozen copy of the weights the
-trainer was constructed with; a checkpoint therefore does not store it (a resumed run builds
-the trainer from the same initial weights, then loads the checkpoint).
+event loop. A trainer is not thread-safe: call one method at a time (``step``, ``save_hf``,
+``named_parameters_for_sync``, checkpoints), e.g. all through one ``CapacityLimiter(1)``. The
+reference model (and a LoRA policy's frozen base) is a copy of the initial weights that no
+checkpoint stores: a resumed run rebuilds it from the recipe, then loads the checkpoint.
 """
 
 from __future__ import annotations
@@ -70,6 +69,7 @@ from nexrl_async.train.evaluation import validation_loss
 from nexrl_async.train.export import parameters_for_sync, save_hf_folder
 from nexrl_async.train.hook import PrepareBatchHook
 from nexrl_async.train.logprobs import model_device
+from nexrl_async.train.lora import footprint
 from nexrl_async.train.loss import ForwardCapture, RLLoss, SFTLoss
 from nexrl_async.train.model_loading import DTYPES, frozen_copy, load_policy, set_torch_threads
 from nexrl_async.train.ranks.lockstep import rank_logprobs, rank_rows
@@ -251,7 +251,7 @@ class Trainer:
             raise TrainError(f"step {batch.step}: {type(err).__name__}: {err}") from err
         self.scheduler.step()
         self.steps_done += 1
-        metrics["train/lr"] = lr
+        metrics |= footprint(self.model, self.optimizer) | {"train/lr": lr}  # params, optim MiB
         metrics["train/step_s"] = time.perf_counter() - started
         return metrics
 
@@ -359,7 +359,7 @@ class Trainer:
         """
         if not self.groups.distributed:
             return parameters_for_sync(self.model)
-        return gathered_parameters(self.model, self.export_dtype)
+        return parameters_for_sync(self.model, gathered_parameters(self.model, self.export_dtype))
 
     def validation_loss(self, batch: TrainBatch) -> StepMetrics:
         """``val/*`` NLL metrics of ``batch`` (see :mod:`nexrl_async.train.evaluation`); DPO:
