@@ -167,3 +167,28 @@ def test_a_mixture_holds_objects_in_each_source(reg: Registration, tmp_path: Pat
     assert load_object(easy.factory, tmp_path)() == ROWS
     assert load_object(hard.factory, tmp_path)() == ROWS
     assert load_object(hard.evaluator, tmp_path) is score
+
+
+def test_a_script_run_again_can_resume_its_run(tmp_path: Path) -> None:
+    from nexrl_async.engine.resume import check_resumable
+
+    def reward(item: Any, trajectory: Any) -> float:
+        return 1.0
+
+    def recipe() -> dict[str, Any]:  # what the script builds, each time it runs
+        return {"extends": str(RECIPE), "rollout": {"evaluator": reward}, "data": list(ROWS)}
+
+    first, second = Registration(), Registration()
+    before = load_any(recipe(), None, registration=first, base_dir=tmp_path)
+    first.release()  # the first process ended
+    after = load_any(recipe(), {"run.total_steps": 500}, registration=second, base_dir=tmp_path)
+    second.release()
+    check_resumable(before.config, after.config)  # data and the rest resume-bound: unchanged
+    third = Registration()
+    changed = load_any(
+        {**recipe(), "data": [*ROWS, {"prompt": "<bos>56<sep>", "answer": "65"}]},
+        None, registration=third, base_dir=tmp_path,
+    )  # fmt: skip
+    third.release()
+    with pytest.raises(ConfigError, match="data"):
+        check_resumable(before.config, changed.config)
