@@ -9,7 +9,8 @@ one it refuses is refused by ``run`` with the same one line and exit code 2:
    bubblewrap for the sandboxed python tool, SGLang / vLLM in their interpreter; a ``cuda``
    device (``trainer.device``, the local server's) exists;
 3. the tokenizer loads and the model's architecture builds (on the meta device: no weights are
-   read or allocated; a pretrained folder must hold weight files);
+   read or allocated; a pretrained folder must hold weight files), with its ``[model.lora]``
+   adapters (peft installed, ``target_modules`` matching linear layers);
 4. user objects have the right shape: the evaluator (a class is instantiated, as the run does)
    has ``evaluate(item, trajectory)``, the worker is a worker class (one that never generates
    when ``inference.backend = "none"``) and is built with them and the tokenizer as the run
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+from transformers import PreTrainedModel
 
 from nexrl_async.config.data import DataConfig, sources_of
 from nexrl_async.config.inference import LocalInference, SGLangInference, VLLMInference
@@ -54,6 +56,7 @@ from nexrl_async.rollout.scoring import SourceEvaluators
 from nexrl_async.rollout.tools import Tool
 from nexrl_async.rollout.worker import RolloutWorker
 from nexrl_async.train.hook import PrepareBatchHook
+from nexrl_async.train.lora import apply_lora
 from nexrl_async.train.model_loading import load_policy, load_tokenizer, resolve_device
 
 _PROBE_TIMEOUT_S = 60.0
@@ -210,17 +213,20 @@ def _model(recipe: LoadedRecipe) -> Tokenizer:
     """The tokenizer loads; the model builds on the meta device (no weights read)."""
     cfg = recipe.config
     model = cfg.model
-    if isinstance(model, BuiltModel):
-        meta = torch.device("meta")
+    meta = torch.device("meta")
+    if isinstance(model, BuiltModel):  # [model.lora] adapters included, as the trainer has them
         with meta:
             _, tokenizer = load_policy(model, cfg.tokenizer, seed=cfg.run.seed, device=meta)
         return cast(Tokenizer, tokenizer)
     assert isinstance(model, PretrainedModel)
-    _pretrained_on_meta(Path(model.path), model.attn_implementation)
+    policy = _pretrained_on_meta(Path(model.path), model.attn_implementation)
+    if model.lora is not None:  # peft installed, target_modules match linear layers
+        with meta:
+            apply_lora(policy, model.lora, seed=cfg.run.seed)
     return cast(Tokenizer, load_tokenizer(cfg.tokenizer, model))
 
 
-def _pretrained_on_meta(path: Path, attn: str) -> None:
+def _pretrained_on_meta(path: Path, attn: str) -> PreTrainedModel:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if not (path / "config.json").is_file():
@@ -230,7 +236,7 @@ def _pretrained_on_meta(path: Path, attn: str) -> None:
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         with torch.device("meta"):
-            AutoModelForCausalLM.from_config(config, attn_implementation=attn)  # type: ignore[no-untyped-call]
+            policy = AutoModelForCausalLM.from_config(config, attn_implementation=attn)  # type: ignore[no-untyped-call]
     except (OSError, ValueError, ImportError, KeyError) as err:
         raise ConfigError(f"cannot load the model in {path}: {err}", path="model.path") from err
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
@@ -238,6 +244,7 @@ def _pretrained_on_meta(path: Path, attn: str) -> None:
             f"cannot load the model in {path}: no weight files (*.safetensors, *.bin)",
             path="model.path",
         )
+    return cast(PreTrainedModel, policy)
 
 
 def _data(recipe: LoadedRecipe, dotted: str, data: DataConfig) -> None:

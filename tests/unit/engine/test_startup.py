@@ -146,6 +146,20 @@ def test_a_pretrained_folder_without_weights_is_refused(recipe: Path, tmp_path: 
     assert "no weight files" in str(err)
 
 
+def test_lora_targets_are_checked_on_a_pretrained_model(recipe: Path, tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    config = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 16,
+              "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "num_key_value_heads": 2, "vocab_size": 32}  # fmt: skip
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "model.safetensors").write_bytes(b"")  # present; the pre-flight reads no weights
+    pretrained = ['model.kind="pretrained"', f'model.path="{model}"']
+    preflight_run(load_recipe(recipe, [*pretrained, 'model.lora.target_modules=["q_proj"]']))
+    err = refused(recipe, *pretrained, 'model.lora.target_modules=["no_such_proj"]')
+    assert err.path == "model.lora.target_modules"
+
+
 def test_an_unknown_architecture_is_refused(recipe: Path, tmp_path: Path) -> None:
     model = tmp_path / "model"
     model.mkdir()
