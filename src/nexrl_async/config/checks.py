@@ -31,6 +31,7 @@ def cross_check(cfg: RecipeConfig) -> Iterator[Problem]:
     yield from _check_inference(cfg)
     yield from _check_vllm(cfg)
     yield from _check_validation(cfg)
+    yield from _check_rollout(cfg)
 
 
 def vllm_cpu_reload(cfg: RecipeConfig) -> str | None:
@@ -225,4 +226,14 @@ def _check_validation(cfg: RecipeConfig) -> Iterator[Problem]:
         yield (
             "validation.every_steps",
             f"validation.every_steps = {val.every_steps}: needs [validation.data]",
+        )
+
+
+def _check_rollout(cfg: RecipeConfig) -> Iterator[Problem]:
+    rollout = cfg.rollout
+    if rollout.check_transcript and not rollout.apply_chat_template:
+        yield (
+            "rollout.check_transcript",
+            "rollout.check_transcript = true compares samples with the chat template's "
+            "rendering: it needs rollout.apply_chat_template = true",
         )

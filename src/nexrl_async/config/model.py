@@ -104,6 +104,9 @@ class CharTokenizer(_TokenizerCommon, frozen=True, kw_only=True, tag="chars"):
         default_factory=lambda: ["<pad>", "<bos>", "<eos>", "<sep>"]
     )
     """Special tokens, in id order; ids 0.. are these, then the alphabet."""
+    words: list[str] = []
+    """Multi-character tokens (e.g. ``<tool_call>``), one id each after the alphabet: matched
+    whole wherever they occur in text, and kept (unlike special tokens) when decoding."""
 
 
 TokenizerConfig = PretrainedTokenizer | CharTokenizer

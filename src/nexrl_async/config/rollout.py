@@ -65,6 +65,15 @@ class RolloutConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     read and write what the engine can, and reach the network)."""
     apply_chat_template: bool = True
     """Render messages with the tokenizer's chat template (else concatenate contents)."""
+    train_turns: Literal["all", "last"] = "all"
+    """Assistant turns the loss covers (the default ``loss_mask`` hook): ``all`` of a sample's
+    assistant turns, or only the ``last`` (earlier ones keep loss mask 0). Same rule for RL
+    samples and multi-turn SFT demonstrations."""
+    check_transcript: bool = False
+    """Re-render every finished sample's whole conversation with the chat template and fail
+    the sample (``format_error``) unless its token ids are a prefix of that rendering: the
+    token-exact check of ``rollout/transcript.py`` (one more render per sample; needs
+    ``apply_chat_template``)."""
     system_prompt: str | None = None
     """System message prepended to every query."""
     prompt_field: str = "prompt"

@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec.inspect as mi
 
-from nexrl_async.config.types import PATH_MARK, REF_MARK
+from nexrl_async.config.types import CWD_MARK, PATH_MARK, REF_MARK
 
 
 def unwrap(t: mi.Type) -> tuple[mi.Type, str | None]:
@@ -85,6 +85,8 @@ def _resolve_value(value: Any, mark: str, base_dir: Path) -> Any:
     if not isinstance(value, str) or not value:
         return value
     if mark == PATH_MARK:
+        if value.startswith(CWD_MARK):  # the working directory of the run, not the recipe's
+            value = str(Path.cwd()) + value[len(CWD_MARK) :]
         path = Path(value).expanduser()
         return str(path if path.is_absolute() else (base_dir / path).resolve())
     if mark == REF_MARK:

@@ -33,8 +33,13 @@ GroupCount = Annotated[int, Meta(ge=1, le=MAX_GROUPS)]
 GroupSize = Annotated[int, Meta(ge=1, le=MAX_GROUP_SIZE)]
 TokenCount = Annotated[int, Meta(ge=1, le=MAX_TOKENS)]
 
+CWD_MARK = "{cwd}"
+"""A path field starting with this is relative to the working directory of the command (e.g.
+the output of an earlier ``nexrl-async run --output runs/x``), not to the recipe file."""
+
 PathStr = Annotated[str, Meta(min_length=1, extra={"nexrl": PATH_MARK})]
-"""A filesystem path; relative paths are resolved against the recipe file that sets them."""
+"""A filesystem path; relative paths are resolved against the recipe file that sets them
+(``{cwd}/...``: against the working directory)."""
 
 RefStr = Annotated[
     str,

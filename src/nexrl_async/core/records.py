@@ -80,7 +80,9 @@ class Turn(Struct, frozen=True, kw_only=True):
 
     ``loss_mask[i]`` is 1 where token ``i`` is trained on (model output), 0 for prompt, user
     and tool tokens. ``logprobs`` are the server's log-probs of the generated tokens (same
-    length as ``token_ids``) for assistant turns, else ``None``.
+    length as ``token_ids``) for assistant turns, else ``None``. A turn of tool results counts
+    the tool calls the agent loop ran for it (``tool_calls``) and how many of them came back as
+    an error (``tool_failures``).
     """
 
     role: Role
@@ -91,6 +93,8 @@ class Turn(Struct, frozen=True, kw_only=True):
     tool_name: str | None = None
     text: str | None = None
     finish_reason: str | None = None
+    tool_calls: NonNegInt = 0
+    tool_failures: NonNegInt = 0
 
     def __post_init__(self) -> None:
         n = len(self.token_ids)
@@ -154,6 +158,10 @@ class Trajectory(Struct, frozen=True, kw_only=True):
     @property
     def num_generated(self) -> int:
         return sum(sum(turn.loss_mask) for turn in self.turns)
+
+    @property
+    def num_assistant_turns(self) -> int:
+        return sum(turn.role == "assistant" for turn in self.turns)
 
 
 class Group(Struct, frozen=True, kw_only=True):

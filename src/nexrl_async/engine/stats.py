@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 
-from nexrl_async.core.records import FailureReason, Status, TrainBatch
+from nexrl_async.core.records import FailureReason, Status, TrainBatch, Trajectory
 from nexrl_async.data import source_of
 from nexrl_async.obs.ledger import RunLedger
 from nexrl_async.rollout.events import LedgerEvents
@@ -59,8 +60,8 @@ class StepClock:
 
 
 def batch_metrics(batch: TrainBatch) -> dict[str, float]:
-    """Rollout metrics of the trained batch: rewards, lengths, staleness, and the evaluator's
-    own metrics (:func:`evaluator_metrics`)."""
+    """Rollout metrics of the trained batch: rewards, lengths, turns and tools, staleness, and
+    the evaluator's own metrics (:func:`evaluator_metrics`)."""
     trajs = batch.trajectories
     rewards = [t.reward for t in trajs]
     lengths = [t.num_generated for t in trajs]
@@ -71,6 +72,7 @@ def batch_metrics(batch: TrainBatch) -> dict[str, float]:
         "rollout/response_len_mean": sum(lengths) / len(lengths),
         "rollout/samples": float(len(trajs)),
     }
+    out.update(agent_metrics(trajs, "rollout/"))
     out.update(staleness_metrics(batch))
     out.update(source_metrics(batch))
     return out
@@ -105,6 +107,22 @@ def evaluator_metrics(batch: TrainBatch) -> dict[str, float]:
             sums[name] += value
             counts[name] += 1
     return {f"rollout/{name}_mean": sums[name] / counts[name] for name in sorted(sums)}
+
+
+def agent_metrics(trajs: Sequence[Trajectory], prefix: str) -> dict[str, float]:
+    """``<prefix>turns_mean`` (assistant turns per sample) and, when the agent loop ran tool
+    calls, ``<prefix>tool_calls_mean`` (per sample) and ``<prefix>tool_success_rate`` (the
+    share of calls that ran without error); ``prefix`` is ``"rollout/"`` or ``"val/"``."""
+    if not trajs:
+        return {}
+    turns = sum(t.num_assistant_turns for t in trajs)
+    out = {f"{prefix}turns_mean": turns / len(trajs)}
+    calls = sum(turn.tool_calls for t in trajs for turn in t.turns)
+    if calls:
+        failures = sum(turn.tool_failures for t in trajs for turn in t.turns)
+        out[f"{prefix}tool_calls_mean"] = calls / len(trajs)
+        out[f"{prefix}tool_success_rate"] = (calls - failures) / calls
+    return out
 
 
 def staleness_metrics(batch: TrainBatch) -> dict[str, float]:

@@ -18,6 +18,7 @@ from nexrl_async.config.schema import RecipeConfig, ValidationConfig
 from nexrl_async.core.protocols import GroupWorker
 from nexrl_async.core.records import DataItem, Group, TrainBatch, VersionToken
 from nexrl_async.data import source_of
+from nexrl_async.engine.stats import agent_metrics
 
 LossFn = Callable[[TrainBatch], Awaitable[dict[str, float]]]
 """Scores a batch of validation groups by the trainer's loss (SFT's ``val/loss``, DPO's
@@ -103,6 +104,7 @@ def _summary(groups: list[Group], prefix: str, failed_samples: str) -> dict[str,
             sums[key] += value
     for key, total in sums.items():
         out[f"{prefix}{key}_mean"] = total / len(counted)
+    out.update(agent_metrics(ok, prefix))
     return out
 
 

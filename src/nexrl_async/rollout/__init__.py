@@ -20,7 +20,15 @@ from nexrl_async.rollout.generation import (
 from nexrl_async.rollout.loading import load_evaluator, load_tools, load_worker, load_worker_class
 from nexrl_async.rollout.rendering import ChatRenderer, Tokenizer
 from nexrl_async.rollout.scoring import as_evaluate_fn, score, vet_result
-from nexrl_async.rollout.tools import Message, Tool, ToolCall, parse_tool_calls, run_tool_calls
+from nexrl_async.rollout.tools import (
+    Message,
+    Tool,
+    ToolCall,
+    ToolResult,
+    call_tools,
+    parse_tool_calls,
+    run_tool_calls,
+)
 from nexrl_async.rollout.transcript import Episode
 from nexrl_async.rollout.worker import RolloutWorker
 
@@ -38,8 +46,10 @@ __all__ = [
     "Tokenizer",
     "Tool",
     "ToolCall",
+    "ToolResult",
     "TurnGenerator",
     "as_evaluate_fn",
+    "call_tools",
     "classify",
     "generate_each",
     "generate_turn",

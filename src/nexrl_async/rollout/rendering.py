@@ -129,6 +129,21 @@ class ChatRenderer:
         )
         return as_token_ids(out)
 
+    def conversation(
+        self, messages: Sequence[Message], *, add_generation_prompt: bool = False
+    ) -> list[int]:
+        """The ids of the whole conversation rendered at once (the reference of the token-exact
+        check, ``transcript.py``); needs a chat template."""
+        if not self.apply_chat_template:
+            raise RolloutError("rendering a whole conversation needs a chat template")
+        out = self.tokenizer.apply_chat_template(
+            [dict(m) for m in messages],
+            tools=self.tools or None,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=True,
+        )
+        return as_token_ids(out)
+
     def followup(self, messages: Sequence[Message], generated_ids: Sequence[int]) -> list[int]:
         """The ids that ``messages`` add after an assistant turn that generated
         ``generated_ids``, ending with the next generation prompt (see the module docstring)."""

@@ -1,32 +1,50 @@
 """The SFT worker: one data item in, one trajectory built from the data (no inference) out.
 
-For ``algorithm.mode = "sft"`` the engine needs trajectories whose trained tokens are a
-reference completion from the data, not a generation. :class:`SFTWorker` has
-:class:`RolloutWorker`'s constructor and ``run_group(item, token, *, group_id) -> Group``
-contract, so the engine drives it exactly like the RL worker; it never calls the generator or
-the evaluator.
+For ``algorithm.mode = "sft"`` the engine needs trajectories whose trained tokens are reference
+completions from the data, not generations. :class:`SFTWorker` has :class:`RolloutWorker`'s
+constructor and ``run_group(item, token, *, group_id) -> Group`` contract, so the engine drives
+it exactly like the RL worker; it never calls the generator or the evaluator.
 
-One sample per item::
+One sample per item, a *demonstration*: chat messages with one or more assistant turns.
 
-    messages   = format_query(item)        (+ rollout.system_prompt), as the RL worker
-    prompt     = render(messages)          chat template or plain encode, loss mask 0
-    completion = format_completion(item)   the item's ``completion_field`` (default "answer")
-    answer     = render_completion(text)   encode(text) + EOS, one assistant turn, loss mask 1
+- Single-turn: the item has the completion field (``completion_field``, default ``"answer"``):
+  the demonstration is ``format_query(item)`` (+ ``rollout.system_prompt``, as the RL worker)
+  followed by one assistant message, ``format_completion(item)``.
+- Multi-turn: the item has no completion field and its query (``rollout.prompt_field``) is a
+  conversation holding assistant messages, e.g. ``user → assistant (tool call) → tool →
+  assistant``. Each assistant message is a turn to learn; its text is
+  :meth:`~SFTWorker.assistant_text` (the content, then any OpenAI-style ``tool_calls`` in the
+  Hermes ``<tool_call>{json}</tool_call>`` form the agent loop parses).
 
-The assistant turn is what a model that answered ``completion`` and stopped would have
-generated: its tokens without special tokens, then the tokenizer's EOS (a chat model's
-end-of-turn token when its tokenizer names it as EOS; override :meth:`render_completion`
-otherwise). It has no log-probs; its tokens carry the lease's version. The reward is 0.0.
+Rendering is the RL agent loop's, token for token (``rendering.py``)::
+
+    prompt     = render(messages before the first assistant)       loss mask 0
+    per assistant message:
+      turn     = render_completion(text)    encode(text) + EOS: what a model that said it
+                                            and stopped generated; loss mask 1
+      follow   = render_followup(the messages up to the next assistant message, turn)
+                                            only the tokens they add, loss mask 0
+
+so an SFT demonstration and an RL sample of the same conversation have the same token ids.
+Messages after the last assistant message teach nothing and are left out. Which assistant
+turns are trained follows ``rollout.train_turns`` (``all``, or only the ``last``), through the
+``loss_mask`` hook. The assistant turns have no log-probs; their tokens carry the lease's
+version. The reward is 0.0. Under ``rollout.check_transcript`` the demonstration gets the same
+token-exact prefix check as RL samples.
+
+EOS: the tokenizer's EOS ends every assistant turn (a chat model's end-of-turn token when its
+tokenizer names it as EOS; override :meth:`render_completion` otherwise).
 
 A group is one sample: ``rollout.group_size`` is ignored (a warning says so when it is not 1).
 The engine must run SFT recipes with ``rollout.group_size = 1``; the recipe check requires
 ``group_size >= 2`` only for group estimators in ``rl`` mode.
 
 Fault boundary (same reasons as the RL worker, ``faults.py``): a missing required field, a
-missing or non-text completion, or a malformed query fails the sample as ``bad_item``; a render
-hook or tokenizer error as ``format_error``; a prompt at or over the token limit
-(``rollout.max_total_tokens``, else the model's context length) as ``prompt_rejected``, and a
-completion that does not fit after the prompt is cut to the limit (finish reason ``length``).
+missing or non-text completion, a conversation without an assistant message or a malformed
+query fails the sample as ``bad_item``; a render hook or tokenizer error as ``format_error``; a
+prompt at or over the token limit (``rollout.max_total_tokens``, else the model's context
+length) as ``prompt_rejected``, and a demonstration that does not fit after the prompt is cut
+at the limit (the assistant turn the limit falls in ends there with finish reason ``length``).
 Past ``rollout.sample_timeout_s`` the sample fails as ``timeout``. Cancellation propagates.
 """
 
@@ -37,6 +55,8 @@ from numbers import Real
 from typing import Any
 
 import anyio
+import anyio.lowlevel
+import msgspec
 from loguru import logger
 
 from nexrl_async.config.rollout import RolloutConfig
@@ -56,9 +76,9 @@ from nexrl_async.rollout.events import RolloutEvents
 from nexrl_async.rollout.faults import SampleFailed, classify
 from nexrl_async.rollout.generation import TurnGenerator
 from nexrl_async.rollout.rendering import Tokenizer, as_token_ids
-from nexrl_async.rollout.tools import Tool
-from nexrl_async.rollout.transcript import Episode
-from nexrl_async.rollout.worker import RolloutWorker, _as_messages
+from nexrl_async.rollout.tools import Message, Tool
+from nexrl_async.rollout.transcript import Episode, as_messages, check_transcript, followup_turn
+from nexrl_async.rollout.worker import RolloutWorker
 
 DEFAULT_COMPLETION_FIELD = "answer"
 
@@ -67,10 +87,11 @@ class SFTWorker(RolloutWorker):
     """Builds SFT trajectories from the data; see the module docstring.
 
     Class attributes a recipe's subclass may override: ``completion_field`` (the item field
-    holding the reference completion) and ``append_eos`` (end the completion with EOS). Hooks:
-    :meth:`format_query`, :meth:`render` and :meth:`loss_mask` (inherited, same contracts),
-    :meth:`format_completion`, :meth:`render_completion`. ``generator`` and ``evaluator``
-    are accepted for the common constructor and never called.
+    holding a single-turn reference completion) and ``append_eos`` (end every assistant turn
+    with EOS). Hooks: :meth:`format_query`, :meth:`render`, :meth:`render_followup` and
+    :meth:`loss_mask` (inherited, same contracts), :meth:`format_completion`,
+    :meth:`assistant_text`, :meth:`render_completion`. ``generator`` and ``evaluator`` are
+    accepted for the common constructor and never called.
     """
 
     completion_field: str = DEFAULT_COMPLETION_FIELD
@@ -131,6 +152,18 @@ class SFTWorker(RolloutWorker):
             return str(value)
         raise DataError(f"item {item.key}: field {name!r} must be text, got {type(value).__name__}")
 
+    def assistant_text(self, message: Message) -> str:
+        """What the model says in the assistant ``message``: its content, then each of its
+        OpenAI-style ``tool_calls`` as ``<tool_call>{"name":...,"arguments":{...}}</tool_call>``
+        (compact JSON). Raise ``DataError`` for a malformed message (``bad_item``)."""
+        content = message.get("content") or ""
+        if not isinstance(content, str):
+            raise DataError(f"assistant content must be text, got {type(content).__name__}")
+        calls = message.get("tool_calls") or []
+        if not isinstance(calls, list):
+            raise DataError(f"tool_calls must be a list, got {type(calls).__name__}")
+        return content + "".join(_hermes_call(call) for call in calls)
+
     def render_completion(self, text: str) -> list[int]:
         """Token ids of the assistant turn for ``text``: encoded without special tokens, then
         EOS (when ``append_eos``). Runs in a worker thread."""
@@ -190,31 +223,112 @@ class SFTWorker(RolloutWorker):
 
     async def _build(self, item: DataItem, ep: Episode) -> None:
         ep.stage = "format"
-        messages = self._with_system_prompt(_as_messages(self.format_query(item)))
-        text = self.format_completion(item)
-        ep.messages = messages
+        messages, n_prompt = self._demonstration(item)
         ep.stage = "render"
-        prompt = as_token_ids(await self.renderer.run(self.render, list(messages)))
-        answer = as_token_ids(await self.renderer.run(self.render_completion, text))
+        turns = await self.renderer.run(self._render_turns, messages, n_prompt, ep.token.version)
+        await anyio.lowlevel.checkpoint_if_cancelled()  # a deadline passed in the render thread
         limit = self.max_total_tokens
+        prompt = turns[0].token_ids
         if limit is not None and len(prompt) >= limit:
             raise SampleFailed(
                 FailureReason.PROMPT_REJECTED, f"prompt has {len(prompt)} tokens, limit {limit}"
             )
-        finish = "stop"
-        if limit is not None and len(prompt) + len(answer) > limit:
-            answer, finish = answer[: limit - len(prompt)], "length"
-        if not answer:
-            raise SampleFailed(FailureReason.BAD_ITEM, f"item {item.key}: empty completion")
-        ep.append(Turn(role="user", token_ids=prompt, loss_mask=[0] * len(prompt)))
-        ep.append(_reference_turn(answer, text, ep.token.version, finish))
-        ep.messages.append({"role": "assistant", "content": text})
+        for turn in _within(turns, limit):
+            ep.append(turn)
+        ep.messages = messages
         ep.stage = "hooks"
         ep.turns = self._checked_masks(ep.turns)
+        if self.cfg.check_transcript:
+            await check_transcript(self.renderer, ep)
+
+    def _demonstration(self, item: DataItem) -> tuple[list[Message], int]:
+        """The demonstration's messages up to its last assistant message (those as the text
+        the model says) and how many of them form the prompt."""
+        query = self._with_system_prompt(as_messages(self.format_query(item)))
+        if self.completion_field in item.fields:
+            completion = {"role": "assistant", "content": self.format_completion(item)}
+            return [*query, completion], len(query)
+        roles = [m.get("role") for m in query]
+        if "assistant" not in roles:
+            raise DataError(
+                f"item {item.key} has no field {self.completion_field!r} and its "
+                f"{self.cfg.prompt_field!r} holds no assistant message"
+            )
+        last = len(roles) - 1 - roles[::-1].index("assistant")
+        messages = [
+            {"role": "assistant", "content": self.assistant_text(m)}
+            if m.get("role") == "assistant"
+            else m
+            for m in query[: last + 1]
+        ]
+        return messages, roles.index("assistant")
+
+    def _render_turns(self, messages: list[Message], n_prompt: int, version: int) -> list[Turn]:
+        """Every turn of the demonstration, rendered as the agent loop would (worker thread)."""
+        prompt = as_token_ids(self.render(messages[:n_prompt]))
+        turns = [Turn(role="user", token_ids=prompt, loss_mask=[0] * len(prompt))]
+        said: list[int] = []
+        i = n_prompt
+        while i < len(messages):  # it ends with an assistant message
+            if messages[i].get("role") == "assistant":
+                text = str(messages[i]["content"])
+                said = as_token_ids(self.render_completion(text))
+                if not said:
+                    raise SampleFailed(FailureReason.BAD_ITEM, "an empty assistant turn")
+                turns.append(_reference_turn(said, text, version, "stop"))
+                i += 1
+                continue
+            j = i
+            while messages[j].get("role") != "assistant":
+                j += 1
+            follow = messages[i:j]
+            turns.append(followup_turn(follow, as_token_ids(self.render_followup(follow, said))))
+            i = j
+        return turns
+
+
+def _within(turns: list[Turn], limit: int | None) -> list[Turn]:
+    """``turns`` cut at ``limit`` tokens: the assistant turn the limit falls in ends there
+    (finish reason ``length``), and nothing after it is kept."""
+    if limit is None:
+        return turns
+    kept: list[Turn] = []
+    used = 0
+    for turn in turns:
+        room = limit - used
+        if len(turn.token_ids) <= room:
+            kept.append(turn)
+            used += len(turn.token_ids)
+            continue
+        if turn.role == "assistant" and room > 0:
+            ids = turn.token_ids[:room]
+            kept.append(_reference_turn(ids, turn.text or "", turn.versions[0].version, "length"))
+        break
+    while kept and kept[-1].role != "assistant":
+        kept.pop()
+    return kept
+
+
+def _hermes_call(call: Any) -> str:
+    """One OpenAI-style tool call (``{"function": {"name", "arguments"}}`` or ``{"name",
+    "arguments"}``; arguments an object or a JSON string) in the Hermes text form."""
+    fn = call.get("function", call) if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise DataError(f"a tool call needs a function name, got {call!r}")
+    arguments = fn.get("arguments") or {}
+    if isinstance(arguments, str):
+        try:
+            arguments = msgspec.json.decode(arguments)
+        except msgspec.DecodeError as err:
+            raise DataError(f"tool call {fn['name']!r}: arguments are not JSON: {err}") from err
+    if not isinstance(arguments, dict):
+        raise DataError(f"tool call {fn['name']!r}: arguments must be a JSON object")
+    body = msgspec.json.encode({"name": fn["name"], "arguments": arguments}).decode()
+    return f"<tool_call>{body}</tool_call>"
 
 
 def _reference_turn(ids: list[int], text: str, version: int, finish: str) -> Turn:
-    """The completion as an assistant turn: trained on, no log-probs, the lease's version."""
+    """A demonstrated assistant turn: trained on, no log-probs, the lease's version."""
     return Turn(
         role="assistant",
         token_ids=ids,

@@ -107,29 +107,48 @@ class Tool:
         )
 
 
+class ToolResult(Struct, frozen=True, kw_only=True):
+    """What one call gave the model: ``content`` (``"error: ..."`` when it failed) and
+    whether it ran without error (``ok``)."""
+
+    name: str
+    content: str
+    ok: bool
+
+    @property
+    def message(self) -> Message:
+        """The ``{"role": "tool", ...}`` message that carries it."""
+        return {"role": "tool", "name": self.name, "content": self.content}
+
+
 async def run_tool_calls(tools: Mapping[str, Tool], calls: Sequence[ToolCall]) -> list[Message]:
     """Run ``calls`` one after another; one ``{"role": "tool", ...}`` message per call."""
-    messages: list[Message] = []
-    for call in calls:
-        content = await _run_one(tools, call)
-        messages.append({"role": "tool", "name": call.name, "content": content})
-    return messages
+    return [result.message for result in await call_tools(tools, calls)]
 
 
-async def _run_one(tools: Mapping[str, Tool], call: ToolCall) -> str:
+async def call_tools(tools: Mapping[str, Tool], calls: Sequence[ToolCall]) -> list[ToolResult]:
+    """Run ``calls`` one after another; one :class:`ToolResult` per call. A call fails (``ok``
+    false) when it could not be parsed, names no tool, has bad arguments or the tool raised."""
+    return [await _run_one(tools, call) for call in calls]
+
+
+async def _run_one(tools: Mapping[str, Tool], call: ToolCall) -> ToolResult:
+    def failed(text: str) -> ToolResult:
+        return ToolResult(name=call.name, content=f"error: {text}", ok=False)
+
     if call.error is not None:
-        return f"error: {call.error}"
+        return failed(call.error)
     tool = tools.get(call.name)
     if tool is None:
-        return f"error: unknown tool {call.name!r}; available: {', '.join(sorted(tools))}"
+        return failed(f"unknown tool {call.name!r}; available: {', '.join(sorted(tools))}")
     # A second, narrow fault boundary: whatever a tool raises is shown to the model as the
     # tool's answer (cancellation is a BaseException and passes through).
     try:
         result = await tool.call(call.arguments)
     except Exception as err:  # noqa: BLE001
         logger.debug("tool {} raised {}: {}", call.name, type(err).__name__, err)
-        return f"error: {type(err).__name__}: {err}"
-    return result_text(result)
+        return failed(f"{type(err).__name__}: {err}")
+    return ToolResult(name=call.name, content=result_text(result), ok=True)
 
 
 def result_text(result: Any) -> str:

@@ -17,7 +17,8 @@ Agent loop of a group of n samples (docs/architecture.md §2)::
         follow = on_turn(...)                   hook; None → the tool calls in the turn's text
         stop if nothing follows, the turn hit its length, or the token budget is spent
         context += render_followup(follow)      only the new tokens, loss mask 0
-      turns = loss_mask(turns)                  hook
+      turns = loss_mask(turns)                  hook (default: rollout.train_turns)
+      check the transcript                      under rollout.check_transcript (transcript.py)
       reward = evaluator.evaluate(item, trajectory)
 
 Fault boundary (:meth:`RolloutWorker._guarded`): what a sample raises marks it FAILED with a
@@ -38,19 +39,18 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar, get_args
+from typing import Any, TypeVar
 
 import anyio
 from loguru import logger
 
 from nexrl_async.config.rollout import RolloutConfig
-from nexrl_async.core.errors import DataError, GenerationError, RolloutError, UserCodeError
+from nexrl_async.core.errors import DataError, GenerationError, UserCodeError
 from nexrl_async.core.records import (
     DataItem,
     EvalResult,
     FailureReason,
     Group,
-    Role,
     Trajectory,
     Turn,
     VersionToken,
@@ -61,10 +61,26 @@ from nexrl_async.rollout.faults import SampleFailed, Stage, classify
 from nexrl_async.rollout.generation import GeneratedTurn, TurnGenerator, generate_turn
 from nexrl_async.rollout.rendering import ChatRenderer, Tokenizer, as_token_ids
 from nexrl_async.rollout.scoring import as_evaluate_fn, score
-from nexrl_async.rollout.tools import Message, Tool, ToolCall, parse_tool_calls, run_tool_calls
-from nexrl_async.rollout.transcript import Episode, assistant_turn, decode_texts, default_mask
+from nexrl_async.rollout.tools import (
+    Message,
+    Tool,
+    ToolCall,
+    ToolResult,
+    call_tools,
+    parse_tool_calls,
+)
+from nexrl_async.rollout.transcript import (
+    Episode,
+    as_messages,
+    assistant_turn,
+    check_transcript,
+    checked_masks,
+    decode_texts,
+    default_mask,
+    followup_turn,
+    trained_turns,
+)
 
-_ROLES: frozenset[str] = frozenset(get_args(Role))
 T = TypeVar("T")
 _Opening = GeneratedTurn | Exception | None
 """A sample's first segment from the group request, or the error it met; ``None`` once used."""
@@ -148,8 +164,8 @@ class RolloutWorker:
 
     def loss_mask(self, turns: list[Turn]) -> list[Turn]:
         """Final loss masks; must keep every turn's token ids. Default: model tokens (assistant
-        turns) 1, everything else 0."""
-        return [default_mask(turn) for turn in turns]
+        turns; only the last one under ``rollout.train_turns = "last"``) 1, everything else 0."""
+        return trained_turns([default_mask(turn) for turn in turns], self.cfg.train_turns)
 
     def on_turn(self, item: DataItem, messages: list[Message], turn: Turn) -> Any:
         """Called after every assistant turn (``messages`` already ends with it); may be async.
@@ -233,7 +249,7 @@ class RolloutWorker:
         if missing:
             raise DataError(f"item {item.key} lacks required fields {list(missing)}")
         _set_stage(episodes, "format")
-        messages = self._with_system_prompt(_as_messages(self.format_query(item)))
+        messages = self._with_system_prompt(as_messages(self.format_query(item)))
         _set_stage(episodes, "render")
         inline = self.renderer.renders_inline(messages)
         prompt = as_token_ids(await self.renderer.run(self.render, list(messages), inline=inline))
@@ -263,6 +279,8 @@ class RolloutWorker:
         await self._play(item, ep, first)
         ep.stage = "hooks"
         ep.turns = self._checked_masks(ep.turns)
+        if self.cfg.check_transcript:
+            await check_transcript(self.renderer, ep)
         ep.stage = "evaluate"
         start = time.perf_counter()
         result = await score(self.evaluate_fn, item, ep.trajectory())
@@ -284,13 +302,17 @@ class RolloutWorker:
             if inspect.isawaitable(follow):
                 follow = await follow
             last = turn_index == self.cfg.max_turns - 1
+            results: list[ToolResult] = []
             if follow is None:
                 if last or not calls or turn.finish_reason != "stop":
                     return
-                follow = await self._run_tools(ep, calls)
+                ep.stage, start = "tools", time.perf_counter()
+                results = await call_tools(self.tools, calls)
+                ep.clock("tools_s", time.perf_counter() - start)
+                follow = [result.message for result in results]
             if not follow or last:
                 return
-            await self._followup(ep, _as_messages(follow), turn)
+            await self._followup(ep, as_messages(follow), turn, results)
 
     def _budget(self, ep: Episode) -> int:
         """Tokens the next turn may generate: ``max_new_tokens``, capped by the token budget."""
@@ -339,30 +361,15 @@ class RolloutWorker:
         ep.messages.append(message)
         return turn, calls
 
-    async def _run_tools(self, ep: Episode, calls: list[ToolCall]) -> list[Message]:
-        ep.stage = "tools"
-        start = time.perf_counter()
-        messages = await run_tool_calls(self.tools, calls)
-        ep.clock("tools_s", time.perf_counter() - start)
-        return messages
-
-    async def _followup(self, ep: Episode, messages: list[Message], after: Turn) -> None:
+    async def _followup(
+        self, ep: Episode, messages: list[Message], after: Turn, results: list[ToolResult]
+    ) -> None:
         ep.stage = "render"
         inline, generated = self.renderer.renders_inline(messages), list(after.token_ids)
         ids = as_token_ids(
             await self.renderer.run(self.render_followup, messages, generated, inline=inline)
         )
-        role = messages[0].get("role")
-        names = [str(m["name"]) for m in messages if m.get("role") == "tool" and m.get("name")]
-        ep.append(
-            Turn(
-                role=role if role in _ROLES else "user",
-                token_ids=ids,
-                loss_mask=[0] * len(ids),
-                tool_name=",".join(names) or None,
-                text="\n".join(str(m.get("content") or "") for m in messages),
-            )
-        )
+        ep.append(followup_turn(messages, ids, results))
         ep.messages.extend(messages)
 
     def _with_system_prompt(self, messages: list[Message]) -> list[Message]:
@@ -372,25 +379,7 @@ class RolloutWorker:
         return messages
 
     def _checked_masks(self, turns: list[Turn]) -> list[Turn]:
-        masked = self.loss_mask(list(turns))
-        if [t.token_ids for t in masked] != [t.token_ids for t in turns]:
-            raise RolloutError("the loss_mask hook changed turns or token ids")
-        for t in masked:
-            if len(t.loss_mask) != len(t.token_ids) or any(m not in (0, 1) for m in t.loss_mask):
-                raise RolloutError(f"the loss_mask hook returned a bad mask for a {t.role} turn")
-        return masked
-
-
-def _as_messages(query: Any) -> list[Message]:
-    """A query or follow-up as a fresh list of messages (a string is one user message)."""
-    if isinstance(query, str):
-        return [{"role": "user", "content": query}]
-    if isinstance(query, list) and all(isinstance(m, dict) and "role" in m for m in query):
-        return [dict(m) for m in query]
-    raise SampleFailed(
-        FailureReason.FORMAT_ERROR,
-        f"expected a string or a list of message dicts, got {type(query).__name__}",
-    )
+        return checked_masks(turns, self.loss_mask(list(turns)))
 
 
 def _set_stage(episodes: list[Episode], stage: Stage) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 from transformers import (
     GenerationConfig,
@@ -44,10 +44,12 @@ def _chat_template(bos: str, sep: str) -> str:
 def build_char_tokenizer(cfg: CharTokenizer) -> PreTrainedTokenizerFast:
     """A character-level tokenizer: ids ``0..`` are ``cfg.specials``, then one per character.
 
-    ``specials`` are, in order, pad, bos, eos and (optionally) sep. Encoding text prepends BOS
-    (like Llama tokenizers) and drops characters outside the alphabet. The chat template renders
-    ``<bos>`` then each message's content followed by ``<sep>`` (or ``<eos>`` without a sep), so
-    the model continues after the last separator.
+    ``specials`` are, in order, pad, bos, eos and (optionally) sep. ``words`` come after the
+    alphabet: each is one token wherever it occurs in text and stays in decoded text (added
+    tokens that are not special, like ``<tool_call>`` in Qwen's vocabulary). Encoding text
+    prepends BOS (like Llama tokenizers) and drops characters outside the alphabet. The chat
+    template renders ``<bos>`` then each message's content followed by ``<sep>`` (or ``<eos>``
+    without a sep), so the model continues after the last separator.
 
     The alphabet must be ASCII. The model is a byte-level BPE without merges: one
     token per character, and the same tokenization whichever class ``AutoTokenizer`` picks for
@@ -72,6 +74,10 @@ def build_char_tokenizer(cfg: CharTokenizer) -> PreTrainedTokenizerFast:
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
     core.add_special_tokens(specials)
+    words = [w for w in dict.fromkeys(cfg.words) if w not in vocab]
+    if any(not w for w in words):
+        raise ConfigError("tokenizer.words must not hold empty strings", path="tokenizer.words")
+    core.add_tokens([AddedToken(w, special=False, normalized=False) for w in words])
     core.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])]
     )

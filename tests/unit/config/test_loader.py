@@ -8,7 +8,7 @@ import pytest
 from nexrl_async.config.data import JsonlData
 from nexrl_async.config.inference import AttachInference
 from nexrl_async.config.loader import dump_recipe, load_recipe
-from nexrl_async.config.model import BuiltModel
+from nexrl_async.config.model import BuiltModel, PretrainedModel
 from nexrl_async.core.errors import ConfigError
 
 
@@ -30,6 +30,25 @@ def test_relative_paths_resolve_against_the_file_that_sets_them(write, recipe_di
     assert cfg.data.path == str(recipe_dir / "train.jsonl")
     assert cfg.rollout.evaluator == f"{recipe_dir / 'evaluator.py'}:Evaluator"
     assert cfg.rollout.tools == [f"{sub / 't.py'}:f"]
+
+
+def test_cwd_paths_resolve_against_the_working_directory(
+    write, recipe_dir: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch
+) -> None:
+    elsewhere = tmp_path_factory.mktemp("cwd")
+    monkeypatch.chdir(elsewhere)
+    path = write('extends = "base.toml"\n[model]\nkind = "pretrained"\npath = "{cwd}/runs/a"\n')
+    model = load_recipe(path).config.model
+    assert isinstance(model, PretrainedModel)
+    assert model.path == str(elsewhere / "runs" / "a")
+
+
+def test_check_transcript_needs_the_chat_template(write) -> None:
+    path = write(
+        'extends = "base.toml"\n[rollout]\ncheck_transcript = true\napply_chat_template = false\n'
+    )
+    with pytest.raises(ConfigError, match=r"rollout\.check_transcript"):
+        load_recipe(path)
 
 
 def test_module_refs_are_left_alone(write) -> None:

@@ -10,7 +10,13 @@ import pytest
 from msgspec import Meta, Struct
 
 from nexrl_async.core.errors import UserCodeError
-from nexrl_async.rollout.tools import Tool, ToolCall, parse_tool_calls, run_tool_calls
+from nexrl_async.rollout.tools import (
+    Tool,
+    ToolCall,
+    call_tools,
+    parse_tool_calls,
+    run_tool_calls,
+)
 
 
 async def add(a: int, b: int = 2) -> int:
@@ -162,6 +168,10 @@ async def test_run_tool_calls_turns_every_problem_into_a_message() -> None:
     assert contents[3] == "error: RuntimeError: boom 3"
     assert contents[4].startswith("error: ValueError: bad arguments for add")
     assert contents[5] == "error: invalid tool call JSON: x"
+    # the same calls, with their outcome (what rollout/tool_success_rate counts)
+    results = await call_tools(tools, calls)
+    assert [r.message for r in results] == messages
+    assert [r.ok for r in results] == [True, True, False, False, False, False]
 
 
 async def test_results_are_json_encoded() -> None:
