@@ -60,6 +60,8 @@ STANDARD_PLOTS: tuple[Plot, ...] = (
         exclude=(
             "rollout/reward_mean",
             "rollout/response_len_mean",
+            "*/turns_mean",  # the agent plot
+            "*/tool_calls_mean",
             "val/reward_mean",
             "val/*/*_mean",  # per data source: the data_* plots
         ),
@@ -76,6 +78,11 @@ STANDARD_PLOTS: tuple[Plot, ...] = (
         title="Items drawn per data source",
         series=("data/*/drawn",),
         ylabel="items",
+    ),
+    Plot(
+        name="agent",
+        title="Agent loops: assistant turns and tool calls per sample, tool success",
+        series=("rollout/turns_mean", "val/turns_mean", "*/tool_calls_mean", "*/tool_success_rate"),
     ),
     Plot(name="loss", title="Loss", series=("train/loss", "val/loss"), ylabel="loss"),
     Plot(

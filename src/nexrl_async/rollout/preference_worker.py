@@ -53,6 +53,7 @@ class PreferenceWorker(SFTWorker):
     rejected_field: str = "rejected"
     ref_chosen_field: str = "ref_chosen_logprob"
     ref_rejected_field: str = "ref_rejected_logprob"
+    conversations = False  # each side is one completion (format_completion), never a dialogue
     generates = False
 
     def format_completion(self, item: DataItem) -> str:

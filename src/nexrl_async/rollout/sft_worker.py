@@ -12,9 +12,10 @@ One sample per item, a *demonstration*: chat messages with one or more assistant
   followed by one assistant message, ``format_completion(item)``.
 - Multi-turn: the item has no completion field and its query (``rollout.prompt_field``) is a
   conversation holding assistant messages, e.g. ``user → assistant (tool call) → tool →
-  assistant``. Each assistant message is a turn to learn; its text is
-  :meth:`~SFTWorker.assistant_text` (the content, then any OpenAI-style ``tool_calls`` in the
-  Hermes ``<tool_call>{json}</tool_call>`` form the agent loop parses).
+  assistant`` (unless a subclass sets ``conversations = False``). Each assistant message is a
+  turn to learn; its text is :meth:`~SFTWorker.assistant_text` (the content, then any
+  OpenAI-style ``tool_calls`` in the Hermes ``<tool_call>{json}</tool_call>`` form the agent
+  loop parses).
 
 Rendering is the RL agent loop's, token for token (``rendering.py``)::
 
@@ -96,6 +97,10 @@ class SFTWorker(RolloutWorker):
 
     completion_field: str = DEFAULT_COMPLETION_FIELD
     append_eos: bool = True
+    conversations: bool = True
+    """Whether an item without the completion field may be a multi-turn demonstration (its
+    query's assistant messages); a subclass that always builds one completion (its own
+    :meth:`format_completion`) sets it to ``False``."""
     generates = False
 
     def __init__(
@@ -245,15 +250,11 @@ class SFTWorker(RolloutWorker):
         """The demonstration's messages up to its last assistant message (those as the text
         the model says) and how many of them form the prompt."""
         query = self._with_system_prompt(as_messages(self.format_query(item)))
-        if self.completion_field in item.fields:
+        roles = [m.get("role") for m in query]
+        single = self.completion_field in item.fields or "assistant" not in roles
+        if single or not self.conversations:
             completion = {"role": "assistant", "content": self.format_completion(item)}
             return [*query, completion], len(query)
-        roles = [m.get("role") for m in query]
-        if "assistant" not in roles:
-            raise DataError(
-                f"item {item.key} has no field {self.completion_field!r} and its "
-                f"{self.cfg.prompt_field!r} holds no assistant message"
-            )
         last = len(roles) - 1 - roles[::-1].index("assistant")
         messages = [
             {"role": "assistant", "content": self.assistant_text(m)}

@@ -126,7 +126,7 @@ def followup_turn(
 ) -> Turn:
     """The turn of the follow-up ``messages`` (rendered to ``ids``): not trained, named by its
     first message's role (``user`` for an unknown one), with the tool calls ``results`` ran."""
-    role = messages[0].get("role") if messages else "user"
+    role: Any = messages[0].get("role") if messages else "user"
     names = [str(m["name"]) for m in messages if m.get("role") == "tool" and m.get("name")]
     return Turn(
         role=role if role in _ROLES else "user",
