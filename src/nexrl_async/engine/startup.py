@@ -15,7 +15,7 @@ one it refuses is refused by ``run`` with the same one line and exit code 2:
    has ``evaluate(item, trajectory)``, the worker is a worker class (one that never generates
    when ``inference.backend = "none"``) and is built with them and the tokenizer as the run
    builds it (a custom constructor runs; nothing generates), tools are tools,
-   ``prepare_batch`` takes the batch;
+   ``prepare_batch`` takes the batch, ``algorithm.loss`` its inputs;
 5. the data (and the validation data) reads, and some row has every required field (and the
    prompt field, for the default worker; for the training data, the ``pool.group_by`` fields).
 
@@ -161,6 +161,13 @@ def _user_objects(recipe: LoadedRecipe, tokenizer: Tokenizer) -> None:
     with _at(recipe, "rollout.worker" if cfg.rollout.worker else "rollout"):
         scorer = SourceEvaluators(evaluator, by_source) if by_source else evaluator
         _build_worker(cfg, worker, scorer, tools, tokenizer)
+    loss = cfg.algorithm.loss
+    if isinstance(loss, str):  # the Python API may set a callable (docs/algorithms.md)
+        with _at(recipe, "algorithm.loss"):
+            fn = load_object(loss, base)
+            if not callable(fn):
+                raise UserCodeError(f"algorithm.loss = {loss!r} is not callable")
+            _takes(fn, 1, loss)
     if cfg.algorithm.prepare_batch is not None:
         with _at(recipe, "algorithm.prepare_batch"):
             PrepareBatchHook.load(cfg.algorithm.prepare_batch, base)

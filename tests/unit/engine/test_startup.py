@@ -113,6 +113,12 @@ def test_a_good_recipe_passes(recipe: Path) -> None:
             "algorithm.prepare_batch",
             "cannot be called with 1 positional argument",
         ),
+        (
+            'algorithm.loss="evaluator.py:prepare_nothing"',
+            "algorithm.loss",
+            "cannot be called with 1 positional argument",
+        ),
+        ('algorithm.loss="evaluator.py:NOT_CALLABLE"', "algorithm.loss", "is not callable"),
         ('rollout.prompt_field="question"', "data", "no row has every field"),
         (
             'pool.group_by=["task_id"]',
