@@ -39,7 +39,13 @@ def _reporting(tmp_path: Path, *, every: int, plots_every_s: float = 300.0) -> R
 
 
 def _dumped(tmp_path: Path) -> list[str]:
-    return sorted(p.name for p in (tmp_path / "samples").iterdir())
+    """The JSONL dumps (each has its plain-text twin, ``.txt``)."""
+    names = sorted(p.name for p in (tmp_path / "samples").iterdir())
+    dumps = [n for n in names if n.endswith(".jsonl")]
+    assert sorted(n.removesuffix(".txt") for n in names if n.endswith(".txt")) == [
+        n.removesuffix(".jsonl") for n in dumps
+    ]
+    return dumps
 
 
 def test_the_last_step_is_dumped_once_whatever_the_period(tmp_path: Path) -> None:
