@@ -140,6 +140,11 @@ def test_a_struct_recipe_round_trips(reg: Registration, tmp_path: Path) -> None:
     assert loaded.config.data == cfg.data
     assert loaded.config.run.total_steps == 3
     assert loaded.config.rollout == base.rollout
+    rollout = msgspec.structs.replace(base.rollout, evaluator=score)  # an object in a struct
+    with_object = load_any(
+        msgspec.structs.replace(base, rollout=rollout), None, registration=reg, base_dir=tmp_path
+    )
+    assert load_object(with_object.config.rollout.evaluator, tmp_path) is score
 
 
 def test_bad_overrides_name_the_path(reg: Registration) -> None:
