@@ -89,6 +89,8 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig, *, seed: int) -> PreTrai
         warnings.filterwarnings(
             "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
         )
+        # a tied LM head as a target is refused below, with the field path
+        warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True`")
         torch.manual_seed(seed + SEED_OFFSET)
         try:
             wrapped = get_peft_model(model, peft_cfg, autocast_adapter_dtype=False)
@@ -137,8 +139,8 @@ def _check_layers(model: nn.Module) -> None:
         short = name.removeprefix(PREFIX)
         if type(base) is not nn.Linear or getattr(module, "fan_in_fan_out", False):
             raise ConfigError(
-                f"{_TARGETS_PATH}: {short} is a {type(base).__name__}; only linear layers "
-                "take adapters",
+                f"{_TARGETS_PATH}: {short} ({type(base).__name__}) is not a linear layer; "
+                "only linear layers take adapters",
                 path=_TARGETS_PATH,
             )
         if id(base.weight) in tied:

@@ -55,7 +55,7 @@ def train_rows(run: Path) -> list[dict[str, float]]:
 
 def test_lora_recipe_publishes_merged_weights_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    first = load_recipe(RECIPE, [*SMALL, "run.total_steps=3"])
+    first = load_recipe(RECIPE, [*SMALL, "run.total_steps=3", 'weights.transport="disk"'])
     assert run_recipe(first, output=out) == "completed"
     rows = train_rows(out)
     assert len(rows) == 3

@@ -53,3 +53,24 @@ def test_a_bad_lora_value_is_refused_with_its_path(
     assert info.value.code == 2, err
     assert override.split("=")[0] in err, err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("targets", "problem"),
+    [
+        ('["embed_tokens"]', "not a linear layer"),
+        ('["lm_head"]', "tied"),
+        ('["no_such_layer"]', "not found"),
+    ],
+)
+def test_check_builds_the_adapters_and_refuses_bad_targets(
+    targets: str, problem: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    override = f"model.lora.target_modules={targets}"
+    with pytest.raises(SystemExit) as info:
+        main(["check", str(RECIPES / "lora.toml"), "--set", override])
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    assert "model.lora.target_modules" in err, err
+    assert problem in err, err
+    assert "Traceback" not in err
