@@ -25,7 +25,11 @@ from nexrl_async.train.spec import TrainerSpec
 from nexrl_async.train.tensors import sequences_from_batch
 from nexrl_async.train.trainer import Trainer
 
-pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:torch.distributed is disabled"),
+    # PeftModel.from_pretrained reads transformers' deprecated is_gradient_checkpointing
+    pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning"),
+]
 
 LORA = LoraConfig(rank=4, alpha=8.0)
 
