@@ -87,10 +87,6 @@ def run_recipe(
         if groups.rank != 0:
             setup_logging(level="WARNING", rank=groups.rank, world_size=groups.world_size)
             code = run_follower(recipe.config, recipe.base_dir, groups)
-            # Its gloo transports may still hold a receive posted for rank 0's next command;
-            # their C++ destructors at interpreter exit then abort the process (SIGABRT seen
-            # about 1 run in 5): end it with os._exit once the streams are flushed.
-            mark_unsafe_teardown("a torchrun follower's process groups")
             if code != 0:
                 raise TrainError(f"rank {groups.rank} stopped after a failure (see rank 0)")
             return "follower"

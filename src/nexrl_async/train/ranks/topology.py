@@ -42,6 +42,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from nexrl_async.config.training import TrainerConfig
 from nexrl_async.core.errors import ConfigError, TrainError
+from nexrl_async.core.process import mark_unsafe_teardown
 from nexrl_async.core.records import TrainBatch
 from nexrl_async.train.model_loading import resolve_device
 from nexrl_async.train.packing_plan import balance_ranks
@@ -245,6 +246,11 @@ def open_process_groups(
         yield groups
     finally:
         destroy(groups)
+        if groups.distributed:
+            # A gloo transport may still hold a receive posted for a peer's next message; its
+            # C++ destructor at interpreter exit then aborts the process (SIGABRT, seen in about
+            # 1 run in 5 of the 2-rank tests): the entry point ends with os._exit instead.
+            mark_unsafe_teardown("torch.distributed process groups were open")
 
 
 # ---- which rows each rank trains --------------------------------------------------------------
