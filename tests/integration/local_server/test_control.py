@@ -261,8 +261,16 @@ async def test_client_disconnect_aborts_stream_and_plain_requests(
         await poll(drained)
         assert await generated_tokens(client) - before < 500
 
+        # A plain answer gets its disconnect watcher only once it has waited 0.2 s (most take
+        # milliseconds): hold generation meanwhile, so the request is still unfinished when the
+        # client leaves and only the watcher's abort can end it.
         before = await generated_tokens(client)
-        with pytest.raises(httpx.ReadTimeout):
-            await c.post("/generate", json=body, timeout=httpx.Timeout(20, read=0.2))
+        await client.post("/pause_generation", json={"mode": "in_place"})
+        try:
+            with pytest.raises(httpx.ReadTimeout):
+                await c.post("/generate", json=body, timeout=httpx.Timeout(20, read=0.1))
+            await anyio.sleep(0.6)  # > WATCH_AFTER_S + one sweep
+        finally:
+            await client.post("/continue_generation", json={})
         await poll(drained)
         assert await generated_tokens(client) - before < 500
