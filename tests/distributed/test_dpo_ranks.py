@@ -12,7 +12,6 @@ Run: ``.venv/bin/python -m pytest tests/distributed/test_dpo_ranks.py -q``
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -38,16 +37,6 @@ PAIRS = [  # (prompt, chosen, rejected), token ids < 14 (the char vocabulary)
     ([1, 3], [3, 2], [3, 3, 3, 3, 3, 3, 3, 3, 2]),
     ([1, 6, 10, 11, 12], [12, 11, 10, 6, 2], [12, 2]),
 ]
-
-
-@pytest.fixture(scope="module")
-def driver() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ranks_driver", DRIVER)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _traj(group: str, index: int, prompt: list[int], response: list[int]) -> Trajectory:

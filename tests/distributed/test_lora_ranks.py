@@ -11,7 +11,6 @@ Run: ``.venv/bin/python -m pytest tests/distributed/test_lora_ranks.py -q``
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -33,16 +32,6 @@ from nexrl_async.train.trainer import Trainer
 DRIVER = Path(__file__).with_name("ranks_driver.py")
 TOL = 1e-5
 LORA = {"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
-
-
-@pytest.fixture(scope="module")
-def driver() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ranks_driver", DRIVER)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.distributed

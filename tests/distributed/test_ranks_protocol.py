@@ -9,7 +9,6 @@ Run: ``.venv/bin/python -m pytest tests/distributed/test_ranks_protocol.py -q``
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType
@@ -28,16 +27,6 @@ def prepare_batch(batch):
         raise RuntimeError(f"boom on rank {os.environ['RANK']}")
     return None
 """
-
-
-@pytest.fixture(scope="module")
-def driver() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ranks_driver", DRIVER)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.distributed
