@@ -27,7 +27,8 @@ CALL = re.compile(r'<tool_call>\{"name":"calc","arguments":\{"expr":"([^"]*)"\}\
 @pytest.fixture(scope="module")
 def task() -> ModuleType:
     spec = importlib.util.spec_from_file_location("calculator_task", RECIPES / "task.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -46,7 +47,7 @@ def test_items_mix_one_and_two_step_problems_with_six_digit_answers(task: Module
     assert 0.45 < len(two_step) / len(items) < 0.55
     for item in items:
         assert len(item["answer"]) == 6
-        assert str(eval(item["prompt"])) == item["answer"]  # noqa: S307 - digits and + * only
+        assert str(eval(item["prompt"])) == item["answer"]
     assert not any("+" in i["prompt"] for i in task.make_items(count=200, two_step_share=0.0))
 
 
@@ -56,7 +57,7 @@ def test_demonstrations_call_the_tool_once_per_operation(task: ModuleType) -> No
     for demo in demos:
         messages = demo["messages"]
         problem, answer = messages[0]["content"], messages[-1]["content"]
-        assert answer == f"={eval(problem)}"  # noqa: S307 - digits and + * only
+        assert answer == f"={eval(problem)}"
         calls = [CALL.fullmatch(m["content"]) for m in messages if m["role"] == "assistant"][:-1]
         results = [m["content"] for m in messages if m["role"] == "tool"]
         assert len(calls) == len(results)
@@ -72,7 +73,8 @@ def test_demonstrations_call_the_tool_once_per_operation(task: ModuleType) -> No
 
 def test_every_conversation_fits_the_model(task: ModuleType) -> None:
     recipe = load_recipe(RECIPES / "sft.toml").config
-    assert isinstance(recipe.tokenizer, CharTokenizer) and isinstance(recipe.model, BuiltModel)
+    assert isinstance(recipe.tokenizer, CharTokenizer)
+    assert isinstance(recipe.model, BuiltModel)
     tok = build_char_tokenizer(recipe.tokenizer)
     longest = max(
         len(tok(tok.apply_chat_template(d["messages"], tokenize=False))["input_ids"])
