@@ -12,6 +12,7 @@ RUNS = ("engine", "loop")
 ROWS = (
     ("s/step (median, steps >= {skip})", "s_per_step_median"),
     ("time to val >= {target} (s since start)", "time_to_target_s"),
+    ("  ... since launch (loop: + a fresh process's imports)", "time_to_target_from_launch_s"),
     ("  ... since the step-0 validation (s)", "time_to_target_after_first_val_s"),
     ("  ... at step", "target_step"),
     ("step-0 validation done (s since start)", "first_validation_s"),

@@ -154,6 +154,7 @@ def test_the_engine_parser_reads_steps_and_times_validations_by_the_events(bench
     assert run["s_per_step_median"] == 2.5  # median of 2, 3, 1, 4: the first two steps skipped
     assert run["time_to_target_s"] == 25.0
     assert run["time_to_target_after_first_val_s"] == 17.0
+    assert run["time_to_target_from_launch_s"] == 25.0  # the engine's times count from launch
     assert run["target_step"] == 3
     assert run["final_val_reward_mean"] == 0.9
     assert run["median_parts_s"]["train_s"] == 1.25
@@ -168,6 +169,15 @@ def test_without_events_the_metrics_line_times_are_used(bench, tmp_path):
     bench.summarize(run, target=0.95)
     assert math.isnan(run["time_to_target_s"])
     assert run["target_step"] is None
+
+
+def test_the_loop_pays_its_imports_in_the_time_from_launch(bench):
+    start = bench.loop_start_s()
+    assert 0.2 < start < 120.0  # a real interpreter importing torch and transformers
+    run = {"steps": [], "validations": [{"step": 5, "time_s": 12.0, "reward_mean": 0.9}]}
+    run["start_s"] = start
+    bench.summarize(run, target=0.8)
+    assert run["time_to_target_from_launch_s"] == pytest.approx(start + 12.0)
 
 
 def test_ratios_argv_and_the_report(bench, tmp_path, capsys):
