@@ -149,7 +149,9 @@ class WeightsConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
 
     - ``drain``: wait until every running request has finished, then swap.
     - ``interrupt``: abort running requests (``pause_generation`` abort); workers resume them
-      with their partial tokens once routing resumes.
+      with their partial tokens once routing resumes. A request that reaches its server just
+      after the pause waits at the server's gate; 2 s after the pause the publisher cuts it
+      client-side (nothing of it came back) and it is sent again once routing resumes.
     - ``in_place``: no drain. Servers are paused in place (``pause_generation`` in_place),
       the weights are swapped between two decode steps, then generation continues; a request
       that straddles the swap keeps its tokens and its KV from the older weights, and the

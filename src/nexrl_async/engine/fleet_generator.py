@@ -5,10 +5,10 @@ generation with the input ids and log-probs asked for (through the server's
 :class:`GenerationBackend`: SGLang's ``/generate``, vLLM's ``/inference/v1/generate``), and
 converts the answer. A group's first turn is one request for all its samples (SGLang's batch
 form, vLLM's ``n``), leased for the first sample's key, and every sample's key then sticks to
-the server that answered. A server that
-goes away mid-request (``EngineUnavailable``) is retried on a fresh lease, bounded by
-``inference.retries``; 4xx and broken streams pass straight through to the worker's fault
-boundary.
+the server that answered. A server that goes away mid-request (``EngineUnavailable``) is
+retried on a fresh lease, bounded by ``inference.retries``; a request the weight publisher cut
+at a paused server's gate (``LeaseCut``: nothing came back) is sent again on a fresh lease,
+spending no retry; 4xx and broken streams pass straight through to the worker's fault boundary.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from nexrl_async.config.rollout import SamplingConfig
 from nexrl_async.core.errors import EngineUnavailable, GenerationError
 from nexrl_async.inference.client.backend import GenerationBackend
 from nexrl_async.inference.client.structs import GenerateResult, SamplingParams
+from nexrl_async.inference.fleet.router import LeaseCut
 from nexrl_async.inference.fleet.supervisor import Fleet
 from nexrl_async.rollout.generation import GeneratedTurn
 
@@ -101,17 +102,20 @@ class FleetGenerator:
     ) -> tuple[R, str]:
         """``call`` on a server leased for ``keys[0]`` (the other keys bound to it), retried
         on a fresh lease when the server goes away."""
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        while True:
             try:
                 async with self.fleet.lease(keys[0]) as server:
                     if len(keys) > 1:
                         self.fleet.stick(keys[1:], server)
                     return await call(self.clients[server.url]), server.url
+            except LeaseCut:
+                continue  # held at a paused gate, nothing came back: send again, no retry spent
             except EngineUnavailable:
                 if attempt == self.retries:
                     raise
                 await anyio.sleep(self._rng.uniform(0.1, 0.5) * 2**attempt)
-        raise AssertionError("unreachable")  # pragma: no cover
+                attempt += 1
 
     def _convert_or_error(self, result: GenerateResult, url: str) -> GeneratedTurn | Exception:
         try:

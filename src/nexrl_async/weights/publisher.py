@@ -6,7 +6,11 @@ One publication of version ``v`` is a state machine; every step runs under
     prepare  transport work that needs no pause (disk: export HF safetensors; distributed:
              make sure the broadcast group exists)                       rollouts go on
     hold     drain: stop routing new requests, wait for running ones to finish
-             interrupt: stop routing, pause_generation(abort) (partials come back to workers)
+             interrupt: stop routing, pause_generation(abort) (partials come back to workers);
+             a request that reaches its server after the pause waits at the server's gate
+             until continue, so leases still running INTERRUPT_GRACE_S after the pause are
+             cut client-side (nothing of them came back; the generator sends them again once
+             routing resumes, on the new weights)
              in_place: stop routing, pause_generation(in_place) (running requests frozen
              between two decode steps, nothing waited for)
              (pauses go only to servers with requests of this engine running: routing is
@@ -53,6 +57,11 @@ from nexrl_async.weights.steps import Targets, best_effort, each_server, run_ste
 
 CLEANUP_S = 10.0
 """Bound of best-effort cleanup calls after a failed publication."""
+
+INTERRUPT_GRACE_S = 2.0
+"""How long an ``interrupt`` hold waits after ``pause_generation(abort)`` for the aborted
+partials to come back before it cuts the leases still running on the paused servers: their
+requests reached the server after the pause and wait at its gate until continue."""
 
 
 class PublishStats(Struct, frozen=True, kw_only=True):
@@ -113,6 +122,8 @@ class Routing(Protocol):
 
     async def wait_drained(self) -> None: ...
 
+    def cut_running(self, server: ServerHandle, reason: str) -> int: ...
+
 
 Inflight = Literal["drain", "interrupt", "in_place"]
 
@@ -157,6 +168,8 @@ class Publisher:
         self.inflight: Inflight = "drain" if cfg.inflight == "auto" else cfg.inflight
         """``weights.inflight`` (``auto`` left unresolved: ``drain``, right for any server)."""
         self.window_s = cfg.retry_window_s or fleet.cfg.health_timeout_s
+        self.interrupt_grace_s = INTERRUPT_GRACE_S
+        """See :data:`INTERRUPT_GRACE_S`."""
         self._handles = {server.url: server for server in fleet.servers}
         self._lock = anyio.Lock()
 
@@ -278,16 +291,32 @@ class Publisher:
     async def _hold(self, targets: Targets, paused: Targets | None) -> None:
         """``drain`` waits for running requests; ``interrupt`` aborts them first; ``in_place``
         freezes them between two decode steps and waits for nothing. Only ``paused`` (the busy
-        servers) are paused: pausing an idle server changes nothing and costs two calls."""
+        servers) are paused: pausing an idle server changes nothing and costs two calls.
+
+        A request that reaches a server after its ``pause(abort)`` (leased before the hold,
+        still on its way) is not aborted: it waits at the server's gate until continue, and its
+        lease would never drain. So the ``interrupt`` hold waits :attr:`interrupt_grace_s` for
+        the aborted partials to come back, then cuts the leases still running on the paused
+        servers (``cut_running``): nothing of them came back, and the generator sends them again
+        once routing resumes, on the new weights."""
         deadline = self.cfg.step_timeout_s
         if paused is not None:
             mode: PauseMode = "in_place" if self.inflight == "in_place" else "abort"
             await self._each(
                 paused, "pause", lambda c: c.pause_generation(mode, timeout_s=deadline)
             )
-        if self.inflight != "in_place":
-            with anyio.fail_after(deadline):
-                await self.fleet.wait_drained()
+        if self.inflight == "in_place":
+            return
+        with anyio.fail_after(deadline):
+            if paused is not None:
+                with anyio.move_on_after(self.interrupt_grace_s) as grace:
+                    await self.fleet.wait_drained()
+                if not grace.cancelled_caught:
+                    return
+                for url in paused.live():  # what is left waits at a paused gate: cut it
+                    if url in self._handles:
+                        self.fleet.cut_running(self._handles[url], "held at a paused gate")
+            await self.fleet.wait_drained()
 
 
 def _log(stats: PublishStats, transport: str, inflight: str, targets: Targets) -> None:

@@ -43,6 +43,10 @@ class Routing:
     async def wait_drained(self) -> None:
         self.events.append("drained")
 
+    def cut_running(self, server: ServerHandle, reason: str) -> int:
+        self.events.append(f"cut {server.url}")
+        return 0
+
 
 @pytest.fixture
 def routing(sims: dict[str, SimulatedServer]) -> Routing:

@@ -17,7 +17,8 @@
   its slots, and cancels the leases running on it: their ``async with`` body raises
   :class:`EngineUnavailable` (retryable) at once instead of hanging on a dead socket.
 - **Pause**: while paused (weight publication) new leases wait; ``wait_drained`` waits until no
-  lease runs.
+  lease runs; ``cut_running`` cancels the leases running on a server that stays routable (their
+  body raises :class:`LeaseCut`: a request held at a paused server's gate, see the publisher).
 - **Fail/close**: after ``fail(err)`` every waiting and new lease raises ``EngineUnavailable``.
 
 Pure anyio state: no processes, no HTTP. One event loop only (not thread-safe).
@@ -31,8 +32,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
+from loguru import logger
 
 from nexrl_async.core.errors import EngineUnavailable
+
+
+class LeaseCut(EngineUnavailable):
+    """The lease's request was cut on a server that stays up (:meth:`Router.cut_running`):
+    nothing of it came back, so it is sent again on a fresh lease without spending a retry."""
 
 
 class ServerHandle:
@@ -70,6 +77,7 @@ class ServerHandle:
         self._slots = anyio.Semaphore(max_concurrency)
         self._waiting: set[anyio.CancelScope] = set()
         self._running: set[anyio.CancelScope] = set()
+        self._cut: set[anyio.CancelScope] = set()
 
     def __repr__(self) -> str:
         state = "up" if self.available else f"down ({self.down_reason})"
@@ -139,11 +147,15 @@ class Router:
             with scope:
                 yield server
         finally:
+            cut = scope in server._cut
+            server._cut.discard(scope)
             server._running.discard(scope)
             server.active -= 1
             server.outstanding -= 1
             server._slots.release()
             self._notify()
+        if scope.cancelled_caught and cut and server.available:
+            raise LeaseCut(f"{server.describe()} cut the request (held at its paused gate)")
         if scope.cancelled_caught:
             raise EngineUnavailable(
                 f"{server.describe()} went down during the request: {server.down_reason}"
@@ -202,6 +214,16 @@ class Router:
         for scope in (*server._waiting, *server._running):
             scope.cancel()
         self._notify()
+
+    def cut_running(self, server: ServerHandle, reason: str) -> int:
+        """Cancel the leases running on ``server``, which stays routable: their body raises
+        :class:`LeaseCut` (the request is sent again on a fresh lease). Returns how many."""
+        for scope in server._running:
+            scope.cancel()
+            server._cut.add(scope)
+        if server._running:
+            logger.warning("cut {} request(s) on {}: {}", len(server._running), server.url, reason)
+        return len(server._running)
 
     def fail(self, reason: str) -> None:
         """The fleet is down or closed: every lease, waiting or new, raises EngineUnavailable."""

@@ -121,6 +121,10 @@ class Fleet:
         """Wait until no lease runs (while routing is paused)."""
         await self.router.wait_drained()
 
+    def cut_running(self, server: ServerHandle, reason: str) -> int:
+        """Cancel the leases running on ``server``; it stays routable (``Router.cut_running``)."""
+        return self.router.cut_running(server, reason)
+
     def kill_leftovers(self) -> None:
         """SIGKILL every server process still registered (last resort; supervisors stop them)."""
         for process in list(self.processes):
