@@ -308,15 +308,19 @@ class Publisher:
         if self.inflight == "in_place":
             return
         with anyio.fail_after(deadline):
-            if paused is not None:
-                with anyio.move_on_after(self.interrupt_grace_s) as grace:
-                    await self.fleet.wait_drained()
-                if not grace.cancelled_caught:
-                    return
-                for url in paused.live():  # what is left waits at a paused gate: cut it
-                    if url in self._handles:
-                        self.fleet.cut_running(self._handles[url], "held at a paused gate")
+            if paused is not None:  # interrupt (drain pauses nothing)
+                await self._cut_after_grace(paused)
             await self.fleet.wait_drained()
+
+    async def _cut_after_grace(self, paused: Targets) -> None:
+        """Wait :attr:`interrupt_grace_s` for the aborted partials; then cut the leases still
+        running on the paused servers (held at their gates, see :meth:`_hold`)."""
+        with anyio.move_on_after(self.interrupt_grace_s):
+            await self.fleet.wait_drained()
+            return
+        for url in paused.live():
+            if url in self._handles:
+                self.fleet.cut_running(self._handles[url], "held at a paused gate")
 
 
 def _log(stats: PublishStats, transport: str, inflight: str, targets: Targets) -> None:
