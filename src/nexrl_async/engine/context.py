@@ -55,10 +55,11 @@ class RunContext(msgspec.Struct, kw_only=True, dict=True):
 def launch_key(inference: InferenceConfig) -> InferenceConfig:
     """``inference`` with a random ``api_key`` where the engine launches the servers and the
     recipe set none: no other local process can then pause them or swap their weights.
-    Attached servers keep the configured key (or none)."""
+    Attached servers keep the configured key (or none). Hex, so that no key begins with
+    ``-`` and a command template's ``--api-key {api_key}`` parses."""
     if isinstance(inference, AttachInference | NoInference) or inference.api_key is not None:
         return inference
-    return msgspec.structs.replace(inference, api_key=secrets.token_urlsafe(32))
+    return msgspec.structs.replace(inference, api_key=secrets.token_hex(24))
 
 
 def output_dir(recipe: LoadedRecipe, output: Path | None) -> Path:

@@ -40,8 +40,7 @@ def test_local_command_has_exactly_the_local_server_flags() -> None:
         "8",
         "--device",
         "cuda",
-        "--api-key",
-        "k",
+        "--api-key=k",
         "--seed",
         "1",
     ]
@@ -70,7 +69,7 @@ def test_sglang_command_defaults_to_launch_server() -> None:
     with_key = SGLangInference(model_path="/hf/qwen", api_key="s3", extra_args=extra)
     argv = sglang_command(with_key, model_dir=Path("/ignored"), port=1)
     assert argv[argv.index("--model-path") + 1] == "/hf/qwen"
-    assert argv[-4:] == ["--api-key", "s3", "--log-level", "warning"]
+    assert argv[-3:] == ["--api-key=s3", "--log-level", "warning"]
 
 
 def test_command_template_fills_placeholders_and_keeps_other_braces() -> None:
@@ -150,3 +149,10 @@ def test_the_launch_log_never_shows_the_api_key() -> None:
 
     argv = ["python", "-m", "nexrl_async.inference.local", "--api-key", "s3cret", "--port", "1"]
     assert _redacted(argv) == [*argv[:4], "***", "--port", "1"]
+
+
+def test_the_launch_log_hides_an_api_key_given_with_equals() -> None:
+    from nexrl_async.inference.fleet.launch import _redacted
+
+    argv = ["python", "-m", "sglang.launch_server", "--api-key=-s3cret", "--port", "1"]
+    assert _redacted(argv) == [*argv[:3], "--api-key=***", "--port", "1"]

@@ -18,6 +18,8 @@ def test_launched_servers_get_a_fresh_random_key() -> None:
     assert first.api_key is not None
     assert len(first.api_key) >= 32
     assert first.api_key != second.api_key
+    keys = [launch_key(LocalInference()).api_key or "" for _ in range(200)]
+    assert not [key for key in keys if key.startswith("-")], "a key must not read as an option"
     assert msgspec.structs.replace(first, api_key=None) == LocalInference()
 
 

@@ -38,3 +38,14 @@ def test_bad_options_are_config_errors(capsys: pytest.CaptureFixture[str]) -> No
     assert "port = 70000" in capsys.readouterr().err
     assert main(["--model", "/definitely/not/a/model", "--port", "0"]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_a_launch_argv_carries_an_api_key_that_starts_with_a_dash(tmp_path) -> None:
+    """Generated keys are URL-safe base64, which may begin with ``-``."""
+    from nexrl_async.config.inference import LocalInference
+    from nexrl_async.inference.fleet.launch import local_command
+
+    cfg = LocalInference(api_key="-Xk3_dash-first")
+    argv = local_command(cfg, model_dir=tmp_path, port=31000)
+    options = parse_options(argv[3:])
+    assert options.api_key == "-Xk3_dash-first"

@@ -155,7 +155,7 @@ def local_command(cfg: LocalInference, *, model_dir: Path, port: int) -> list[st
     argv += ["--host", cfg.host, "--port", str(port), "--max-batch", str(cfg.max_batch)]
     argv += ["--device", cfg.device]
     if cfg.api_key is not None:
-        argv += ["--api-key", cfg.api_key]
+        argv.append(f"--api-key={cfg.api_key}")  # "=" form: a key may begin with "-"
     return argv + list(cfg.extra_args)
 
 
@@ -176,7 +176,7 @@ def sglang_command(cfg: SGLangInference, *, model_dir: Path, port: int) -> list[
     argv += ["--host", cfg.host, "--port", str(port), "--tp-size", str(cfg.tp_size)]
     argv += ["--mem-fraction-static", str(cfg.mem_fraction_static)]
     if cfg.api_key is not None:
-        argv += ["--api-key", cfg.api_key]
+        argv.append(f"--api-key={cfg.api_key}")  # "=" form: a key may begin with "-"
     return argv + list(cfg.extra_args)
 
 
@@ -347,7 +347,12 @@ def log_tail(path: Path, max_bytes: int = 2000) -> str:
 
 
 def _redacted(argv: Sequence[str]) -> list[str]:
-    """``argv`` with the value after ``--api-key`` hidden (the log is a file on disk)."""
-    return [
-        "***" if index and argv[index - 1] == "--api-key" else arg for index, arg in enumerate(argv)
-    ]
+    """``argv`` with the ``--api-key`` value hidden (the log is a file on disk)."""
+    hidden = []
+    for index, arg in enumerate(argv):
+        if index and argv[index - 1] == "--api-key":
+            arg = "***"
+        elif arg.startswith("--api-key="):
+            arg = "--api-key=***"
+        hidden.append(arg)
+    return hidden
