@@ -23,6 +23,12 @@ class _InferenceCommon(
     """TCP connect deadline."""
     retries: NonNegInt = 3
     """Retries of transport errors and 502/503/504 (jittered exponential backoff)."""
+    batch_first_turns: bool = True
+    """Send the first turns of groups that start within ``batch_window_ms`` of each other as one
+    request per available server (SGLang-API servers: local, sglang, attach; vLLM gets one
+    request per group, with ``n``). Fewer, larger requests: less CPU per sample on both sides."""
+    batch_window_ms: NonNegFloat = 2.0
+    """How long the first group request of a burst waits for others (``batch_first_turns``)."""
     health_timeout_s: PosFloat = 300.0
     """Deadline for a server to become healthy after launch or restart."""
     health_interval_s: PosFloat = 2.0

@@ -5,7 +5,9 @@ generation with the input ids and log-probs asked for (through the server's
 :class:`GenerationBackend`: SGLang's ``/generate``, vLLM's ``/inference/v1/generate``), and
 converts the answer. A group's first turn is one request for all its samples (SGLang's batch
 form, vLLM's ``n``), leased for the first sample's key, and every sample's key then sticks to
-the server that answered. A server that goes away mid-request (``EngineUnavailable``) is
+the server that answered. While :meth:`FleetGenerator.serve` runs, the first turns of groups
+that start together ride in one request per server (``engine.first_turns``, SGLang-API
+servers). A server that goes away mid-request (``EngineUnavailable``) is
 retried on a fresh lease, bounded by ``inference.retries``; a request the weight publisher cut
 at a paused server's gate (``LeaseCut``: nothing came back) is sent again on a fresh lease,
 spending no retry; 4xx and broken streams pass straight through to the worker's fault boundary.
@@ -15,13 +17,15 @@ from __future__ import annotations
 
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import anyio
 
 from nexrl_async.config.rollout import SamplingConfig
 from nexrl_async.core.errors import EngineUnavailable, GenerationError
-from nexrl_async.inference.client.backend import GenerationBackend
+from nexrl_async.engine.first_turns import Answer, Batch, FirstTurnBatcher
+from nexrl_async.inference.client.backend import GenerationBackend, PromptBatching
+from nexrl_async.inference.client.sglang import new_rid
 from nexrl_async.inference.client.structs import GenerateResult, SamplingParams
 from nexrl_async.inference.fleet.router import LeaseCut
 from nexrl_async.inference.fleet.supervisor import Fleet
@@ -58,6 +62,7 @@ class FleetGenerator:
         current_version: Callable[[], int],
         retries: int,
         seed: int = 0,
+        batch_window_s: float = 0.002,
     ) -> None:
         self.fleet = fleet
         self.clients = clients
@@ -65,6 +70,16 @@ class FleetGenerator:
         self.retries = retries
         self._rng = random.Random(seed)
         self.generated_tokens = 0
+        self._batches_prompts = all(isinstance(c, PromptBatching) for c in clients.values())
+        self.batcher = FirstTurnBatcher(
+            self._send_batch, window_s=batch_window_s, servers=self._available_servers
+        )
+        """Sends the first turns of groups that start together as one request per server
+        while :meth:`serve` runs (``inference.batch_first_turns``)."""
+
+    async def serve(self) -> None:
+        """Run the first-turn batcher until cancelled (in the engine's task group)."""
+        await self.batcher.serve()
 
     async def generate(
         self,
@@ -91,11 +106,29 @@ class FleetGenerator:
         """One request for the group (``GenerationBackend.generate_samples``); every key is then
         sticky to the server that answered."""
         params = sampling_params(sampling, max_new_tokens)
-        n = len(sticky_keys)
-        results, url = await self._on_fleet(
-            sticky_keys, lambda client: client.generate_samples(input_ids, n, params)
-        )
+        if self.batcher.serving and self._batches_prompts:
+            results, url = await self.batcher.submit(input_ids, sticky_keys, params)
+        else:
+            n = len(sticky_keys)
+            results, url = await self._on_fleet(
+                sticky_keys, lambda client: client.generate_samples(input_ids, n, params)
+            )
         return [r if isinstance(r, Exception) else self._convert_or_error(r, url) for r in results]
+
+    async def _send_batch(self, batch: Batch) -> tuple[list[Answer], str]:
+        """One request for ``batch`` on a leased server, its keys then sticky to that server."""
+
+        def call(client: GenerationBackend) -> Awaitable[list[Answer]]:
+            batch.client = client
+            batch.rids[:] = [new_rid() for _ in batch.keys]
+            return cast(PromptBatching, client).generate_prompts(
+                batch.prompts, batch.params, rids=batch.rids
+            )
+
+        return await self._on_fleet(batch.keys, call)
+
+    def _available_servers(self) -> int:
+        return sum(1 for server in self.fleet.servers if server.available)
 
     async def _on_fleet(
         self, keys: Sequence[str], call: Callable[[GenerationBackend], Awaitable[R]]

@@ -100,6 +100,8 @@ async def run_engine(
         pending: dict[str, float] = {}
         stop.listening = True
         tg.start_soon(run_watchdog, parts.fleet, parts.events, ctx.cfg.faults, name="watchdog")
+        if ctx.cfg.inference.batch_first_turns:
+            tg.start_soon(parts.generator.serve, name="first-turn batcher")
         if resume is None:
             with stop.interruptible():
                 pending = await _validate(ctx, parts, step=0, final=False)

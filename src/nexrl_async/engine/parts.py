@@ -278,6 +278,7 @@ def _assemble(
     generator = FleetGenerator(
         fleet, clients, current_version=lambda: flow.gate.version,
         retries=cfg.inference.retries, seed=cfg.run.seed,
+        batch_window_s=cfg.inference.batch_window_ms / 1000,
     )  # fmt: skip
     events = CountingEvents(ctx.ledger)
     worker, val_worker = _workers(ctx, trainer, generator, events)

@@ -22,7 +22,7 @@ Implementations (chosen by ``inference.backend``, see ``inference.fleet.backends
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from nexrl_async.core.errors import InferenceError
 from nexrl_async.inference.client.structs import (
@@ -126,4 +126,22 @@ class GenerationBackend(BackendControl, Protocol):
     ) -> list[GenerateResult | InferenceError]:
         """``n`` samples of one prompt in one request (a group's first turn), in sample order;
         item ``i`` is sample ``i``'s result or the error decoding it met."""
+        ...
+
+
+@runtime_checkable
+class PromptBatching(Protocol):
+    """A backend that sends different prompts in one request (SGLang's batch form), one rid
+    each: what lets the engine send the first turns of several groups together."""
+
+    async def generate_prompts(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams,
+        *,
+        rids: list[str] | None = None,
+        return_logprob: bool = True,
+        timeout_s: float | None = None,
+    ) -> list[GenerateResult | InferenceError]:
+        """One sample of each prompt; ``rids`` updated in place to the ids on the wire."""
         ...

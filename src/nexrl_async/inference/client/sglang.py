@@ -160,19 +160,41 @@ class SGLangClient(ServerControl):
         the error decoding it met (mismatched logprobs, an abort carrying an HTTP status);
         errors of the request itself are raised as :meth:`generate` raises them.
         """
+        return await self.generate_prompts(
+            [input_ids] * n, sampling, return_logprob=return_logprob, timeout_s=timeout_s
+        )
+
+    async def generate_prompts(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams,
+        *,
+        rids: list[str] | None = None,
+        return_logprob: bool = True,
+        timeout_s: float | None = None,
+    ) -> list[GenerateResult | InferenceError]:
+        """One sample of each prompt, all in one request (SGLang's batch form, one rid each).
+
+        ``rids`` (one per prompt; fresh ones when ``None``) is updated in place to the ids on
+        the wire (a transport retry suffixes them), so a caller can abort one prompt's sample
+        while the request runs. Answer ``i`` belongs to ``prompts[i]``, as in
+        :meth:`generate_samples`.
+        """
         if sampling.n not in (None, 1):
-            raise ValueError("generate_samples() sends n prompts; leave sampling.n unset")
-        rids = [new_rid() for _ in range(n)]
-        current = list(rids)
+            raise ValueError("generate_prompts() samples each prompt once; leave sampling.n unset")
+        base = list(rids) if rids is not None else [new_rid() for _ in prompts]
+        if len(base) != len(prompts):
+            raise ValueError(f"{len(base)} rids for {len(prompts)} prompts")
+        current = rids if rids is not None else list(base)
         body: dict[str, Any] = {
-            "input_ids": [list(input_ids)] * n,
+            "input_ids": [list(p) for p in prompts],
             "sampling_params": sampling,
             "return_logprob": return_logprob,
             "stream": False,
         }
 
         def body_for(attempt: int) -> dict[str, Any]:
-            current[:] = [attempt_rid(rid, attempt) for rid in rids]
+            current[:] = [attempt_rid(rid, attempt) for rid in base]
             return {**body, "rid": list(current)}
 
         response = await self._abort_on_exit(
@@ -185,8 +207,8 @@ class SGLangClient(ServerControl):
             current,
         )
         wires = decode_batch(response.content)
-        if len(wires) != n:
-            raise GenerationError(f"expected {n} results, got {len(wires)}")
+        if len(wires) != len(prompts):
+            raise GenerationError(f"expected {len(prompts)} results, got {len(wires)}")
         return [_result_or_error(wire, return_logprob) for wire in wires]
 
     async def generate_batch(
