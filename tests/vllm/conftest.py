@@ -28,6 +28,9 @@ from nexrl_async.inference.fleet.supervisor import Fleet, open_fleet
 from nexrl_async.weights import Publisher
 
 HERE = Path(__file__).parent
+CONTEXT = 512
+"""The tiny model's context: room for generations long enough to pause mid-sequence on a busy
+machine (tests/vllm/test_vllm_rl.py)."""
 STARTUP_DEADLINE_S = 420.0
 """vLLM takes about 50 s to come up on a quiet 2-core machine, several minutes on a busy one."""
 
@@ -116,7 +119,7 @@ def save_tiny_model(path: Path) -> Path:
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=2,
-        max_position_embeddings=64,
+        max_position_embeddings=CONTEXT,
         tie_word_embeddings=False,
         dtype="float32",
     )
@@ -132,11 +135,12 @@ def save_tiny_model(path: Path) -> Path:
 
 
 def fleet_config(python: str) -> VLLMInference:
-    """The launch of docs/vllm.md §2 through the fleet: float32, a 64-token context, eager."""
+    """The launch of docs/vllm.md §2 through the fleet: float32, eager, with a longer context
+    (:data:`CONTEXT`) than the probe's 64 tokens."""
     return VLLMInference(
         python=python,
         dtype="float32",
-        max_model_len=64,
+        max_model_len=CONTEXT,
         extra_args=["--seed", "0"],
         health_timeout_s=STARTUP_DEADLINE_S,
         health_interval_s=1.0,

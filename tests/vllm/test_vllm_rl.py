@@ -36,8 +36,10 @@ from .conftest import LiveFleet, tiny_tokenizer
 pytestmark = pytest.mark.timeout(900)  # the last test waits for a full vLLM restart
 
 PROMPT = [1, 5, 6, 14, 7, 17]
-LONG = 56
-"""Tokens of a long generation: PROMPT + LONG fills most of the 64-token context."""
+LONG = 480
+"""Tokens of a long generation: PROMPT + LONG fills most of the 512-token context. Long enough
+that a pause lands mid-sequence even when the continue -> pause round trip takes a few hundred
+ms on a loaded machine (56 tokens were all generated inside one such window)."""
 TOKEN = VersionToken(lease_id=0, version=0)
 
 
@@ -117,21 +119,35 @@ async def engine_counts(http: httpx.AsyncClient) -> tuple[float, float]:
 
 async def pause_mid_sequence(
     client: VLLMClient, metrics: httpx.AsyncClient, tokens_before: float, *, children: int
-) -> None:
-    """Pause in place once ``children`` requests run and have sampled a few tokens each.
+) -> bool:
+    """Pause in place once ``children`` requests run and have sampled a few tokens each; False
+    (and not paused) when they all finished first.
 
     Progress is read while paused (``/metrics`` is slow to render on a busy CPU and the engine
     runs on meanwhile), resuming briefly until there is enough: a fixed sleep lands before the
-    first token on a cold server, and polling unpaused can overshoot the whole generation.
+    first token on a cold server, and polling unpaused can overshoot the whole generation. The
+    unpaused window doubles (5 ms to 0.1 s) while the engine makes no progress in it: on a
+    loaded machine a 5 ms window can end before the engine core schedules a step, every time.
+    A pause can also take seconds to land there (seen once: all 480 tokens done meanwhile), so
+    callers try again with a fresh generation (:func:`paused_attempts`).
     """
+    window, last = 0.005, tokens_before
     with anyio.fail_after(60):
         while True:
             await client.pause_generation("in_place")
             running, tokens = await engine_counts(metrics)
             if running >= children and tokens - tokens_before >= 4 * children:
-                return
+                return True
+            window = min(2 * window, 0.1) if tokens == last else window
+            last = tokens
             await client.continue_generation()
-            await anyio.sleep(0.005)
+            if tokens - tokens_before >= children * LONG:
+                return False
+            await anyio.sleep(window)
+
+
+ATTEMPTS = 3
+"""Fresh generations a test starts before it gives up pausing one mid-sequence."""
 
 
 def nudge(trainer: Trainer, seed: int) -> None:
@@ -240,21 +256,25 @@ def test_an_interrupting_publication_aborts_and_the_prefix_resumes(
     nudge(trainer, seed=2)
 
     async def publish_while_generating() -> list[Any]:
-        running: list[Any] = []
+        for _ in range(ATTEMPTS):
+            running: list[Any] = []
 
-        async def group() -> None:
-            async with vllm_fleet.fleet.lease("interrupt"):
-                running.extend(await client.generate_samples(PROMPT, 8, sampling))
+            async def group(out: list[Any] = running) -> None:
+                async with vllm_fleet.fleet.lease("interrupt"):
+                    out.extend(await client.generate_samples(PROMPT, 8, sampling))
 
-        async with (
-            httpx.AsyncClient(base_url=vllm_fleet.url, timeout=10.0) as metrics,
-            anyio.create_task_group() as tg,
-        ):
-            _, tokens_before = await engine_counts(metrics)
-            tg.start_soon(group)
-            await pause_mid_sequence(client, metrics, tokens_before, children=8)
-            await publisher.publish(new)
-        return running
+            async with (
+                httpx.AsyncClient(base_url=vllm_fleet.url, timeout=10.0) as metrics,
+                anyio.create_task_group() as tg,
+            ):
+                _, tokens_before = await engine_counts(metrics)
+                tg.start_soon(group)
+                paused = await pause_mid_sequence(client, metrics, tokens_before, children=8)
+                if paused:
+                    await publisher.publish(new)
+            if paused:
+                return running
+        raise AssertionError(f"{ATTEMPTS} generations all ended before a pause landed")
 
     sampling = SamplingParams(max_new_tokens=LONG, ignore_eos=True)
     try:
@@ -281,28 +301,32 @@ def test_abort_mid_generation_returns_the_partial_output(vllm_fleet: LiveFleet) 
     client = vllm_fleet.client
 
     async def abort_after_some_tokens() -> GenerateResult:
-        running: list[GenerateResult] = []
+        for attempt in range(ATTEMPTS):
+            running: list[GenerateResult] = []
+            rid = f"abort-me-{attempt}"
 
-        async def one() -> None:
-            sampling = SamplingParams(max_new_tokens=LONG, ignore_eos=True)
-            running.append(await client.generate(PROMPT, sampling, rid="abort-me"))
+            async def one(rid: str = rid, out: list[GenerateResult] = running) -> None:
+                sampling = SamplingParams(max_new_tokens=LONG, ignore_eos=True)
+                out.append(await client.generate(PROMPT, sampling, rid=rid))
 
-        try:
-            async with (
-                httpx.AsyncClient(base_url=vllm_fleet.url, timeout=10.0) as metrics,
-                anyio.create_task_group() as tg,
-            ):
-                _, tokens_before = await engine_counts(metrics)
-                tg.start_soon(one)
-                # mid-sequence, keeps its tokens (a 0.1 s sleep saw all 56 tokens done)
-                await pause_mid_sequence(client, metrics, tokens_before, children=1)
-                with anyio.fail_after(60):
-                    while not running:  # an id the engine does not hold yet is a no-op
-                        await client.abort_request("abort-me")
-                        await anyio.sleep(0.3)
-        finally:
-            await client.continue_generation()
-        return running[0]
+            try:
+                async with (
+                    httpx.AsyncClient(base_url=vllm_fleet.url, timeout=10.0) as metrics,
+                    anyio.create_task_group() as tg,
+                ):
+                    _, tokens_before = await engine_counts(metrics)
+                    tg.start_soon(one)
+                    # mid-sequence, keeps its tokens (a fixed sleep can see every token done)
+                    if not await pause_mid_sequence(client, metrics, tokens_before, children=1):
+                        continue
+                    with anyio.fail_after(60):
+                        while not running:  # an id the engine does not hold yet is a no-op
+                            await client.abort_request(rid)
+                            await anyio.sleep(0.3)
+            finally:
+                await client.continue_generation()
+            return running[0]
+        raise AssertionError(f"{ATTEMPTS} generations all ended before a pause landed")
 
     result = vllm_fleet.portal.call(abort_after_some_tokens)
     assert result.aborted
