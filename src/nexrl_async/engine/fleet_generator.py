@@ -70,12 +70,18 @@ class FleetGenerator:
         self.retries = retries
         self._rng = random.Random(seed)
         self.generated_tokens = 0
+        self._group_requests = 0
         self._batches_prompts = all(isinstance(c, PromptBatching) for c in clients.values())
         self.batcher = FirstTurnBatcher(
             self._send_batch, window_s=batch_window_s, servers=self._available_servers
         )
         """Sends the first turns of groups that start together as one request per server
         while :meth:`serve` runs (``inference.batch_first_turns``)."""
+
+    @property
+    def first_turn_requests(self) -> int:
+        """Requests sent so far for groups' first turns (one per group unless batched)."""
+        return self._group_requests + self.batcher.requests
 
     async def serve(self) -> None:
         """Run the first-turn batcher until cancelled (in the engine's task group)."""
@@ -109,6 +115,7 @@ class FleetGenerator:
         if self.batcher.serving and self._batches_prompts:
             results, url = await self.batcher.submit(input_ids, sticky_keys, params)
         else:
+            self._group_requests += 1
             n = len(sticky_keys)
             results, url = await self._on_fleet(
                 sticky_keys, lambda client: client.generate_samples(input_ids, n, params)

@@ -109,6 +109,9 @@ class Parts:
         out = {**flow.pool.metrics(), **flow.gate.metrics(), **flow.data.metrics()}
         out["pipeline/gate_wait_s"] = clock.delta("gate_wait", flow.gate_wait_s)
         out["rollout/generated_tokens"] = clock.delta("tokens", self.generator.generated_tokens)
+        out["rollout/first_turn_requests"] = clock.delta(
+            "first_turns", self.generator.first_turn_requests
+        )
         out["pipeline/abandoned_items"] = float(flow.abandoned)
         failed = sum(self.events.failed.values())
         out["rollout/failed"] = clock.delta("failed", failed)

@@ -124,6 +124,7 @@ async def test_groups_that_start_together_are_one_request_with_token_exact_answe
     assert len(body["input_ids"]) == 12
     assert len(set(body["rid"])) == 12
     assert rig.generator.batcher.requests == 1
+    assert rig.generator.first_turn_requests == 1
     for index, group in groups.items():
         prompt = rig.tok(f"<bos>{index}<sep>", add_special_tokens=False)["input_ids"]
         rows = body["input_ids"][4 * (index - 1) : 4 * index]
@@ -241,6 +242,7 @@ async def test_a_stopped_batcher_fails_its_waiting_callers_and_then_steps_aside(
     )
     assert all(isinstance(t, GeneratedTurn) for t in answers), "sent alone, not batched"
     assert generator.batcher.requests == 0
+    assert generator.first_turn_requests == 1
 
 
 async def _run_in(scope: anyio.CancelScope, fn: Any, *args: Any) -> None:
