@@ -19,7 +19,8 @@ a step become a handful: client and server CPU per request saved (``benchmarks/e
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
 
 import anyio
 import msgspec
@@ -130,7 +131,7 @@ class FirstTurnBatcher:
         waiting = self._pending.get(slot)
         if waiting is None:
             waiting = self._pending[slot] = []
-            self._tg.start_soon(self._flush, slot, params)
+            self._spawn(self._flush, slot, params)
         waiting.append(turn)
         try:
             await turn.done.wait()
@@ -147,9 +148,8 @@ class FirstTurnBatcher:
         turns = [t for t in self._pending.pop(slot, []) if not t.cancelled]
         servers = max(1, min(self._servers(), len(turns)))
         for index in range(servers):
-            share = turns[index::servers]
-            if share and self._tg is not None:
-                self._tg.start_soon(self._run, Batch(share, params))
+            if share := turns[index::servers]:
+                self._spawn(self._run, Batch(share, params))
 
     async def _run(self, batch: Batch) -> None:
         self.requests += 1
@@ -162,8 +162,8 @@ class FirstTurnBatcher:
             else:  # one group's prompt may be the cause: each group alone, only it fails
                 logger.debug("a batched first-turn request was rejected; sending each group alone")
                 for turn in batch.turns:
-                    if self._tg is not None and not turn.cancelled:
-                        self._tg.start_soon(self._run, Batch([turn], batch.params))
+                    if not turn.cancelled:
+                        self._spawn(self._run, Batch([turn], batch.params))
                 return
         except Exception as err:  # noqa: BLE001 - every caller's error; each raises it
             for turn in batch.turns:
@@ -177,9 +177,15 @@ class FirstTurnBatcher:
         """Abort a cancelled caller's samples where its request runs (in the background)."""
         batch = turn.batch
         if batch is None or batch.client is None or self._tg is None:
-            return
+            return  # not sent yet, or the batcher stopped (its requests were aborted with it)
         rids = batch.rids[turn.offset : turn.offset + len(turn.keys)]
-        self._tg.start_soon(_abort_quietly, batch.client, rids)
+        self._spawn(_abort_quietly, batch.client, rids)
+
+    def _spawn(self, fn: Callable[..., Coroutine[Any, Any, object]], *args: object) -> None:
+        """Start ``fn(*args)`` in :meth:`serve`'s task group (it runs: callers submitted, or
+        are tasks of it)."""
+        assert self._tg is not None, "FirstTurnBatcher tasks need serve() running"
+        self._tg.start_soon(fn, *args)
 
 
 async def _abort_quietly(client: GenerationBackend, rids: list[str]) -> None:

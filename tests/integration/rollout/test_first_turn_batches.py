@@ -15,21 +15,19 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
-import httpx
 import pytest
+from sim_fleet import simulated_fleet
 from transformers import PreTrainedTokenizerFast
 
-from nexrl_async.config.inference import AttachInference
 from nexrl_async.config.model import CharTokenizer
 from nexrl_async.config.rollout import RolloutConfig, SamplingConfig
 from nexrl_async.core.errors import EngineUnavailable, RequestRejected
 from nexrl_async.core.records import DataItem, Group, Status, VersionToken
 from nexrl_async.engine.fleet_generator import FleetGenerator
 from nexrl_async.inference.client.sglang import SGLangClient
-from nexrl_async.inference.fleet.router import ServerHandle
 from nexrl_async.inference.fleet.supervisor import Fleet
 from nexrl_async.rollout import GeneratedTurn, RolloutWorker
-from nexrl_async.testing.simulated import SimulatedConfig, SimulatedServer
+from nexrl_async.testing.simulated import SimulatedServer
 from nexrl_async.train.build import build_char_tokenizer
 
 URL = SimulatedServer.ASGI_URL
@@ -74,17 +72,7 @@ class Rig:
 
 @pytest.fixture
 async def rig(tok: PreTrainedTokenizerFast) -> AsyncIterator[Rig]:
-    sim = SimulatedServer(
-        SimulatedConfig(
-            vocab_size=len(tok), eos_token_id=tok.eos_token_id, mean_output_tokens=8,
-            token_latency_s=0.002, weight_version="0", context_length=128,
-        )
-    )  # fmt: skip
-    async with httpx.AsyncClient(transport=sim.transport()) as http:
-        server = ServerHandle(0, URL, max_concurrency=64)
-        fleet = Fleet(AttachInference(urls=[URL]), [server], http=http)
-        fleet.router.mark_up(server)
-        client = SGLangClient(URL, http=http)
+    async with simulated_fleet(tok, context_length=128) as (sim, client, fleet):
         generator = FleetGenerator(
             fleet, {URL: client}, current_version=lambda: 0, retries=0, batch_window_s=0.005
         )
