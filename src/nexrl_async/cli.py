@@ -80,10 +80,13 @@ def run(
 ) -> None:
     """Train: launch the inference fleet, stream rollouts, train, publish weights."""
     from nexrl_async.config.loader import load_recipe
-    from nexrl_async.engine.run import run_recipe
+    from nexrl_async.inference.fleet.prewarm import warm_count, warm_local_servers
 
     loaded = load_recipe(recipe, set_ or [])
-    reason = run_recipe(loaded, output=output, resume=resume)
+    with warm_local_servers(warm_count(loaded.config.inference)):  # their imports overlap ours
+        from nexrl_async.engine.run import run_recipe
+
+        reason = run_recipe(loaded, output=output, resume=resume)
     if reason.startswith("interrupted"):
         raise SystemExit(143 if "SIGTERM" in reason else 130)  # 128 + the signal's number
 

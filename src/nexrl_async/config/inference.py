@@ -59,6 +59,10 @@ class LocalInference(_Launched, frozen=True, kw_only=True, tag="local"):
     """Requests decoded together in one batch."""
     device: Literal["auto", "cpu", "cuda"] = "cpu"
     """Device of the local server."""
+    prewarm: bool = True
+    """``nexrl-async run`` starts the servers' processes before its own imports, so both import
+    torch at once; each is handed its arguments when the fleet launches it (first launch only;
+    restarts start fresh processes)."""
 
 
 class SGLangInference(_Launched, frozen=True, kw_only=True, tag="sglang"):

@@ -28,10 +28,9 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
-from anyio.abc import Process
 from loguru import logger
 
 from nexrl_async.config.inference import (
@@ -41,6 +40,8 @@ from nexrl_async.config.inference import (
     VLLMInference,
 )
 from nexrl_async.core.errors import ConfigError
+from nexrl_async.inference.fleet.prewarm import take_warm
+from nexrl_async.inference.fleet.shim import shimmed
 
 TEMPLATE_FIELDS = ("python", "model", "host", "port", "tp", "api_key")
 """Placeholders a ``command`` template may use, each written as ``{name}``."""
@@ -52,15 +53,6 @@ variables added to the environment)``: how one backend launches one server (regi
 
 _REAP_DEADLINE_S = 10.0
 """How long to wait for the kernel to reap a SIGKILLed server before giving up on it."""
-
-# prctl(PR_SET_PDEATHSIG = 1, SIGKILL); exit if the parent already died; then exec the server.
-_PDEATHSIG_SHIM = (
-    "import ctypes,os,signal,sys\n"
-    "ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))\n"
-    "if os.getppid() != int(sys.argv[1]):\n"
-    "    os._exit(1)\n"
-    "os.execvp(sys.argv[2], sys.argv[2:])\n"
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,10 +236,20 @@ def vllm_env(cfg: VLLMInference, index: int) -> dict[str, str]:
     return {**env, **cfg.env}
 
 
+class _Process(Protocol):
+    """What :class:`ServerProcess` needs of a process: a spawned one or a warm one taken."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def returncode(self) -> int | None: ...
+    async def wait(self) -> int: ...
+
+
 class ServerProcess:
     """One running server process (a process-group leader); stop it with :meth:`stop`."""
 
-    def __init__(self, spec: ServerSpec, process: Process) -> None:
+    def __init__(self, spec: ServerSpec, process: _Process) -> None:
         self.spec = spec
         self._process = process
 
@@ -268,26 +270,31 @@ class ServerProcess:
                 "(check inference.python or inference.command)"
             )
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-        argv = list(spec.argv)
-        if sys.platform == "linux":
-            argv = [sys.executable, "-I", "-S", "-c", _PDEATHSIG_SHIM, str(os.getpid()), *argv]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.env}
+        warm = take_warm(spec.argv, spec.env) if attempt == 0 else None
+        process: _Process
         with spec.log_path.open("ab") as log, anyio.CancelScope(shield=True):
             command = shlex.join(_redacted(spec.argv))
-            header = f"=== nexrl_async: launch {attempt} of server {spec.index}: {command}\n"
+            how = "warm start" if warm is not None else "launch"
+            header = f"=== nexrl_async: {how} {attempt} of server {spec.index}: {command}\n"
             log.write(header.encode())
             log.flush()
-            process = await anyio.open_process(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                env=env,
-                start_new_session=True,
-            )
+            if warm is not None:
+                warm.hand_over(spec.argv[3:], spec.log_path)
+                process = warm
+            else:
+                process = await anyio.open_process(
+                    shimmed(spec.argv),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    env=env,
+                    start_new_session=True,
+                )
         logger.info(
-            "inference server {} launched (pid {}, {}); log {}",
+            "inference server {} {} (pid {}, {}); log {}",
             spec.index,
+            "taken warm" if warm is not None else "launched",
             process.pid,
             spec.url,
             spec.log_path,

@@ -2,12 +2,20 @@
 
 The same options as ``nexrl-async serve``; flag names follow SGLang's where one exists
 (``--model-path`` is accepted for ``--model``, ``--max-running-requests`` for ``--max-batch``).
+
+``--wait-for-args`` alone: a *warm* server (``inference/fleet/prewarm.py``). It imports the
+server stack, then reads one JSON line from stdin, ``{"argv": [...], "log": "PATH"}``, sends its
+output to the end of ``PATH`` and runs with ``argv``; it exits 0 at once when stdin closes
+without a line (the run that started it ended).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+import msgspec
 
 from nexrl_async.core.errors import NexRLError
 from nexrl_async.inference.local.http_io import DEFAULT_MAX_BODY_BYTES
@@ -39,7 +47,38 @@ def parse_options(argv: list[str] | None = None) -> ServeOptions:
     return ServeOptions(**vars(parser.parse_args(argv)))
 
 
+WAIT_FLAG = "--wait-for-args"
+
+
+class Handover(msgspec.Struct, frozen=True):
+    """The line a warm server reads: its arguments, and the log its output goes to."""
+
+    argv: list[str]
+    log: str
+
+
+def wait_for_args() -> list[str] | None:
+    """Block until the handover line; redirect stdout and stderr to its log; its argv."""
+    line = sys.stdin.buffer.readline()
+    if not line.strip():
+        return None
+    handover = msgspec.json.decode(line, type=Handover)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(handover.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    return handover.argv
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == [WAIT_FLAG]:
+        handed = wait_for_args()
+        if handed is None:
+            return 0
+        argv = handed
     try:
         main_serve(parse_options(argv))
     except NexRLError as err:
