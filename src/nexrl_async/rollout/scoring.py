@@ -57,11 +57,7 @@ def as_evaluate_fn(evaluator: Any) -> EvaluateFn:
         return fn  # type: ignore[no-any-return]
     sync_fn: Callable[[DataItem, Trajectory], Any] = fn
     if getattr(evaluator, "inline", False) is True or getattr(fn, "inline", False) is True:
-
-        async def inline(item: DataItem, trajectory: Trajectory) -> Any:
-            return sync_fn(item, trajectory)
-
-        return inline
+        return InlineEvaluate(sync_fn)
 
     async def in_thread(item: DataItem, trajectory: Trajectory) -> Any:
         # abandon_on_cancel: a sample timeout must not wait for a stuck scorer thread
@@ -70,6 +66,21 @@ def as_evaluate_fn(evaluator: Any) -> EvaluateFn:
         )
 
     return in_thread
+
+
+class InlineEvaluate:
+    """A sync evaluator declared ``inline = True``, called on the event loop: it never waits."""
+
+    def __init__(self, fn: Callable[[DataItem, Trajectory], Any]) -> None:
+        self._fn = fn
+
+    async def __call__(self, item: DataItem, trajectory: Trajectory) -> Any:
+        return self._fn(item, trajectory)
+
+
+def evaluates_inline(evaluate: EvaluateFn) -> bool:
+    """Whether ``evaluate`` (from :func:`as_evaluate_fn`) runs on the event loop, never waiting."""
+    return isinstance(evaluate, InlineEvaluate)
 
 
 class SourceEvaluators:

@@ -10,7 +10,7 @@ Agent loop of a group of n samples (docs/architecture.md §2)::
     messages = format_query(item)               (+ rollout.system_prompt), once per group
     prompt   = render(messages)                 loss mask 0, once per group
     firsts   = generate_group(prompt, n)        every sample's first turn: one request
-    per sample, concurrently:
+    per sample, concurrently (a task each; inline in the group's task when it cannot wait):
       repeat up to rollout.max_turns:
         turn = firsts[i], then generate(context)  resumed across aborts, per-token versions
         context += turn ids                     exactly as generated, loss mask 1
@@ -60,7 +60,7 @@ from nexrl_async.rollout.events import NoEvents, RolloutEvents
 from nexrl_async.rollout.faults import SampleFailed, Stage, classify
 from nexrl_async.rollout.generation import GeneratedTurn, TurnGenerator, generate_turn
 from nexrl_async.rollout.rendering import ChatRenderer, Tokenizer, as_token_ids
-from nexrl_async.rollout.scoring import as_evaluate_fn, score
+from nexrl_async.rollout.scoring import as_evaluate_fn, evaluates_inline, score
 from nexrl_async.rollout.tools import (
     Message,
     Tool,
@@ -128,6 +128,12 @@ class RolloutWorker:
         self.events: RolloutEvents = events or NoEvents()
         self.max_total_tokens = cfg.max_total_tokens or context_length
         self.max_resumes = max_resumes
+        ends_at_first_turn = type(self).on_turn is RolloutWorker.on_turn and (
+            cfg.max_turns == 1 or not self.tools
+        )
+        self._inline_samples = (
+            ends_at_first_turn and evaluates_inline(self.evaluate_fn) and not cfg.check_transcript
+        )
 
     # ---- hooks -------------------------------------------------------------------------------
 
@@ -182,8 +188,10 @@ class RolloutWorker:
         """Run and score ``rollout.group_size`` samples of ``item``.
 
         The samples share their opening (format, render, the first turn as one group request);
-        then each goes on concurrently in its own task (resumes, tools, later turns, scoring).
-        One deadline, ``rollout.sample_timeout_s`` from the start, covers them all.
+        then each goes on concurrently in its own task (resumes, tools, later turns, scoring),
+        except a sample that cannot wait (:meth:`_settles_inline`): it finishes in the group's
+        own task, saving a task spawn a sample. One deadline, ``rollout.sample_timeout_s`` from
+        the start, covers them all.
         """
         n = self.cfg.group_size
         episodes = [
@@ -202,7 +210,10 @@ class RolloutWorker:
             firsts = await self._guarded(episodes, self._open, item, episodes, missing)
             async with anyio.create_task_group() as tg:
                 for ep, first in zip(episodes, firsts or [], strict=False):
-                    tg.start_soon(one, ep, first, name=ep.sticky_key)
+                    if self._settles_inline(first):
+                        await one(ep, first)
+                    else:
+                        tg.start_soon(one, ep, first, name=ep.sticky_key)
         for ep in episodes:
             if ep.sample_index not in done:
                 if deadline.cancelled_caught and ep.failure is None:
@@ -211,6 +222,17 @@ class RolloutWorker:
                 done[ep.sample_index] = self._finish(ep, None, start)
         trajectories = [done[i] for i in range(n)]
         return Group(group_id=group_id, item_key=item.key, token=token, trajectories=trajectories)
+
+    def _settles_inline(self, first: _Opening) -> bool:
+        """Whether a sample with opening ``first`` finishes without waiting: its first turn is
+        whole (no resume), decodes on the event loop and ends the episode (the default ``on_turn``,
+        and one turn or no tools), and scoring runs inline with no transcript check."""
+        return (
+            self._inline_samples
+            and isinstance(first, GeneratedTurn)
+            and first.finish_reason != "abort"
+            and self.renderer.decodes_inline(first.output_ids)
+        )
 
     async def _guarded(
         self, episodes: list[Episode], fn: Callable[..., Awaitable[T]], *args: Any
