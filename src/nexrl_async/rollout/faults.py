@@ -25,7 +25,11 @@ decided by the worker's deadline, not here.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Literal, Protocol, TypeVar
+
+import anyio
+from loguru import logger
 
 from nexrl_async.core.errors import (
     DataError,
@@ -73,3 +77,34 @@ def classify(err: Exception, stage: Stage) -> tuple[FailureReason, str]:
     if isinstance(err, InferenceError):
         return FailureReason.GENERATION_ERROR, detail
     return FailureReason.INTERNAL, detail
+
+
+T = TypeVar("T")
+
+
+class Failable(Protocol):
+    """A sample as the fault boundary sees it (the worker's ``Episode``)."""
+
+    stage: Stage
+    failure: tuple[FailureReason, str] | None
+
+    @property
+    def sticky_key(self) -> str: ...
+
+
+async def guarded(
+    episodes: Sequence[Failable], fn: Callable[..., Awaitable[T]], *args: Any
+) -> T | None:
+    """``await fn(*args)``: the per-sample fault boundary. What it raises (but cancellation)
+    marks every one of ``episodes`` FAILED (``ep.failure``, by :func:`classify`); then ``None``."""
+    try:
+        return await fn(*args)
+    except anyio.get_cancelled_exc_class():
+        raise
+    except Exception as err:  # noqa: BLE001 - the per-sample fault boundary
+        failure = classify(err, episodes[0].stage)
+        if failure[0] is FailureReason.INTERNAL:
+            logger.opt(exception=err).warning("sample {} failed", episodes[0].sticky_key)
+    for ep in episodes:
+        ep.failure = failure
+    return None

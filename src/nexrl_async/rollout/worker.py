@@ -21,8 +21,8 @@ Agent loop of a group of n samples (docs/architecture.md §2)::
       check the transcript                      under rollout.check_transcript (transcript.py)
       reward = evaluator.evaluate(item, trajectory)
 
-Fault boundary (:meth:`RolloutWorker._guarded`): what a sample raises marks it FAILED with a
-:class:`FailureReason` (see ``faults.py``) and the others go on; what the shared opening
+Fault boundary (``faults.guarded``): what a sample raises marks it FAILED with a
+:class:`FailureReason` and the others go on; what the shared opening
 raises fails every sample alike; a sample past ``rollout.sample_timeout_s`` (counted from the
 group's start) fails as ``timeout``. Cancellation always propagates.
 
@@ -38,11 +38,10 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import anyio
-from loguru import logger
 
 from nexrl_async.config.rollout import RolloutConfig
 from nexrl_async.core.errors import DataError, GenerationError, UserCodeError
@@ -57,7 +56,7 @@ from nexrl_async.core.records import (
 )
 from nexrl_async.data.fields import missing_fields
 from nexrl_async.rollout.events import NoEvents, RolloutEvents
-from nexrl_async.rollout.faults import SampleFailed, Stage, classify
+from nexrl_async.rollout.faults import SampleFailed, Stage, guarded
 from nexrl_async.rollout.generation import GeneratedTurn, TurnGenerator, generate_turn
 from nexrl_async.rollout.rendering import ChatRenderer, Tokenizer, as_token_ids
 from nexrl_async.rollout.scoring import as_evaluate_fn, evaluates_inline, score
@@ -81,7 +80,6 @@ from nexrl_async.rollout.transcript import (
     trained_turns,
 )
 
-T = TypeVar("T")
 _Opening = GeneratedTurn | Exception | None
 """A sample's first segment from the group request, or the error it met; ``None`` once used."""
 
@@ -203,11 +201,11 @@ class RolloutWorker:
         done: dict[int, Trajectory] = {}
 
         async def one(ep: Episode, first: _Opening) -> None:
-            result = await self._guarded([ep], self._play_and_score, item, ep, first)
+            result = await guarded([ep], self._play_and_score, item, ep, first)
             done[ep.sample_index] = self._finish(ep, result, start)
 
         with anyio.move_on_after(self.cfg.sample_timeout_s) as deadline:
-            firsts = await self._guarded(episodes, self._open, item, episodes, missing)
+            firsts = await guarded(episodes, self._open, item, episodes, missing)
             async with anyio.create_task_group() as tg:
                 for ep, first in zip(episodes, firsts or [], strict=False):
                     if self._settles_inline(first):
@@ -233,23 +231,6 @@ class RolloutWorker:
             and first.finish_reason != "abort"
             and self.renderer.decodes_inline(first.output_ids)
         )
-
-    async def _guarded(
-        self, episodes: list[Episode], fn: Callable[..., Awaitable[T]], *args: Any
-    ) -> T | None:
-        """``await fn(*args)``: the per-sample fault boundary. What it raises (but
-        cancellation) marks every one of ``episodes`` FAILED (``ep.failure``); then ``None``."""
-        try:
-            return await fn(*args)
-        except anyio.get_cancelled_exc_class():
-            raise
-        except Exception as err:  # noqa: BLE001 - the per-sample fault boundary
-            failure = classify(err, episodes[0].stage)
-            if failure[0] is FailureReason.INTERNAL:
-                logger.opt(exception=err).warning("sample {} failed", episodes[0].sticky_key)
-        for ep in episodes:
-            ep.failure = failure
-        return None
 
     def _finish(self, ep: Episode, result: EvalResult | None, start: float) -> Trajectory:
         ep.clock("total_s", time.perf_counter() - start)
