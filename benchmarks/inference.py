@@ -278,14 +278,11 @@ def build_tiny_model(path: Path) -> Path:
     import torch
 
     from nexrl_async.config.model import BuiltModel, CharTokenizer
-    from nexrl_async.train.build import build_char_tokenizer, build_model, save_model_dir
+    from nexrl_async.train.build import build_char_tokenizer, build_model_for, save_model_dir
 
     torch.set_num_threads(1)
     tok = build_char_tokenizer(CharTokenizer())
-    model = build_model(
-        BuiltModel(), vocab_size=len(tok), seed=0, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )  # fmt: skip
+    model = build_model_for(BuiltModel(), tok, seed=0)  # fmt: skip
     return save_model_dir(model, tok, path)
 
 

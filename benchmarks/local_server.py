@@ -83,7 +83,7 @@ def build_demo_model(path: Path) -> Path:
     import torch
 
     from nexrl_async.config.model import BuiltModel, CharTokenizer
-    from nexrl_async.train.build import build_char_tokenizer, build_model, save_model_dir
+    from nexrl_async.train.build import build_char_tokenizer, build_model_for, save_model_dir
 
     torch.set_num_threads(1)
     tok = build_char_tokenizer(CharTokenizer(alphabet="0123456789"))
@@ -91,10 +91,7 @@ def build_demo_model(path: Path) -> Path:
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=32,
     )  # fmt: skip
-    model = build_model(
-        config, vocab_size=len(tok), seed=0, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )  # fmt: skip
+    model = build_model_for(config, tok, seed=0)  # fmt: skip
     return save_model_dir(model, tok, path)
 
 

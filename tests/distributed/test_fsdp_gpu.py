@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 
 from nexrl_async.config.model import BuiltModel, CharTokenizer
 from nexrl_async.core.errors import TrainError
-from nexrl_async.train.build import build_char_tokenizer, build_model
+from nexrl_async.train.build import build_char_tokenizer, build_model_for
 from nexrl_async.train.ranks.sharding import decoder_layers, mixed_precision, shard_model
 from nexrl_async.train.ranks.topology import ProcessGroups, Topology
 
@@ -37,14 +37,7 @@ def tiny() -> PreTrainedModel:
     cfg = BuiltModel(
         hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2
     )
-    return build_model(
-        cfg,
-        vocab_size=len(tok),
-        seed=0,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    return build_model_for(cfg, tok, seed=0)
 
 
 def test_bf16_compute_only_on_cuda_when_asked() -> None:

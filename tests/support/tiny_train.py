@@ -11,7 +11,7 @@ from transformers import PreTrainedModel
 
 from nexrl_async.config.model import BuiltModel, CharTokenizer
 from nexrl_async.core.records import Group, TrainBatch, Trajectory, Turn, VersionToken
-from nexrl_async.train.build import build_char_tokenizer, build_model
+from nexrl_async.train.build import build_char_tokenizer, build_model_for
 
 TOKEN = VersionToken(lease_id=0, version=0)
 TINY = BuiltModel(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
@@ -25,14 +25,7 @@ def _one_thread() -> None:
 @pytest.fixture
 def tiny_model() -> PreTrainedModel:
     tok = build_char_tokenizer(CharTokenizer())
-    return build_model(
-        TINY,
-        vocab_size=len(tok),
-        seed=0,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    return build_model_for(TINY, tok, seed=0)
 
 
 def _traj(

@@ -15,7 +15,7 @@ import pytest
 from nexrl_async.cli import main
 from nexrl_async.config.loader import load_recipe
 from nexrl_async.config.model import BuiltModel, CharTokenizer
-from nexrl_async.train.build import build_char_tokenizer, build_model, save_model_dir
+from nexrl_async.train.build import build_char_tokenizer, build_model_for, save_model_dir
 
 VLLM_MISSING = 'inference.backend = "vllm": vllm is not installed for inference.python'
 ROOT = Path(__file__).parents[2] / "recipes"
@@ -34,10 +34,7 @@ def _built_by(recipe: Path, folder: Path) -> Path:
     assert isinstance(cfg.model, BuiltModel)
     assert isinstance(cfg.tokenizer, CharTokenizer)
     tok = build_char_tokenizer(cfg.tokenizer)
-    model = build_model(
-        cfg.model, vocab_size=len(tok), seed=0, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )  # fmt: skip
+    model = build_model_for(cfg.model, tok, seed=0)  # fmt: skip
     return save_model_dir(model, tok, folder)
 
 

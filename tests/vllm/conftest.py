@@ -110,7 +110,7 @@ def save_tiny_model(path: Path) -> Path:
     Untied embeddings: on vLLM's CPU backend a disk reload does not refresh a tied LM head.
     """
     from nexrl_async.config.model import BuiltModel
-    from nexrl_async.train.build import build_model, save_model_dir
+    from nexrl_async.train.build import build_model_for, save_model_dir
 
     tok = tiny_tokenizer()
     cfg = BuiltModel(
@@ -123,14 +123,7 @@ def save_tiny_model(path: Path) -> Path:
         tie_word_embeddings=False,
         dtype="float32",
     )
-    model = build_model(
-        cfg,
-        vocab_size=len(tok),
-        seed=0,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    model = build_model_for(cfg, tok, seed=0)
     return save_model_dir(model, tok, path)
 
 

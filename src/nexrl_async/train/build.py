@@ -100,6 +100,18 @@ def _byte_level(ch: str) -> str:
     return chr(256 + ord(ch)) if ord(ch) < 33 else ch
 
 
+def build_model_for(cfg: BuiltModel, tokenizer: Any, *, seed: int) -> PreTrainedModel:
+    """:func:`build_model` sized to ``tokenizer`` (its length, pad, bos and eos ids)."""
+    return build_model(
+        cfg,
+        vocab_size=len(tokenizer),
+        seed=seed,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
 def build_model(
     cfg: BuiltModel,
     *,

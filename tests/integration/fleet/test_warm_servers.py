@@ -29,7 +29,7 @@ from nexrl_async.inference.fleet.prewarm import (
     warm_local_servers,
 )
 from nexrl_async.inference.fleet.supervisor import open_fleet
-from nexrl_async.train.build import build_char_tokenizer, build_model, save_model_dir
+from nexrl_async.train.build import build_char_tokenizer, build_model_for, save_model_dir
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="process groups, /proc")
 
@@ -49,14 +49,7 @@ def gone(pid: int) -> bool:
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tok = build_char_tokenizer(CharTokenizer(alphabet="0123456789"))
     tiny = BuiltModel(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
-    model = build_model(
-        tiny,
-        vocab_size=len(tok),
-        seed=0,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    model = build_model_for(tiny, tok, seed=0)
     return save_model_dir(model, tok, tmp_path_factory.mktemp("warm") / "model")  # type: ignore[arg-type]
 
 

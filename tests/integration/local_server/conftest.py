@@ -24,7 +24,7 @@ import torch
 from transformers import PreTrainedModel
 
 from nexrl_async.config.model import BuiltModel, CharTokenizer
-from nexrl_async.train.build import build_char_tokenizer, build_model, save_model_dir
+from nexrl_async.train.build import build_char_tokenizer, build_model_for, save_model_dir
 
 API_KEY = "test-key"
 TINY = BuiltModel(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
@@ -33,14 +33,7 @@ ALPHABET = "0123456789+-*= "
 
 def tiny_model(seed: int) -> tuple[PreTrainedModel, object]:
     tok = build_char_tokenizer(CharTokenizer(alphabet=ALPHABET))
-    model = build_model(
-        TINY,
-        vocab_size=len(tok),
-        seed=seed,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    model = build_model_for(TINY, tok, seed=seed)
     # Larger weights than the default init so that greedy outputs vary with the seed.
     with torch.no_grad():
         for param in model.parameters():

@@ -33,7 +33,7 @@ from nexrl_async.core.records import (
     VersionToken,
 )
 from nexrl_async.rollout import GeneratedTurn, Message, RolloutWorker, generate_each
-from nexrl_async.train.build import build_char_tokenizer, build_model
+from nexrl_async.train.build import build_char_tokenizer, build_model_for
 
 TINY = BuiltModel(
     hidden_size=32,
@@ -56,14 +56,7 @@ def tok() -> PreTrainedTokenizerFast:
 
 @pytest.fixture(scope="module")
 def model(tok: PreTrainedTokenizerFast) -> PreTrainedModel:
-    return build_model(
-        TINY,
-        vocab_size=len(tok),
-        seed=0,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    return build_model_for(TINY, tok, seed=0)
 
 
 class SamplingGenerator:

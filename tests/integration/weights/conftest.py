@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from nexrl_async.config.model import BuiltModel, CharTokenizer
-from nexrl_async.train.build import build_char_tokenizer, build_model, save_model_dir
+from nexrl_async.train.build import build_char_tokenizer, build_model_for, save_model_dir
 
 API_KEY = "weights-key"
 TINY = BuiltModel(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
@@ -35,14 +35,7 @@ def _one_thread() -> None:
 
 def tiny() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     tok = build_char_tokenizer(CharTokenizer(alphabet="0123456789+-*= "))
-    model = build_model(
-        TINY,
-        vocab_size=len(tok),
-        seed=0,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    model = build_model_for(TINY, tok, seed=0)
     with torch.no_grad():  # larger weights: log-probs far from uniform
         for param in model.parameters():
             if param.dim() > 1:

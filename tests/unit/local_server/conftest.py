@@ -7,7 +7,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from nexrl_async.config.model import BuiltModel, CharTokenizer
-from nexrl_async.train.build import build_char_tokenizer, build_model
+from nexrl_async.train.build import build_char_tokenizer, build_model_for
 
 TINY = BuiltModel(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 
@@ -24,14 +24,7 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 @pytest.fixture(scope="module")
 def model(tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
-    built = build_model(
-        TINY,
-        vocab_size=len(tokenizer),
-        seed=0,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    built = build_model_for(TINY, tokenizer, seed=0)
     with torch.no_grad():
         for param in built.parameters():
             if param.dim() > 1:

@@ -15,7 +15,7 @@ from nexrl_async.inference.local.lean_forward import (
     forward_for,
     lean_supported,
 )
-from nexrl_async.train.build import build_model
+from nexrl_async.train.build import build_model_for
 
 
 def _model(tokenizer: PreTrainedTokenizerFast, architecture: str, kv_heads: int) -> PreTrainedModel:
@@ -24,10 +24,7 @@ def _model(tokenizer: PreTrainedTokenizerFast, architecture: str, kv_heads: int)
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=kv_heads,
     )  # fmt: skip
-    model = build_model(
-        config, vocab_size=len(tokenizer), seed=0, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
+    model = build_model_for(config, tokenizer, seed=0)  # fmt: skip
     with torch.no_grad():
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.5)  # biases and norms away from 0 and 1
