@@ -108,7 +108,7 @@ from torch import Tensor
 
 from e2e_report import plot, print_summary
 from harness import RESULTS_DIR, machine, write_json
-from nexrl_async.train.build import BuiltModel, CharTokenizer, build_char_tokenizer, build_model
+from nexrl_async.train.build import BuiltModel, CharTokenizer, build_char_tokenizer, build_model_for
 from nexrl_async.train.schedule import lr_multiplier
 
 NAME = "e2e"
@@ -283,14 +283,7 @@ def loop_config(recipe: Recipe, *, steps: int, seed: int) -> LoopConfig:
 def build_policy(cfg: LoopConfig) -> tuple[torch.nn.Module, Any]:
     """Tokenizer and model as ``train.model.load_policy`` builds them (seed ``cfg.seed``)."""
     tok = build_char_tokenizer(msgspec.convert(cfg.tokenizer, CharTokenizer))
-    model = build_model(
-        msgspec.convert(cfg.model, BuiltModel),
-        vocab_size=len(tok),
-        seed=cfg.seed,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    model = build_model_for(msgspec.convert(cfg.model, BuiltModel), tok, seed=cfg.seed)
     return model, tok
 
 

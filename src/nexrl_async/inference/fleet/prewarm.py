@@ -16,7 +16,7 @@ that were never taken (a failed start, fewer servers launched) are killed when t
 block ends, and a warm process whose stdin closes (its parent died) exits.
 
 Like a launched server, a warm one runs in its own session (the fleet stops its process group)
-and, on Linux, behind the parent-death shim of :mod:`~nexrl_async.inference.fleet.launch`.
+and, on Linux, behind the parent-death shim (:mod:`~nexrl_async.inference.fleet.shim`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -37,21 +36,13 @@ import msgspec
 from loguru import logger
 
 from nexrl_async.config.inference import InferenceConfig, LocalInference
+from nexrl_async.core.handover import WAIT_FLAG, Handover
 from nexrl_async.inference.fleet.shim import shimmed
 
 LOCAL_SERVER_MODULE = "nexrl_async.inference.local"
-WAIT_FLAG = "--wait-for-args"
-"""The local server's flag for "import, then read ``{"argv": [...], "log": path}`` from stdin"."""
 
 _POLL_S = 0.1
 """How often :meth:`WarmServer.wait` checks whether the process exited."""
-
-
-class Handover(msgspec.Struct, frozen=True):
-    """What a warm server reads from its stdin: its arguments and the log to write to."""
-
-    argv: list[str]
-    log: str
 
 
 class WarmServer:
@@ -135,10 +126,8 @@ def warm_count(cfg: InferenceConfig, environ: Mapping[str, str] = os.environ) ->
 @contextlib.contextmanager
 def warm_local_servers(count: int) -> Iterator[None]:
     """Start ``count`` warm servers for the fleet to take; kill the ones left over at the end."""
-    started = time.perf_counter()
     warm = [start_warm_server() for _ in range(count)]
     _pool.extend(warm)
-    logger.debug("{} warm local server(s) started in {:.3f}s", count, time.perf_counter() - started)
     try:
         yield
     finally:

@@ -3,9 +3,9 @@
 The same options as ``nexrl-async serve``; flag names follow SGLang's where one exists
 (``--model-path`` is accepted for ``--model``, ``--max-running-requests`` for ``--max-batch``).
 
-``--wait-for-args`` alone: a *warm* server (``inference/fleet/prewarm.py``). It imports the
-server stack, then reads one JSON line from stdin, ``{"argv": [...], "log": "PATH"}``, sends its
-output to the end of ``PATH`` and runs with ``argv``; it exits 0 at once when stdin closes
+``--wait-for-args`` alone: a *warm* server (``core/handover.py``). It imports the server stack,
+then reads one JSON line from stdin, ``{"argv": [...], "log": "PATH"}``, sends its output to
+the end of ``PATH`` and runs with ``argv``; it exits 0 at once when stdin closes
 without a line (the run that started it ended).
 """
 
@@ -18,6 +18,7 @@ import sys
 import msgspec
 
 from nexrl_async.core.errors import NexRLError
+from nexrl_async.core.handover import WAIT_FLAG, Handover
 from nexrl_async.inference.local.http_io import DEFAULT_MAX_BODY_BYTES
 from nexrl_async.inference.local.server import ServeOptions, main_serve
 
@@ -45,16 +46,6 @@ def parse_options(argv: list[str] | None = None) -> ServeOptions:
     arg("--max-n", type=int, default=64, help="largest n (samples per prompt) of a request")
     arg("--max-request-sequences", type=int, default=4096, help="prompts x n per request")
     return ServeOptions(**vars(parser.parse_args(argv)))
-
-
-WAIT_FLAG = "--wait-for-args"
-
-
-class Handover(msgspec.Struct, frozen=True):
-    """The line a warm server reads: its arguments, and the log its output goes to."""
-
-    argv: list[str]
-    log: str
 
 
 def wait_for_args() -> list[str] | None:
