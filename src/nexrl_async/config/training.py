@@ -164,6 +164,12 @@ class TrainerConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     """Deadline of torch.distributed collectives."""
     threads: PosInt | None = None
     """torch intra-op threads on CPU; defaults to torch's choice."""
+    process: bool = False
+    """Run the trainer in a process of its own (single-process runs on CPU): the train step
+    and the event loop then run on two cores instead of taking turns at Python's interpreter
+    lock. Weights reach the engine through shared memory; the process costs its own imports
+    (~2-3 s) at start. Under torchrun (world size > 1) the ranks are processes already and this
+    is ignored."""
 
 
 class CheckpointConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

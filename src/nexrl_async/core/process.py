@@ -35,12 +35,23 @@ def reset_unsafe_teardown() -> None:
     _unsafe_reason = None
 
 
+def exit_process_now(code: int) -> NoReturn:
+    """``os._exit(code)`` once the Python streams are flushed: no native teardown at all (for
+    child processes whose state needs none)."""
+    _flush_streams()
+    os._exit(code)
+
+
+def _flush_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken stream
+            stream.flush()
+
+
 def exit_process(code: int) -> NoReturn:
     """End the process with ``code``: a normal exit, or, after :func:`mark_unsafe_teardown`,
     ``os._exit`` once the Python streams are flushed (log sinks flush on every record)."""
     if _unsafe_reason is None:
         raise SystemExit(code)
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a closed or broken stream
-            stream.flush()
+    _flush_streams()
     os._exit(code)

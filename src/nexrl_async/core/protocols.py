@@ -90,9 +90,11 @@ class PolicyTrainer(Protocol):
     """Everything the engine needs of a trainer; the only place that lists it.
 
     Implemented by ``nexrl_async.train.Trainer`` (world size 1), rank 0's
-    ``nexrl_async.train.ranks.handle.DistributedTrainer`` (every call runs on every rank) and
-    the pipeline benchmark's simulated trainer. Every method blocks (torch work): the engine
-    calls them from a worker thread, one at a time, through one ``CapacityLimiter(1)``.
+    ``nexrl_async.train.ranks.handle.DistributedTrainer`` (every call runs on every rank),
+    ``nexrl_async.train.ranks.remote.RemoteTrainer`` (a world-size-1 trainer in a child
+    process) and the pipeline benchmark's simulated trainer. Every method blocks (torch work):
+    the engine calls them from a worker thread, one at a time, through one
+    ``CapacityLimiter(1)``.
     """
 
     @property

@@ -67,6 +67,7 @@ from nexrl_async.obs.ledger import RunResumed
 from nexrl_async.pipeline.pool import TrajectoryPool
 from nexrl_async.pipeline.staleness import StalenessGate
 from nexrl_async.rollout.loading import load_worker
+from nexrl_async.train.ranks.remote import RemoteTrainer
 from nexrl_async.train.spec import TrainerSpec
 from nexrl_async.train.trainer import Trainer
 from nexrl_async.weights import DiskTransport, DistributedTransport, Publisher, Transport
@@ -128,7 +129,7 @@ async def open_parts(
     resume: Resume | None = None,
 ) -> AsyncIterator[Parts]:
     limiter = anyio.CapacityLimiter(1)
-    trainer = await _open_trainer(ctx, trainer_factory or Trainer.from_spec, resume)
+    trainer = await _open_trainer(ctx, trainer_factory, resume)
     try:
         model_dir = await anyio.to_thread.run_sync(_serving_model, ctx, trainer, resume)
         flow = await _open_flow(ctx, resume)
@@ -150,11 +151,25 @@ async def open_parts(
 
 
 async def _open_trainer(
-    ctx: RunContext, factory: TrainerFactory, resume: Resume | None
+    ctx: RunContext, factory: TrainerFactory | None, resume: Resume | None
 ) -> PolicyTrainer:
     """Build the trainer; on resume, load the checkpoint's state into it."""
     spec = TrainerSpec.from_recipe(ctx.cfg, ctx.base_dir)
-    trainer = await anyio.to_thread.run_sync(factory, spec)
+    trainer: PolicyTrainer
+    if factory is None and spec.trainer.process:
+        # spawned from the loop thread: the parent-death signal follows the spawning thread
+        remote = RemoteTrainer.start(
+            spec, log_level=ctx.cfg.logging.level, log_file=ctx.run_dir.logs_dir / "trainer.log"
+        )
+        try:
+            await anyio.to_thread.run_sync(remote.wait_ready)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(remote.shutdown)
+            raise
+        trainer = remote
+    else:
+        trainer = await anyio.to_thread.run_sync(factory or Trainer.from_spec, spec)
     if resume is not None:
         await anyio.to_thread.run_sync(restore_trainer, trainer, resume)
     return trainer

@@ -22,6 +22,7 @@ SMALL = [
     "validation.before_training=false",
     "validation.at_end=false",
     "checkpoint.every_steps=0",
+    "trainer.process=false",
 ]
 
 Runner = Callable[..., Path]

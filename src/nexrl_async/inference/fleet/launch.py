@@ -40,8 +40,8 @@ from nexrl_async.config.inference import (
     VLLMInference,
 )
 from nexrl_async.core.errors import ConfigError
+from nexrl_async.core.shim import shimmed
 from nexrl_async.inference.fleet.prewarm import take_warm
-from nexrl_async.inference.fleet.shim import shimmed
 
 TEMPLATE_FIELDS = ("python", "model", "host", "port", "tp", "api_key")
 """Placeholders a ``command`` template may use, each written as ``{name}``."""

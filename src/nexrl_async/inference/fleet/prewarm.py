@@ -16,7 +16,7 @@ that were never taken (a failed start, fewer servers launched) are killed when t
 block ends, and a warm process whose stdin closes (its parent died) exits.
 
 Like a launched server, a warm one runs in its own session (the fleet stops its process group)
-and, on Linux, behind the parent-death shim (:mod:`~nexrl_async.inference.fleet.shim`).
+and, on Linux, behind the parent-death shim (:mod:`~nexrl_async.core.shim`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from loguru import logger
 
 from nexrl_async.config.inference import InferenceConfig, LocalInference
 from nexrl_async.core.handover import WAIT_FLAG, Handover
-from nexrl_async.inference.fleet.shim import shimmed
+from nexrl_async.core.shim import shimmed
 
 LOCAL_SERVER_MODULE = "nexrl_async.inference.local"
 

@@ -1,9 +1,10 @@
-"""The parent-death shim every launched or warm server starts through (Linux).
+"""The parent-death shim every child process of a run starts through (Linux).
 
-A parent killed with SIGKILL runs no cleanup. So, on Linux, a server is spawned as ``python -I
--S -c SHIM <parent pid> <argv...>``: the shim sets ``PR_SET_PDEATHSIG`` (SIGKILL), exits if
-the parent already died, then ``execvp``s the real command; the kernel kills the server when
-the spawning *thread* exits (see :mod:`~nexrl_async.inference.fleet.launch`).
+A parent killed with SIGKILL runs no cleanup. So, on Linux, a child (a launched or warm
+inference server, a trainer process) is spawned as ``python -I -S -c SHIM <parent pid>
+<argv...>``: the shim sets ``PR_SET_PDEATHSIG`` (SIGKILL), exits if the parent already died,
+then ``execvp``s the real command; the kernel kills the child when the spawning *thread* exits,
+so spawn from a thread that lives as long as the run (the engine's loop thread).
 """
 
 from __future__ import annotations

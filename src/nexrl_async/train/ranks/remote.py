@@ -1,0 +1,233 @@
+"""A world-size-1 trainer in a process of its own (``trainer.process = true``).
+
+```
+trainer = RemoteTrainer.start(spec, log_file=run_dir / "logs" / "trainer.log")  # loop thread
+trainer.wait_ready()                   # blocking: the process imported torch and built it
+metrics = trainer.step(batch)          # blocking: the batch goes over a socket, metrics back
+for name, tensor in trainer.named_parameters_for_sync(): ...   # views of shared memory
+trainer.shutdown()
+```
+
+Why: in one process the trainer thread and the event loop take turns at Python's interpreter
+lock, so a train step beside the rollouts takes (its own CPU + the loop's). In its own process
+the step runs on another core while the loop serves rollouts. The engine sees the
+:class:`~nexrl_async.core.protocols.PolicyTrainer` protocol either way.
+
+The process is ``python -m nexrl_async.train.ranks.remote_main FD``
+(:mod:`~nexrl_async.core.children`: a warm one spawned when ``nexrl-async run`` started, else a
+new one), behind the parent-death shim, so start it from a thread that lives as long as the run
+(the engine's loop thread). Commands are the rank protocol's
+(:mod:`~nexrl_async.train.ranks.commands`); weights come back through a shared-memory file
+(:mod:`~nexrl_async.train.ranks.staging`). An error raised in the process is raised here (its
+own type when it unpickles, with the process's traceback as a note) and the process keeps
+serving; a process that dies or does not answer within ``trainer.step_timeout_s`` fails this
+call and every later one with :class:`~nexrl_async.core.errors.TrainError`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from collections.abc import Iterator
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, NoReturn
+
+from loguru import logger
+
+from nexrl_async.core.children import TRAINER_MODULE, spawn_child, take_child
+from nexrl_async.core.errors import TrainError
+from nexrl_async.core.records import TrainBatch
+from nexrl_async.train.ranks.commands import (
+    Command,
+    ComputeLogprobs,
+    LoadCheckpoint,
+    SaveCheckpoint,
+    SaveHF,
+    Shutdown,
+    SyncWeights,
+    TrainStep,
+    ValidationLoss,
+    describe,
+    encode_batch,
+    encode_command,
+)
+from nexrl_async.train.ranks.remote_protocol import Boot, Ready, Reply, raise_failure
+from nexrl_async.train.ranks.staging import Layout, StagingReader
+from nexrl_async.train.spec import TrainerSpec
+
+_BOOT_TIMEOUT_S = 600.0
+_EXIT_GRACE_S = 30.0
+
+
+class RemoteTrainer:
+    """Rank 0's handle on a trainer running in a child process (see the module docstring)."""
+
+    def __init__(
+        self, process: subprocess.Popen[bytes], conn: Connection, *, timeout_s: float
+    ) -> None:
+        self._process = process
+        self._conn = conn
+        self._timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._ready: Ready | None = None
+        self._steps_done = 0
+        self._failure: TrainError | None = None
+        self._closed = False
+        self._staging = StagingReader()
+
+    @classmethod
+    def start(
+        cls, spec: TrainerSpec, *, log_level: str = "INFO", log_file: Path | None = None
+    ) -> RemoteTrainer:
+        """Spawn the trainer process and send it ``spec`` (returns at once; see
+        :meth:`wait_ready`). Call it from a thread that outlives the run."""
+        child = take_child(TRAINER_MODULE)
+        warm = child is not None
+        child = child or spawn_child(TRAINER_MODULE)
+        process = child.process
+        conn = Connection(child.sock.detach())
+        handle = cls(process, conn, timeout_s=spec.trainer.step_timeout_s)
+        boot = Boot(spec, log_level, str(log_file) if log_file is not None else None)
+        try:
+            conn.send(boot)
+        except OSError as err:
+            handle._fail(f"could not reach the trainer process: {err}")
+        logger.info("trainer process {} (pid {})", "taken warm" if warm else "started", process.pid)
+        return handle
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def wait_ready(self, timeout_s: float = _BOOT_TIMEOUT_S) -> None:
+        """Block until the process built its trainer; raises what building raised."""
+        with self._lock:
+            if self._ready is not None:
+                return
+            reply = self._receive(timeout_s, what="building the trainer")
+            if isinstance(reply, Reply):
+                self._kill()
+                assert reply.error is not None
+                raise_failure(reply.error, where="building the trainer")
+            assert isinstance(reply, Ready)
+            self._ready = reply
+            self._steps_done = reply.steps_done
+
+    # ---- PolicyTrainer ---------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._built().tokenizer
+
+    @property
+    def context_length(self) -> int | None:
+        return self._built().context_length
+
+    @property
+    def steps_done(self) -> int:
+        return self._steps_done
+
+    def step(self, batch: TrainBatch) -> dict[str, float]:
+        result = self._call(TrainStep(batch=encode_batch(batch)))
+        assert isinstance(result, dict)
+        return result
+
+    def compute_logprobs(self, batch: TrainBatch) -> list[list[float]]:
+        result = self._call(ComputeLogprobs(batch=encode_batch(batch)))
+        assert isinstance(result, list)
+        return result
+
+    def validation_loss(self, batch: TrainBatch) -> dict[str, float]:
+        result = self._call(ValidationLoss(batch=encode_batch(batch)))
+        assert isinstance(result, dict)
+        return result
+
+    def save_hf(self, path: str | Path) -> Path:
+        self._call(SaveHF(path=str(path)))
+        return Path(path)
+
+    def save_checkpoint(self, directory: str | Path) -> Path:
+        self._call(SaveCheckpoint(path=str(directory)))
+        return Path(directory)
+
+    def load_checkpoint(self, directory: str | Path) -> None:
+        self._call(LoadCheckpoint(path=str(directory)))
+
+    def named_parameters_for_sync(self) -> Iterator[tuple[str, Any]]:
+        """``(HF name, tensor)`` per parameter: views of the shared staging file, valid until
+        the next sync (read them first)."""
+        layout = self._call(SyncWeights())
+        assert isinstance(layout, Layout)
+        return iter(self._staging.views(layout))
+
+    def shutdown(self) -> None:
+        """Ask the process to exit and wait for it (killed after a grace period); idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._failure is None and self._process.poll() is None:
+                try:
+                    self._conn.send_bytes(encode_command(Shutdown(reason="run ended")))
+                    if self._conn.poll(_EXIT_GRACE_S):
+                        self._conn.recv()
+                except (OSError, EOFError):
+                    pass
+            self._conn.close()
+            try:
+                self._process.wait(_EXIT_GRACE_S)
+            except subprocess.TimeoutExpired:
+                logger.warning("trainer process {} did not exit; killing it", self.pid)
+                self._kill()
+            self._staging.close()
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _built(self) -> Ready:
+        if self._ready is None:
+            self.wait_ready()
+        assert self._ready is not None
+        return self._ready
+
+    def _call(self, command: Command) -> object:
+        self._built()
+        what = describe(command)
+        with self._lock:
+            if self._failure is not None:
+                raise TrainError(f"the trainer process stopped earlier: {self._failure}")
+            if self._closed:
+                raise TrainError("the trainer process was shut down")
+            try:
+                self._conn.send_bytes(encode_command(command))
+            except OSError as err:
+                self._fail(f"could not send {what} to the trainer process: {err}")
+            reply = self._receive(self._timeout_s, what=what)
+        assert isinstance(reply, Reply)
+        self._steps_done = reply.steps_done
+        if reply.error is not None:
+            raise_failure(reply.error, where=what)
+        return reply.value
+
+    def _receive(self, timeout_s: float, *, what: str) -> object:
+        try:
+            if not self._conn.poll(timeout_s):
+                self._kill()
+                self._fail(f"the trainer process did not answer {what} within {timeout_s:.0f} s")
+            return self._conn.recv()
+        except (EOFError, OSError) as err:
+            try:
+                code: int | None = self._process.wait(_EXIT_GRACE_S)
+            except subprocess.TimeoutExpired:
+                self._kill()
+                code = self._process.returncode
+            self._fail(f"the trainer process exited (code {code}) during {what}", cause=err)
+
+    def _fail(self, message: str, *, cause: BaseException | None = None) -> NoReturn:
+        self._failure = TrainError(message)
+        raise self._failure from cause
+
+    def _kill(self) -> None:
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()

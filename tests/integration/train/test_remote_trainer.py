@@ -1,0 +1,179 @@
+"""A trainer in its own process (``trainer.process = true``) against one in this process."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_train import TINY
+
+from nexrl_async.config.model import CharTokenizer, PretrainedModel
+from nexrl_async.config.training import AlgorithmConfig, OptimConfig, TrainerConfig
+from nexrl_async.core.children import TRAINER_MODULE, warm_children
+from nexrl_async.core.errors import TrainError
+from nexrl_async.train.ranks.remote import RemoteTrainer
+from nexrl_async.train.spec import TrainerSpec
+from nexrl_async.train.trainer import Trainer
+
+pytestmark = pytest.mark.timeout(180)
+
+SPEC = TrainerSpec(
+    model=TINY,
+    tokenizer=CharTokenizer(),
+    algorithm=AlgorithmConfig(),
+    optim=OptimConfig(lr=1e-2, max_grad_norm=None),
+    trainer=TrainerConfig(micro_batch_tokens=16, threads=1, step_timeout_s=60.0),
+    seed=0,
+    max_new_tokens=8,
+)
+
+
+@pytest.fixture
+def remote() -> Iterator[RemoteTrainer]:
+    trainer = RemoteTrainer.start(SPEC)
+    try:
+        trainer.wait_ready()
+        yield trainer
+    finally:
+        trainer.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shared() -> Iterator[RemoteTrainer]:
+    """One process for the tests that only add steps to it (each spawn imports torch again)."""
+    trainer = RemoteTrainer.start(SPEC)
+    try:
+        trainer.wait_ready()
+        yield trainer
+    finally:
+        trainer.shutdown()
+
+
+def batches(make_batch, make_traj):
+    def group(name: str, rewards: list[float]):
+        return [make_traj(name, i, [1, 2, 3], [4 + i, 5], reward=r) for i, r in enumerate(rewards)]
+
+    first = make_batch(group("a", [1.0, 0.0]), group("b", [0.0, 1.0, 0.5]), step=0)
+    second = make_batch(group("c", [0.2, 0.9]), step=1)
+    return first, second
+
+
+def test_steps_match_a_trainer_in_this_process(remote, make_batch, make_traj) -> None:
+    local = Trainer.from_spec(SPEC)
+    first, second = batches(make_batch, make_traj)
+    assert remote.context_length == local.context_length
+    assert remote.tokenizer.encode("123") == local.tokenizer.encode("123")
+    for batch in (first, second):
+        theirs, ours = remote.step(batch), local.step(batch)
+        assert theirs.keys() == ours.keys()
+        for key in ("train/loss", "train/grad_norm", "train/entropy"):
+            assert theirs[key] == pytest.approx(ours[key], rel=1e-5, abs=1e-7), key
+    assert remote.steps_done == local.steps_done == 2
+    got = remote.compute_logprobs(first)
+    want = local.compute_logprobs(first)
+    assert len(got) == len(want)
+    for row, expected in zip(got, want, strict=True):
+        assert row == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    remote_params = dict(remote.named_parameters_for_sync())
+    local_params = dict(local.named_parameters_for_sync())
+    assert remote_params.keys() == local_params.keys()
+    for name, tensor in local_params.items():
+        torch.testing.assert_close(remote_params[name], tensor, msg=name)
+
+
+def test_synced_weights_follow_the_steps(shared, make_batch, make_traj) -> None:
+    first, _ = batches(make_batch, make_traj)
+    before = {name: t.clone() for name, t in shared.named_parameters_for_sync()}
+    shared.step(first)
+    after = dict(shared.named_parameters_for_sync())
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+
+
+def test_an_error_in_the_process_is_raised_here_and_it_keeps_serving(
+    shared, make_batch, make_traj
+) -> None:
+    done = shared.steps_done
+    bad = make_batch([make_traj("bad", 0, [1, 2], [10_000, 5], reward=1.0)])
+    with pytest.raises(IndexError) as caught:
+        shared.step(bad)
+    assert any(
+        "raised in the trainer process during train_step" in n for n in caught.value.__notes__
+    )
+    assert shared.steps_done == done
+    first, _ = batches(make_batch, make_traj)
+    assert "train/loss" in shared.step(first)
+    assert shared.steps_done == done + 1
+
+
+def test_a_killed_process_fails_this_call_and_every_later_one(
+    remote, make_batch, make_traj
+) -> None:
+    first, _ = batches(make_batch, make_traj)
+    os.kill(remote.pid, signal.SIGKILL)
+    with pytest.raises(TrainError, match=r"trainer process exited \(code -9\) during train_step"):
+        remote.step(first)
+    with pytest.raises(TrainError, match="stopped earlier"):
+        remote.compute_logprobs(first)
+    remote.shutdown()  # still fine
+
+
+def test_a_failed_build_is_raised_by_wait_ready(tmp_path: Path) -> None:
+    spec = TrainerSpec(
+        model=PretrainedModel(path=str(tmp_path / "missing")),
+        tokenizer=None,
+        algorithm=AlgorithmConfig(),
+        optim=OptimConfig(),
+        trainer=TrainerConfig(threads=1),
+        max_new_tokens=8,
+    )
+    trainer = RemoteTrainer.start(spec)
+    with pytest.raises(Exception, match="missing") as caught:
+        trainer.wait_ready()
+    assert any("building the trainer" in n for n in caught.value.__notes__)
+    trainer.shutdown()
+
+
+def test_checkpoints_round_trip_through_the_process(
+    shared, make_batch, make_traj, tmp_path: Path
+) -> None:
+    first, second = batches(make_batch, make_traj)
+    shared.step(first)
+    done = shared.steps_done
+    saved = {name: t.clone() for name, t in shared.named_parameters_for_sync()}
+    shared.save_checkpoint(tmp_path / "ckpt")
+    shared.step(second)
+    assert shared.steps_done == done + 1
+    shared.load_checkpoint(tmp_path / "ckpt")
+    assert shared.steps_done == done
+    for name, tensor in shared.named_parameters_for_sync():
+        torch.testing.assert_close(tensor, saved[name], msg=name)
+    out = shared.save_hf(tmp_path / "hf")
+    assert (out / "config.json").is_file()
+
+
+def test_shutdown_ends_the_process_and_is_idempotent() -> None:
+    trainer = RemoteTrainer.start(SPEC)
+    trainer.wait_ready()
+    trainer.shutdown()
+    trainer.shutdown()
+    with pytest.raises(TrainError, match="shut down"):
+        trainer.validation_loss(None)  # type: ignore[arg-type]
+    with pytest.raises(ProcessLookupError):
+        os.kill(trainer.pid, 0)
+
+
+def test_a_warm_process_is_taken_and_an_untaken_one_is_killed() -> None:
+    with warm_children(TRAINER_MODULE, 2):
+        from nexrl_async.core import children
+
+        pool = list(children._pool[TRAINER_MODULE])
+        trainer = RemoteTrainer.start(SPEC)
+        assert trainer.pid == pool[0].process.pid
+        trainer.wait_ready()
+        trainer.shutdown()
+    assert pool[1].process.returncode is not None  # killed when the block ended
+    assert TRAINER_MODULE not in children._pool or not children._pool[TRAINER_MODULE]
