@@ -80,14 +80,10 @@ def run(
 ) -> None:
     """Train: launch the inference fleet, stream rollouts, train, publish weights."""
     from nexrl_async.config.loader import load_recipe
-    from nexrl_async.core.children import TRAINER_MODULE, warm_children
     from nexrl_async.inference.fleet.prewarm import warm_count, warm_local_servers
 
     loaded = load_recipe(recipe, set_ or [])
-    cfg = loaded.config
-    trainers = int(cfg.trainer.process and int(os.environ.get("WORLD_SIZE", "1")) == 1)
-    # the warm children's imports overlap ours
-    with warm_local_servers(warm_count(cfg.inference)), warm_children(TRAINER_MODULE, trainers):
+    with warm_local_servers(warm_count(loaded.config.inference)):  # their imports overlap ours
         from nexrl_async.engine.run import run_recipe
 
         reason = run_recipe(loaded, output=output, resume=resume)

@@ -33,6 +33,7 @@ from anyio.abc import TaskStatus
 from loguru import logger
 
 from nexrl_async.config.loader import LoadedRecipe, load_recipe
+from nexrl_async.core.children import TRAINER_MODULE, early_child
 from nexrl_async.core.errors import TrainError
 from nexrl_async.core.process import mark_unsafe_teardown
 from nexrl_async.engine.context import RunContext, open_run, output_dir
@@ -45,6 +46,7 @@ from nexrl_async.obs.logs import setup_logging
 from nexrl_async.obs.rundir import RunDir
 from nexrl_async.train.ranks.follower import run_follower
 from nexrl_async.train.ranks.handle import make_trainer
+from nexrl_async.train.ranks.remote_main import serve_socket
 from nexrl_async.train.ranks.topology import Topology, open_process_groups
 
 ANYIO_WORKER = "AnyIO worker thread"
@@ -82,7 +84,10 @@ def run_recipe(
     """
     topology = Topology.from_env()
     if not topology.distributed:
-        return _run_rank0(recipe, output, trainer_factory, resume, observer)
+        # a trainer process forked now, before the event loop and its threads, needs no imports
+        process = recipe.config.trainer.process and trainer_factory is None
+        with early_child(TRAINER_MODULE, serve_socket, enabled=process):
+            return _run_rank0(recipe, output, trainer_factory, resume, observer)
     with open_process_groups(recipe.config.trainer) as groups:
         if groups.rank != 0:
             setup_logging(level="WARNING", rank=groups.rank, world_size=groups.world_size)

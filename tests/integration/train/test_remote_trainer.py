@@ -13,7 +13,7 @@ from tiny_train import TINY
 
 from nexrl_async.config.model import CharTokenizer, PretrainedModel
 from nexrl_async.config.training import AlgorithmConfig, OptimConfig, TrainerConfig
-from nexrl_async.core.children import TRAINER_MODULE, warm_children
+from nexrl_async.core.children import TRAINER_MODULE, early_child
 from nexrl_async.core.errors import TrainError
 from nexrl_async.train.ranks.remote import RemoteTrainer
 from nexrl_async.train.spec import TrainerSpec
@@ -166,14 +166,21 @@ def test_shutdown_ends_the_process_and_is_idempotent() -> None:
         os.kill(trainer.pid, 0)
 
 
-def test_a_warm_process_is_taken_and_an_untaken_one_is_killed() -> None:
-    with warm_children(TRAINER_MODULE, 2):
-        from nexrl_async.core import children
+def test_a_forked_process_is_taken_and_an_untaken_one_is_killed() -> None:
+    from nexrl_async.core import children
+    from nexrl_async.train.ranks.remote_main import serve_socket
 
-        pool = list(children._pool[TRAINER_MODULE])
+    if not children.can_fork():
+        pytest.skip("another thread runs in this test process: the engine would spawn instead")
+    with early_child(TRAINER_MODULE, serve_socket, enabled=True):
+        (forked,) = children._pool[TRAINER_MODULE]
         trainer = RemoteTrainer.start(SPEC)
-        assert trainer.pid == pool[0].process.pid
+        assert trainer.pid == forked.process.pid
         trainer.wait_ready()
+        assert trainer.steps_done == 0
         trainer.shutdown()
-    assert pool[1].process.returncode is not None  # killed when the block ended
-    assert TRAINER_MODULE not in children._pool or not children._pool[TRAINER_MODULE]
+        assert forked.process.returncode == 0
+    with early_child(TRAINER_MODULE, serve_socket, enabled=True):
+        (untaken,) = children._pool[TRAINER_MODULE]
+    assert untaken.process.returncode is not None  # killed when the block ended
+    assert not children._pool[TRAINER_MODULE]

@@ -14,9 +14,9 @@ the step runs on another core while the loop serves rollouts. The engine sees th
 :class:`~nexrl_async.core.protocols.PolicyTrainer` protocol either way.
 
 The process is ``python -m nexrl_async.train.ranks.remote_main FD``
-(:mod:`~nexrl_async.core.children`: a warm one spawned when ``nexrl-async run`` started, else a
-new one), behind the parent-death shim, so start it from a thread that lives as long as the run
-(the engine's loop thread). Commands are the rank protocol's
+or a copy of the engine forked before its event loop started (:mod:`~nexrl_async.core.children`),
+either dying with the thread that made it, so start it from a thread that lives as long as the
+run (the engine's loop thread). Commands are the rank protocol's
 (:mod:`~nexrl_async.train.ranks.commands`); weights come back through a shared-memory file
 (:mod:`~nexrl_async.train.ranks.staging`). An error raised in the process is raised here (its
 own type when it unpickles, with the process's traceback as a note) and the process keeps
@@ -35,7 +35,7 @@ from typing import Any, NoReturn
 
 from loguru import logger
 
-from nexrl_async.core.children import TRAINER_MODULE, spawn_child, take_child
+from nexrl_async.core.children import TRAINER_MODULE, ChildProcess, spawn_child, take_child
 from nexrl_async.core.errors import TrainError
 from nexrl_async.core.records import TrainBatch
 from nexrl_async.train.ranks.commands import (
@@ -63,9 +63,7 @@ _EXIT_GRACE_S = 30.0
 class RemoteTrainer:
     """Rank 0's handle on a trainer running in a child process (see the module docstring)."""
 
-    def __init__(
-        self, process: subprocess.Popen[bytes], conn: Connection, *, timeout_s: float
-    ) -> None:
+    def __init__(self, process: ChildProcess, conn: Connection, *, timeout_s: float) -> None:
         self._process = process
         self._conn = conn
         self._timeout_s = timeout_s
@@ -83,7 +81,7 @@ class RemoteTrainer:
         """Spawn the trainer process and send it ``spec`` (returns at once; see
         :meth:`wait_ready`). Call it from a thread that outlives the run."""
         child = take_child(TRAINER_MODULE)
-        warm = child is not None
+        forked = child is not None
         child = child or spawn_child(TRAINER_MODULE)
         process = child.process
         conn = Connection(child.sock.detach())
@@ -93,7 +91,7 @@ class RemoteTrainer:
             conn.send(boot)
         except OSError as err:
             handle._fail(f"could not reach the trainer process: {err}")
-        logger.info("trainer process {} (pid {})", "taken warm" if warm else "started", process.pid)
+        logger.info("trainer process {} (pid {})", "forked" if forked else "started", process.pid)
         return handle
 
     @property

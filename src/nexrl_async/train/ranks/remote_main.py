@@ -1,7 +1,8 @@
 """The trainer process: builds a world-size-1 trainer and serves the engine's commands.
 
-``python -m nexrl_async.train.ranks.remote_main FD`` (started by
-:class:`~nexrl_async.train.ranks.remote.RemoteTrainer`; ``FD`` is its end of a socket pair).
+:func:`serve_socket` runs in a child the engine forked before its event loop started, or in
+``python -m nexrl_async.train.ranks.remote_main FD`` (:mod:`~nexrl_async.core.children`; ``FD``
+is the child's end of a socket pair).
 
 ```
 parent ── Boot(spec, log_level, log_file) ──▶  build Trainer.from_spec(spec)
@@ -86,10 +87,11 @@ def _log(boot: Boot) -> None:
         logger.add(boot.log_file, level=boot.log_level, mode="a", colorize=False)
 
 
-def main(argv: list[str]) -> int:
+def serve_socket(fd: int) -> int:
+    """Serve the engine on socket ``fd`` until ``Shutdown`` or end of file; the exit code."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    conn = Connection(socket.socket(fileno=int(argv[0])).detach())
+    conn = Connection(fd)
     try:
         boot: Boot = conn.recv()
     except (EOFError, OSError):
@@ -109,7 +111,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    code = main(sys.argv[1:])
+    code = serve_socket(socket.socket(fileno=int(sys.argv[1])).detach())
     # skip the interpreter's teardown of torch and transformers (a second or more): nothing is
     # left to flush but the standard streams (the log sinks flush every record)
     exit_process_now(code)
