@@ -165,11 +165,12 @@ class TrainerConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     threads: PosInt | None = None
     """torch intra-op threads on CPU; defaults to torch's choice."""
     process: bool = False
-    """Run the trainer in a process of its own (single-process runs on CPU): the train step
-    and the event loop then run on two cores instead of taking turns at Python's interpreter
-    lock. Weights reach the engine through shared memory; the process costs its own imports
-    (~2-3 s) at start. Under torchrun (world size > 1) the ranks are processes already and this
-    is ignored."""
+    """Run the trainer in a process of its own (single-process runs, meant for CPU): the train
+    step and the event loop then run on two cores instead of taking turns at Python's
+    interpreter lock. The process is forked from the engine before its event loop starts (so it
+    imports nothing again; spawned where forking is unsafe), and weights reach the engine
+    through shared memory. Under torchrun (world size > 1) the ranks are processes already and
+    this is ignored."""
 
 
 class CheckpointConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
