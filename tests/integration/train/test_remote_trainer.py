@@ -32,25 +32,25 @@ SPEC = TrainerSpec(
 )
 
 
-@pytest.fixture
-def remote() -> Iterator[RemoteTrainer]:
+def started() -> Iterator[RemoteTrainer]:
     trainer = RemoteTrainer.start(SPEC)
     try:
         trainer.wait_ready()
         yield trainer
     finally:
         trainer.shutdown()
+
+
+@pytest.fixture
+def remote() -> Iterator[RemoteTrainer]:
+    """A fresh trainer process."""
+    yield from started()
 
 
 @pytest.fixture(scope="module")
 def shared() -> Iterator[RemoteTrainer]:
     """One process for the tests that only add steps to it (each spawn imports torch again)."""
-    trainer = RemoteTrainer.start(SPEC)
-    try:
-        trainer.wait_ready()
-        yield trainer
-    finally:
-        trainer.shutdown()
+    yield from started()
 
 
 def batches(make_batch, make_traj):

@@ -134,6 +134,49 @@ def decode_batch(data: bytes) -> TrainBatch:
         raise TrainError(f"malformed train batch in a rank command: {err}") from err
 
 
+class CommandCalls:
+    """The trainer calls that are one command each, for handles that run commands elsewhere
+    (rank 0's :class:`~nexrl_async.train.ranks.handle.DistributedTrainer`: on every rank; the
+    :class:`~nexrl_async.train.ranks.remote.RemoteTrainer`: in a child process). A subclass
+    implements :meth:`_run` (send the command, return the trainer method's result)."""
+
+    def _run(self, command: Command) -> object:
+        raise NotImplementedError
+
+    def step(self, batch: TrainBatch) -> dict[str, float]:
+        """One training step (see ``Trainer.step``); its metrics."""
+        result = self._run(TrainStep(batch=encode_batch(batch)))
+        assert isinstance(result, dict)
+        return result
+
+    def compute_logprobs(self, batch: TrainBatch) -> list[list[float]]:
+        """Per-token log-probs of every trajectory (see ``Trainer.compute_logprobs``)."""
+        result = self._run(ComputeLogprobs(batch=encode_batch(batch)))
+        assert isinstance(result, list)
+        return result
+
+    def validation_loss(self, batch: TrainBatch) -> dict[str, float]:
+        """Held-out metrics without an update (see ``Trainer.validation_loss``)."""
+        result = self._run(ValidationLoss(batch=encode_batch(batch)))
+        assert isinstance(result, dict)
+        return result
+
+    def save_hf(self, path: str | Path) -> Path:
+        """The policy and tokenizer as an HF folder at ``path`` (written atomically)."""
+        result = self._run(SaveHF(path=str(path)))
+        return result if isinstance(result, Path) else Path(path)
+
+    def save_checkpoint(self, directory: str | Path) -> Path:
+        """The trainer's state into ``directory`` (``train.checkpoint.save_trainer`` unless
+        the handle's hooks say otherwise)."""
+        self._run(SaveCheckpoint(path=str(directory)))
+        return Path(directory)
+
+    def load_checkpoint(self, directory: str | Path) -> None:
+        """Restore what :meth:`save_checkpoint` wrote, ``steps_done`` included."""
+        self._run(LoadCheckpoint(path=str(directory)))
+
+
 def describe(command: Command) -> str:
     """A short name for logs and errors (``train_step``, ``save_hf /path``)."""
     tag = type(command).__struct_config__.tag

@@ -29,39 +29,31 @@ from __future__ import annotations
 import threading
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from loguru import logger
 from torch import Tensor
 
 from nexrl_async.core.errors import TrainError
-from nexrl_async.core.records import TrainBatch
 from nexrl_async.train.ranks.commands import (
     Command,
-    ComputeLogprobs,
-    LoadCheckpoint,
+    CommandCalls,
     RankChannel,
     RankFailure,
     RankHooks,
-    SaveCheckpoint,
-    SaveHF,
     Shutdown,
     SyncWeights,
-    TrainStep,
-    ValidationLoss,
     build_on_every_rank,
     describe,
     drain,
-    encode_batch,
     execute,
 )
 from nexrl_async.train.ranks.topology import ProcessGroups, status_timeout_s
 from nexrl_async.train.spec import TrainerSpec
-from nexrl_async.train.trainer import StepMetrics, Trainer
+from nexrl_async.train.trainer import Trainer
 
 
-class DistributedTrainer:
+class DistributedTrainer(CommandCalls):
     """Rank 0's trainer at world size > 1: every call runs on every rank.
 
     Args:
@@ -103,45 +95,6 @@ class DistributedTrainer:
     @property
     def context_length(self) -> int | None:
         return self.trainer.context_length
-
-    def step(self, batch: TrainBatch) -> StepMetrics:
-        """One training step on every rank; the metrics (the same on every rank).
-
-        Raises:
-            RankFailure: the step failed on some rank (named in the message).
-            TrainError: the ranks already stopped after an earlier failure.
-        """
-        result = self._run(TrainStep(batch=encode_batch(batch)))
-        assert isinstance(result, dict)
-        return result
-
-    def compute_logprobs(self, batch: TrainBatch) -> list[list[float]]:
-        """Per-token log-probs of every trajectory (see :meth:`Trainer.compute_logprobs`)."""
-        result = self._run(ComputeLogprobs(batch=encode_batch(batch)))
-        assert isinstance(result, list)
-        return result
-
-    def validation_loss(self, batch: TrainBatch) -> StepMetrics:
-        """Held-out NLL metrics, every rank running the same no-grad passes."""
-        result = self._run(ValidationLoss(batch=encode_batch(batch)))
-        assert isinstance(result, dict)
-        return result
-
-    def save_hf(self, path: str | Path) -> Path:
-        """Gather the weights on every rank; rank 0 writes the HF folder atomically."""
-        result = self._run(SaveHF(path=str(path)))
-        return result if isinstance(result, Path) else Path(path)
-
-    def save_checkpoint(self, directory: str | Path) -> Path:
-        """Every rank saves its part (``hooks.save_checkpoint``, by default
-        ``train.checkpoint.save_trainer``: DCP shards, rank 0 the extra file)."""
-        self._run(SaveCheckpoint(path=str(directory)))
-        return Path(directory)
-
-    def load_checkpoint(self, directory: str | Path) -> None:
-        """Every rank loads its part (``hooks.load_checkpoint``, by default
-        ``train.checkpoint.load_trainer``), ``steps_done`` included."""
-        self._run(LoadCheckpoint(path=str(directory)))
 
     def named_parameters_for_sync(self) -> Generator[tuple[str, Tensor], None, None]:
         """``(HF name, full tensor)`` per parameter, gathered from the shards one at a time.

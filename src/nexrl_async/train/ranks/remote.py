@@ -37,19 +37,12 @@ from loguru import logger
 
 from nexrl_async.core.children import TRAINER_MODULE, ChildProcess, spawn_child, take_child
 from nexrl_async.core.errors import TrainError
-from nexrl_async.core.records import TrainBatch
 from nexrl_async.train.ranks.commands import (
     Command,
-    ComputeLogprobs,
-    LoadCheckpoint,
-    SaveCheckpoint,
-    SaveHF,
+    CommandCalls,
     Shutdown,
     SyncWeights,
-    TrainStep,
-    ValidationLoss,
     describe,
-    encode_batch,
     encode_command,
 )
 from nexrl_async.train.ranks.remote_protocol import Boot, Ready, Reply, raise_failure
@@ -60,7 +53,7 @@ _BOOT_TIMEOUT_S = 600.0
 _EXIT_GRACE_S = 30.0
 
 
-class RemoteTrainer:
+class RemoteTrainer(CommandCalls):
     """Rank 0's handle on a trainer running in a child process (see the module docstring)."""
 
     def __init__(self, process: ChildProcess, conn: Connection, *, timeout_s: float) -> None:
@@ -126,36 +119,10 @@ class RemoteTrainer:
     def steps_done(self) -> int:
         return self._steps_done
 
-    def step(self, batch: TrainBatch) -> dict[str, float]:
-        result = self._call(TrainStep(batch=encode_batch(batch)))
-        assert isinstance(result, dict)
-        return result
-
-    def compute_logprobs(self, batch: TrainBatch) -> list[list[float]]:
-        result = self._call(ComputeLogprobs(batch=encode_batch(batch)))
-        assert isinstance(result, list)
-        return result
-
-    def validation_loss(self, batch: TrainBatch) -> dict[str, float]:
-        result = self._call(ValidationLoss(batch=encode_batch(batch)))
-        assert isinstance(result, dict)
-        return result
-
-    def save_hf(self, path: str | Path) -> Path:
-        self._call(SaveHF(path=str(path)))
-        return Path(path)
-
-    def save_checkpoint(self, directory: str | Path) -> Path:
-        self._call(SaveCheckpoint(path=str(directory)))
-        return Path(directory)
-
-    def load_checkpoint(self, directory: str | Path) -> None:
-        self._call(LoadCheckpoint(path=str(directory)))
-
     def named_parameters_for_sync(self) -> Iterator[tuple[str, Any]]:
         """``(HF name, tensor)`` per parameter: views of the shared staging file, valid until
         the next sync (read them first)."""
-        layout = self._call(SyncWeights())
+        layout = self._run(SyncWeights())
         assert isinstance(layout, Layout)
         return iter(self._staging.views(layout))
 
@@ -188,7 +155,7 @@ class RemoteTrainer:
         assert self._ready is not None
         return self._ready
 
-    def _call(self, command: Command) -> object:
+    def _run(self, command: Command) -> object:
         self._built()
         what = describe(command)
         with self._lock:
