@@ -167,8 +167,7 @@ class CommandCalls:
         return result if isinstance(result, Path) else Path(path)
 
     def save_checkpoint(self, directory: str | Path) -> Path:
-        """The trainer's state into ``directory`` (``train.checkpoint.save_trainer`` unless
-        the handle's hooks say otherwise)."""
+        """The trainer's state into ``directory`` (the hooks', or ``save_trainer``)."""
         self._run(SaveCheckpoint(path=str(directory)))
         return Path(directory)
 
