@@ -26,6 +26,7 @@ dies closes its sockets, so the followers' wait for the next command fails at on
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,14 +135,12 @@ def decode_batch(data: bytes) -> TrainBatch:
         raise TrainError(f"malformed train batch in a rank command: {err}") from err
 
 
-class CommandCalls:
-    """The trainer calls that are one command each, for handles that run commands elsewhere
-    (rank 0's :class:`~nexrl_async.train.ranks.handle.DistributedTrainer`: on every rank; the
-    :class:`~nexrl_async.train.ranks.remote.RemoteTrainer`: in a child process). A subclass
-    implements :meth:`_run` (send the command, return the trainer method's result)."""
+class CommandCalls(ABC):
+    """The one-command trainer calls of handles that run commands elsewhere (``handle``: on
+    every rank; ``remote``: in a child process); :meth:`_run` sends one, returns its result."""
 
-    def _run(self, command: Command) -> object:
-        raise NotImplementedError
+    @abstractmethod
+    def _run(self, command: Command) -> object: ...
 
     def step(self, batch: TrainBatch) -> dict[str, float]:
         """One training step (see ``Trainer.step``); its metrics."""
@@ -156,7 +155,7 @@ class CommandCalls:
         return result
 
     def validation_loss(self, batch: TrainBatch) -> dict[str, float]:
-        """Held-out metrics without an update (see ``Trainer.validation_loss``)."""
+        """Held-out metrics, no update (``Trainer.validation_loss``)."""
         result = self._run(ValidationLoss(batch=encode_batch(batch)))
         assert isinstance(result, dict)
         return result
@@ -167,7 +166,7 @@ class CommandCalls:
         return result if isinstance(result, Path) else Path(path)
 
     def save_checkpoint(self, directory: str | Path) -> Path:
-        """The trainer's state into ``directory`` (the hooks', or ``save_trainer``)."""
+        """The trainer's state into ``directory``."""
         self._run(SaveCheckpoint(path=str(directory)))
         return Path(directory)
 

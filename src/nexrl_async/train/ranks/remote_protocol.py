@@ -55,7 +55,8 @@ def failure_of(err: BaseException) -> Failure:
     try:
         pickled = pickle.dumps(err)
         pickle.loads(pickled)  # the error must also load on the engine's side
-    except Exception:  # noqa: BLE001 - unpicklable errors travel as text
+    except (pickle.PicklingError, pickle.UnpicklingError, TypeError, AttributeError):
+        # unpicklable errors (or ones whose class cannot rebuild them) travel as text
         pickled = None
     text = "".join(traceback.format_exception(err))
     return Failure(type(err).__name__, str(err), text, pickled)
@@ -67,7 +68,8 @@ def raise_failure(failure: Failure, *, where: str) -> NoReturn:
     if failure.pickled is not None:
         try:
             loaded = pickle.loads(failure.pickled)
-        except Exception:  # noqa: BLE001 - fall back to the text
+        except (pickle.UnpicklingError, TypeError, AttributeError, ImportError):
+            # fall back to the text
             loaded = None
         err = loaded if isinstance(loaded, Exception) else None
     if err is None:
