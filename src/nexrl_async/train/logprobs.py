@@ -21,6 +21,7 @@ from nexrl_async.algorithms import entropy_from_logits, logprobs_from_logits
 from nexrl_async.train.microbatch import MicroBatch, micro_batches
 from nexrl_async.train.packing import packed_logits, unpack
 from nexrl_async.train.packing_plan import PlanCosts
+from nexrl_async.train.prefix_sharing import shared_prefix_logits, shares_prefixes
 from nexrl_async.train.tensors import SequenceBatch
 
 
@@ -51,8 +52,12 @@ def forward_logprobs(
             logits, mb.packed.input_ids, temperature, with_entropy, entropy_grad
         )
         return unpack(logprobs, mb.packed), None if entropy is None else unpack(entropy, mb.packed)
-    out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
-    logprobs, entropy = _shifted(out.logits, mb.input_ids, temperature, with_entropy, entropy_grad)
+    if mb.shared is not None:
+        logits = shared_prefix_logits(model, mb.shared, mb.width)
+    else:
+        out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
+        logits = out.logits
+    logprobs, entropy = _shifted(logits, mb.input_ids, temperature, with_entropy, entropy_grad)
     real = mb.attention_mask != 0
     logprobs = torch.where(real, logprobs, 0.0)
     return logprobs, None if entropy is None else torch.where(real, entropy, 0.0)
@@ -87,6 +92,7 @@ def batch_logprobs(
     with_entropy: bool = False,
     packing: bool = True,
     costs: PlanCosts | None = None,
+    share_prefix: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs ``[B, T]`` (and entropies) of every row, in eval mode, without gradients.
 
@@ -107,6 +113,7 @@ def batch_logprobs(
             device=device,
             packing=packing,
             costs=costs,
+            share_prefix=share_prefix and shares_prefixes(model),
         )
         for mb in planned:
             lp, ent = forward_logprobs(

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from nexrl_async.train import packing_plan as plans
 from nexrl_async.train.packing import PackedRows, pack_rows
+from nexrl_async.train.prefix_sharing import SharedPrefix, plan_shared_prefix
 from nexrl_async.train.tensors import SequenceBatch
 
 Plan = list[list[int]]
@@ -48,6 +49,9 @@ class MicroBatch:
     """``[b, W]`` int64 on the device."""
     packed: PackedRows | None = None
     """The rows concatenated (padding-free layout), or None for the padded forward."""
+    shared: SharedPrefix | None = None
+    """Padded rows as shared prefixes and own suffixes (:mod:`~nexrl_async.train.prefix_sharing`),
+    or None."""
 
     @property
     def device(self) -> torch.device:
@@ -154,16 +158,27 @@ def micro_batch_metrics(
 
 
 def collate(
-    seq: SequenceBatch, rows: Sequence[int], device: torch.device, *, packing: bool = True
+    seq: SequenceBatch,
+    rows: Sequence[int],
+    device: torch.device,
+    *,
+    packing: bool = True,
+    share_prefix: bool = False,
 ) -> MicroBatch:
     """The micro-batch of ``rows``: padded to the longest of them (and packed), on ``device``.
 
-    No rows give an empty ``[0, 0]`` micro-batch (never packed).
+    ``share_prefix``: an unpacked micro-batch whose groups share prompts computes each once
+    where that pays (:func:`~nexrl_async.train.prefix_sharing.plan_shared_prefix`). No rows give
+    an empty ``[0, 0]`` micro-batch (never packed).
     """
     index = torch.tensor(list(rows), dtype=torch.int64)
     width = int(seq.lengths[index].max()) if len(rows) else 0
     input_ids = seq.input_ids[index, :width]
+    shared = None
+    if share_prefix and not packing and len(rows) > 1:
+        shared = plan_shared_prefix(input_ids, seq.lengths[index], seq.group_index[index], device)
     return MicroBatch(
+        shared=shared,
         rows=index,
         width=width,
         input_ids=input_ids.to(device, non_blocking=True),
@@ -181,10 +196,12 @@ def micro_batches(
     packing: bool = True,
     costs: plans.PlanCosts | None = None,
     min_count: int = 1,
+    share_prefix: bool = False,
 ) -> Iterator[MicroBatch]:
-    """Plan ``rows`` (:func:`plan_layout`) and yield their micro-batches one at a time."""
+    """Plan ``rows`` (:func:`plan_layout`) and yield their micro-batches one at a time
+    (``share_prefix``: see :func:`collate`)."""
     packed, plan = plan_layout(
         seq.lengths, rows, token_budget, packing=packing, costs=costs, min_count=min_count
     )
     for planned in plan:
-        yield collate(seq, planned, device, packing=packed)
+        yield collate(seq, planned, device, packing=packed, share_prefix=share_prefix)

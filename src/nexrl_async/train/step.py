@@ -31,6 +31,7 @@ from nexrl_async.train.logprobs import model_device
 from nexrl_async.train.loss import MicroLoss, MicroResult
 from nexrl_async.train.microbatch import split_minibatches
 from nexrl_async.train.packing import plan_costs
+from nexrl_async.train.prefix_sharing import shares_prefixes
 from nexrl_async.train.ranks.collectives import all_reduce_max, all_reduce_sum
 from nexrl_async.train.ranks.lockstep import lockstep_micro_batches, rank_rows
 from nexrl_async.train.ranks.sharding import norm_value
@@ -48,6 +49,9 @@ class UpdateSettings:
     packing: bool = True
     """Padding-free micro-batches where they pay (``trainer.packing``; see
     :func:`~nexrl_async.train.packing.plan_costs`)."""
+    share_prefix: bool = False
+    """Compute a prompt that rows of a padded micro-batch share once (``trainer.share_prefix``;
+    world size 1)."""
     rank: int = 0
     world_size: int = 1
 
@@ -139,6 +143,7 @@ def accumulate_gradients(
     tally: Tally | None = None,
     packing: bool = True,
     world_size: int = 1,
+    share_prefix: bool = False,
 ) -> torch.Tensor:
     """Back-propagate the loss of ``rows`` micro-batch by micro-batch; returns the total loss.
 
@@ -161,6 +166,7 @@ def accumulate_gradients(
         packing=packing,
         world_size=world_size,
         costs=plan_costs(model) if packing else None,
+        share_prefix=share_prefix and world_size == 1 and shares_prefixes(model),
     )
     for mb, real in planned:
         result = loss_fn(model, mb, denominator)
@@ -201,6 +207,7 @@ def run_updates(
                     tally=tally,
                     packing=settings.packing,
                     world_size=settings.world_size,
+                    share_prefix=settings.share_prefix,
                 )
                 norm = norm_value(torch.nn.utils.clip_grad_norm_(params, max_norm))
                 tally.grad_norms.append(norm)

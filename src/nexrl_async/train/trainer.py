@@ -173,6 +173,7 @@ class Trainer:
             token_budget=trainer.micro_batch_tokens,
             max_grad_norm=optim.max_grad_norm,
             packing=trainer.packing,
+            share_prefix=trainer.share_prefix,
             rank=self.groups.rank,
             world_size=self.groups.world_size,
         )
@@ -321,6 +322,7 @@ class Trainer:
             temperature=self.temperature,
             packing=self.config.packing,
             with_entropy=with_entropy,
+            share_prefix=self.config.share_prefix,
         )
 
     def compute_logprobs(self, batch: TrainBatch) -> list[list[float]]:

@@ -51,6 +51,7 @@ def lockstep_micro_batches(
     packing: bool,
     world_size: int,
     costs: PlanCosts | None = None,
+    share_prefix: bool = False,
 ) -> Iterator[tuple[MicroBatch, bool]]:
     """``(micro-batch, real)`` pairs: this rank's micro-batches of ``rows``, as many as the
     busiest rank's (split further where rows allow), then fillers (``real = False``).
@@ -71,6 +72,7 @@ def lockstep_micro_batches(
             packing=packing,
             costs=costs,
             min_count=max(count, 1),
+            share_prefix=share_prefix,
         )
         for mb in planned:
             made += 1
@@ -114,6 +116,7 @@ def rank_logprobs(
     temperature: float,
     packing: bool,
     with_entropy: bool = False,
+    share_prefix: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs ``[B, T]`` (and entropies) of every row, each rank computing its share.
 
@@ -132,6 +135,7 @@ def rank_logprobs(
             with_entropy=with_entropy,
             packing=packing,
             costs=costs,
+            share_prefix=share_prefix,
         )
     device = model_device(model)
     logprobs = torch.zeros(seq.input_ids.shape, dtype=torch.float32)
