@@ -184,6 +184,26 @@ async def test_batch_request_is_decoded_as_one_batch(client: httpx.AsyncClient) 
     assert after.get(8, 0) - before.get(8, 0) >= 5  # all 8 rows decoded together every step
 
 
+async def test_batch_keeps_each_prompts_own_sampling_params(client: httpx.AsyncClient) -> None:
+    # specs are validated once per distinct (parameters, prompt length): each still applies
+    prompts = [PROMPT[:3], PROMPT[:3], PROMPT[:5], PROMPT[:3]]
+    params = [
+        {"max_new_tokens": 2, "temperature": 0, "ignore_eos": True},
+        {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True},
+        {"max_new_tokens": 2, "temperature": 0, "ignore_eos": True},
+        {"max_new_tokens": 2, "temperature": 0, "ignore_eos": True},
+    ]
+    out = await generate(client, input_ids=prompts, sampling_params=params)
+    assert [len(o["output_ids"]) for o in out] == [2, 4, 2, 2]
+    shared = {"max_new_tokens": 3, "temperature": 0, "ignore_eos": True, "stop_token_ids": [9]}
+    out = await generate(client, input_ids=prompts, sampling_params=shared, return_logprob=True)
+    assert [o["meta_info"]["prompt_tokens"] for o in out] == [3, 3, 5, 3]
+    for o in out:
+        lengths = len(o["output_ids"]), len(o["meta_info"]["output_token_logprobs"])
+        assert lengths[0] == lengths[1] <= 3
+        assert 9 not in o["output_ids"][:-1]
+
+
 async def test_concurrent_requests_share_decode_steps(client: httpx.AsyncClient) -> None:
     before = await histogram(client)
     params = {"max_new_tokens": 48, "temperature": 0, "ignore_eos": True}

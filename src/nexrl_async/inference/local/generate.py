@@ -34,8 +34,9 @@ from nexrl_async.inference.local.protocol import (
     sampling_spec,
 )
 from nexrl_async.inference.local.request import Notifier, Request
+from nexrl_async.inference.local.sampling import SamplingSpec
 from nexrl_async.inference.local.sglang_schema import SamplingParamsBody
-from nexrl_async.inference.local.step_plan import LogprobEntry
+from nexrl_async.inference.local.step_plan import LogprobEntry, LogprobRequest
 from nexrl_async.inference.local.streaming import (
     DONE,
     EventStreamResponse,
@@ -104,11 +105,21 @@ async def build_requests(body: GenerateRequest, ctx: ServerContext) -> tuple[lis
     rids = _rids(body.rid, count, n)
     notifier = Notifier()
     out: list[Request] = []
+    # a batch's prompts mostly share one parameter object and one length: validate each
+    # distinct combination once (a spec per prompt cost more server CPU than the forward)
+    specs: dict[tuple[int, int], SamplingSpec] = {}
+    wanted: dict[tuple[Any, ...], LogprobRequest] = {}
     for i, prompt in enumerate(prompts):
-        spec = sampling_spec(params[i], len(prompt), ctx.limits)
-        logprobs = logprob_request(
-            bool(wants[i]), starts[i], tops[i], by_ids[i], len(prompt), ctx.limits
-        )
+        length = len(prompt)
+        spec = specs.get((id(params[i]), length))
+        if spec is None:
+            spec = specs[id(params[i]), length] = sampling_spec(params[i], length, ctx.limits)
+        key = (bool(wants[i]), starts[i], tops[i], id(by_ids[i]), length)
+        logprobs = wanted.get(key)
+        if logprobs is None:
+            logprobs = wanted[key] = logprob_request(
+                bool(wants[i]), starts[i], tops[i], by_ids[i], length, ctx.limits
+            )
         for _ in range(n):
             out.append(
                 Request(
