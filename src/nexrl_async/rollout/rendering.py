@@ -48,6 +48,7 @@ import anyio
 import anyio.to_thread
 
 from nexrl_async.core.errors import RolloutError
+from nexrl_async.core.token_codec import TokenCodec
 from nexrl_async.rollout.tools import Message
 
 T = TypeVar("T")
@@ -86,6 +87,8 @@ class ChatRenderer:
         tools: Sequence[Mapping[str, Any]] = (),
     ) -> None:
         self.tokenizer = tokenizer
+        self.codec = TokenCodec(tokenizer)
+        """Encodes and decodes through the Rust tokenizer where that is exact."""
         self.apply_chat_template = apply_chat_template
         self.tools = [dict(t) for t in tools]
         self._limiter = anyio.CapacityLimiter(1)
@@ -177,10 +180,10 @@ class ChatRenderer:
         return best
 
     def encode(self, text: str) -> list[int]:
-        return as_token_ids(self.tokenizer.encode(text, add_special_tokens=False))
+        return self.codec.encode(text)
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
-        text = self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        text = self.codec.decode(ids, skip_special_tokens=skip_special_tokens)
         if not isinstance(text, str):
             raise RolloutError(f"tokenizer.decode returned {type(text).__name__}, not str")
         return text

@@ -7,7 +7,14 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from nexrl_async.core.errors import RequestRejected
-from nexrl_async.inference.local.detokenizer import IncrementalText, final_text, find_stop
+from nexrl_async.core.token_codec import TokenCodec
+from nexrl_async.inference.local.detokenizer import (
+    Ending,
+    IncrementalText,
+    final_text,
+    final_texts,
+    find_stop,
+)
 from nexrl_async.inference.local.protocol import (
     GenerateRequest,
     Limits,
@@ -96,17 +103,40 @@ def test_schema_rejects_unknown_sampling_keys_but_not_top_level_ones() -> None:
 
 
 def test_detokenizer(tokenizer: PreTrainedTokenizerFast) -> None:
+    codec = TokenCodec(tokenizer)
     ids = [*tokenizer("12+3 = 15").input_ids[1:], tokenizer.eos_token_id]
-    text = IncrementalText(tokenizer, skip_special_tokens=True)
+    text = IncrementalText(codec, skip_special_tokens=True)
     added = [text.advance(ids[: i + 1]) for i in range(len(ids))]
     assert "".join(added) == text.text == "12+3 = 15"
     assert find_stop("12+3", "3", ("= ", "+3")) == "+3"
     assert find_stop("12+3 =", "=", ("+3",)) is None  # matched earlier, not by the new text
     assert find_stop("12+3 =", "", ("+3",)) is None
     stop = {"type": "stop", "matched": "+"}
-    assert final_text(tokenizer, ids, stop, skip_special_tokens=True, no_stop_trim=False) == "12"
+    assert final_text(codec, ids, stop, skip_special_tokens=True, no_stop_trim=False) == "12"
     eos = {"type": "stop", "matched": ids[-1]}
-    kept = final_text(tokenizer, ids, eos, skip_special_tokens=False, no_stop_trim=True)
+    kept = final_text(codec, ids, eos, skip_special_tokens=False, no_stop_trim=True)
     assert kept.endswith("<eos>")
-    cut = final_text(tokenizer, ids, eos, skip_special_tokens=False, no_stop_trim=False)
+    cut = final_text(codec, ids, eos, skip_special_tokens=False, no_stop_trim=False)
     assert cut == "12+3 = 15"
+
+
+def test_final_texts_of_a_step_decode_together_as_one_by_one(
+    tokenizer: PreTrainedTokenizerFast,
+) -> None:
+    codec = TokenCodec(tokenizer)
+    ids = [*tokenizer("12+3 = 15").input_ids[1:], tokenizer.eos_token_id]
+    eos = {"type": "stop", "matched": ids[-1]}
+    cases = [
+        (ids, eos, True, False),
+        (ids, eos, False, True),
+        (ids, eos, False, False),
+        (ids, {"type": "stop", "matched": "+"}, True, False),
+        (ids[:3], {"type": "length", "length": 3}, False, False),
+        ([], {"type": "length", "length": 0}, True, False),
+    ]
+    endings = [Ending(i, f, skip_special_tokens=s, no_stop_trim=k) for i, f, s, k in cases]
+    one_by_one = [
+        final_text(codec, i, f, skip_special_tokens=s, no_stop_trim=k) for i, f, s, k in cases
+    ]
+    assert final_texts(codec, endings) == one_by_one
+    assert one_by_one == ["12+3 = 15", "12+3 = 15<eos>", "12+3 = 15", "12", "12+", ""]

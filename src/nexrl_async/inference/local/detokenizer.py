@@ -8,16 +8,17 @@ detokenizer trims them: a matched stop token or stop string is cut unless ``no_s
 
 from __future__ import annotations
 
-from transformers import PreTrainedTokenizerBase
+from collections.abc import Sequence
 
+from nexrl_async.core.token_codec import TokenCodec
 from nexrl_async.inference.local.step_plan import FinishReason
 
 
 class IncrementalText:
     """Cumulative text of a growing list of ids, at O(window) cost per token."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, *, skip_special_tokens: bool) -> None:
-        self._tok = tokenizer
+    def __init__(self, codec: TokenCodec, *, skip_special_tokens: bool) -> None:
+        self._codec = codec
         self._skip = skip_special_tokens
         self._prefix_offset = 0
         self._read_offset = 0
@@ -38,7 +39,7 @@ class IncrementalText:
     def _decode(self, ids: list[int]) -> str:
         if not ids:
             return ""
-        return str(self._tok.decode(ids, skip_special_tokens=self._skip))
+        return str(self._codec.decode(ids, skip_special_tokens=self._skip))
 
 
 def find_stop(text: str, added: str, stops: tuple[str, ...]) -> str | None:
@@ -53,22 +54,66 @@ def find_stop(text: str, added: str, stops: tuple[str, ...]) -> str | None:
     return None
 
 
+class Ending:
+    """A sequence's final text to produce: its ids, how it finished and its decoding flags."""
+
+    __slots__ = ("finish", "no_stop_trim", "output_ids", "skip_special_tokens")
+
+    def __init__(
+        self,
+        output_ids: list[int],
+        finish: FinishReason | None,
+        *,
+        skip_special_tokens: bool,
+        no_stop_trim: bool,
+    ) -> None:
+        self.output_ids = output_ids
+        self.finish = finish
+        self.skip_special_tokens = skip_special_tokens
+        self.no_stop_trim = no_stop_trim
+
+    def ids(self) -> list[int]:
+        """The ids the text is decoded from: a matched stop token is cut unless kept."""
+        matched = self.finish.get("matched") if self.finish else None
+        if isinstance(matched, int) and not self.no_stop_trim and self.output_ids:
+            return self.output_ids[:-1]
+        return self.output_ids
+
+    def trimmed(self, text: str) -> str:
+        """``text`` cut at a matched stop string (unless kept)."""
+        matched = self.finish.get("matched") if self.finish else None
+        if isinstance(matched, str) and not self.no_stop_trim:
+            cut = text.find(matched)
+            if cut >= 0:
+                return text[:cut]
+        return text
+
+
+def final_texts(codec: TokenCodec, endings: Sequence[Ending]) -> list[str]:
+    """The response ``text`` of each finished (or aborted) sequence, decoded in one call per
+    ``skip_special_tokens`` value."""
+    texts = [""] * len(endings)
+    for skip in (True, False):
+        picked = [i for i, e in enumerate(endings) if e.skip_special_tokens is skip and e.ids()]
+        if picked:
+            rows = [endings[i].ids() for i in picked]
+            for i, text in zip(
+                picked, codec.decode_batch(rows, skip_special_tokens=skip), strict=True
+            ):
+                texts[i] = text
+    return [e.trimmed(t) for e, t in zip(endings, texts, strict=True)]
+
+
 def final_text(
-    tokenizer: PreTrainedTokenizerBase,
+    codec: TokenCodec,
     output_ids: list[int],
     finish: FinishReason | None,
     *,
     skip_special_tokens: bool,
     no_stop_trim: bool,
 ) -> str:
-    """The response ``text`` of a finished (or aborted) sequence."""
-    matched = finish.get("matched") if finish else None
-    ids = output_ids
-    if isinstance(matched, int) and not no_stop_trim and ids:
-        ids = ids[:-1]
-    text = str(tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)) if ids else ""
-    if isinstance(matched, str) and not no_stop_trim:
-        cut = text.find(matched)
-        if cut >= 0:
-            text = text[:cut]
-    return text
+    """The response ``text`` of one finished (or aborted) sequence."""
+    ending = Ending(
+        output_ids, finish, skip_special_tokens=skip_special_tokens, no_stop_trim=no_stop_trim
+    )
+    return final_texts(codec, [ending])[0]

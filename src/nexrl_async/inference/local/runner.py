@@ -16,8 +16,15 @@ import torch
 from transformers import PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
+from nexrl_async.core.token_codec import TokenCodec
 from nexrl_async.inference.local.batch import DecodeBatch
-from nexrl_async.inference.local.detokenizer import IncrementalText, final_text, find_stop
+from nexrl_async.inference.local.detokenizer import (
+    Ending,
+    IncrementalText,
+    final_text,
+    final_texts,
+    find_stop,
+)
 from nexrl_async.inference.local.lean_forward import forward_for
 from nexrl_async.inference.local.sampling import RowSampler, draw
 from nexrl_async.inference.local.step_plan import (
@@ -55,6 +62,7 @@ class ModelRunner:
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.codec = TokenCodec(tokenizer)
         self.eos_ids = eos_ids
         self.weight_version = version
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
@@ -110,7 +118,7 @@ class ModelRunner:
             if row.admission.key in keys:
                 spec = row.sampler.spec
                 texts[row.admission.key] = final_text(
-                    self.tokenizer,
+                    self.codec,
                     row.output_ids,
                     None,
                     skip_special_tokens=spec.skip_special_tokens,
@@ -141,7 +149,7 @@ class ModelRunner:
                 sampler.observe(token)
             text = None
             if a.wants_text or spec.stop:
-                text = IncrementalText(self.tokenizer, skip_special_tokens=spec.skip_special_tokens)
+                text = IncrementalText(self.codec, skip_special_tokens=spec.skip_special_tokens)
                 if a.output_ids:
                     text.advance(a.output_ids)
             rows.append(
@@ -194,7 +202,27 @@ class ModelRunner:
         self._batch.last = drawn.tokens
         tokens = drawn.tokens.tolist()
         token_lps = drawn.token_logprobs.tolist()
-        outputs, keep = [], []
+        finishes: list[FinishReason | None] = []
+        endings: dict[int, Ending] = {}
+        for i, row in enumerate(rows):
+            spec = row.sampler.spec
+            if spec.max_new_tokens == 0:
+                finishes.append(finish_length(0))
+                continue
+            row.output_ids.append(tokens[i])
+            row.sampler.observe(tokens[i])
+            added = row.text.advance(row.output_ids) if row.text is not None else ""
+            finish = self._finish(row, tokens[i], added)
+            finishes.append(finish)
+            if finish is not None:
+                endings[i] = Ending(
+                    row.output_ids,
+                    finish,
+                    skip_special_tokens=spec.skip_special_tokens,
+                    no_stop_trim=spec.no_stop_trim,
+                )
+        texts = dict(zip(endings, final_texts(self.codec, list(endings.values())), strict=True))
+        outputs = []
         for i, row in enumerate(rows):
             key = row.admission.key
             if row.sampler.spec.max_new_tokens == 0:
@@ -202,16 +230,18 @@ class ModelRunner:
                     key=key,
                     token=None,
                     text="",
-                    finish=finish_length(0),
+                    finish=finishes[i],
                     input_logprobs=inputs.get(key),
                 )
             else:
-                row.output_ids.append(tokens[i])
-                row.sampler.observe(tokens[i])
-                out = self._row_output(row, tokens[i], token_lps[i], drawn.logprobs, i, inputs)
+                text = texts.get(i)
+                if text is None and row.admission.wants_text and row.text is not None:
+                    text = row.text.text
+                out = self._row_output(
+                    row, tokens[i], token_lps[i], drawn.logprobs, i, inputs, finishes[i], text
+                )
             outputs.append(out)
-            if out.finish is None:
-                keep.append(i)
+        keep = [i for i, finish in enumerate(finishes) if finish is None]
         self._rows = [rows[i] for i in keep]
         self._batch.select(keep)
         return outputs
@@ -224,19 +254,9 @@ class ModelRunner:
         all_logprobs: torch.Tensor,
         index: int,
         inputs: dict[int, InputLogprobs],
+        finish: FinishReason | None,
+        text: str | None,
     ) -> RowOutput:
-        spec = row.sampler.spec
-        added = row.text.advance(row.output_ids) if row.text is not None else ""
-        finish = self._finish(row, token, added)
-        text = row.text.text if row.admission.wants_text and row.text is not None else None
-        if finish is not None:
-            text = final_text(
-                self.tokenizer,
-                row.output_ids,
-                finish,
-                skip_special_tokens=spec.skip_special_tokens,
-                no_stop_trim=spec.no_stop_trim,
-            )
         want = row.admission.logprobs
         key = row.admission.key
         if not want.enabled:
