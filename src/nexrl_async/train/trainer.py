@@ -14,8 +14,7 @@ An RL step (``algorithm.mode = "rl"``):
 2. a no-grad pass with the pre-step weights gives the trainer's log-probs (old log-probs for
    ``recompute``, ``train/logprob_mismatch``, TIS) and entropies, and the reference's
    log-probs when KL is on. The policy's part is skipped when nothing needs it before training
-   (one minibatch, one epoch, no KL in the reward, no TIS, no ``prepare_batch``, no dropout):
-   its log-probs and metrics then come from the training forward (the weights are the same);
+   (one minibatch and epoch, no KL reward, TIS, ``prepare_batch``, dropout): the forward has them;
 3. rewards, advantages, KL in the reward, ``prepare_batch`` and TIS weights give the per-token
    targets (:mod:`~nexrl_async.train.targets`);
 4. ``minibatches × epochs`` AdamW steps with gradient accumulation and global loss
@@ -23,8 +22,7 @@ An RL step (``algorithm.mode = "rl"``):
    :mod:`~nexrl_async.train.loss`);
 5. the LR schedule and the adaptive KL controller advance once.
 
-An SFT step trains the loss-masked tokens' NLL with steps 1, 4 and 5; a DPO step trains
-preference pairs (:mod:`~nexrl_async.train.dpo`).
+An SFT step trains the loss-masked tokens' NLL (steps 1, 4, 5); DPO: :mod:`~nexrl_async.train.dpo`.
 
 At world size ``N > 1`` (``groups``, see :mod:`~nexrl_async.train.ranks.topology`) every rank builds
 the same trainer, sharded with FSDP2 (:mod:`~nexrl_async.train.ranks.sharding`; the reference too
