@@ -11,10 +11,32 @@ from transformers import PreTrainedModel
 
 from nexrl_async.config.model import BuiltModel, CharTokenizer
 from nexrl_async.core.records import Group, TrainBatch, Trajectory, Turn, VersionToken
-from nexrl_async.train.build import build_char_tokenizer, build_model_for
+from nexrl_async.train.build import build_char_tokenizer, build_model, build_model_for
 
 TOKEN = VersionToken(lease_id=0, version=0)
 TINY = BuiltModel(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+
+def tiny_policy(architecture: str = "qwen2", attn: str = "sdpa") -> PreTrainedModel:
+    """A 2-layer model with grouped-query attention (4 heads, 2 of them for keys and values)
+    built from seed 0, for exactness tests of the forward's layouts."""
+    tok = build_char_tokenizer(CharTokenizer())
+    return build_model(
+        BuiltModel(
+            architecture=architecture,  # type: ignore[arg-type]
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            attn_implementation=attn,  # type: ignore[arg-type]
+        ),
+        vocab_size=len(tok),
+        seed=0,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
 
 
 @pytest.fixture(autouse=True)

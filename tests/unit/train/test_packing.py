@@ -9,11 +9,10 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_train import tiny_policy
 from torch import Tensor
 from transformers import AttentionInterface, PreTrainedModel
 
-from nexrl_async.config.model import BuiltModel, CharTokenizer
-from nexrl_async.train.build import build_char_tokenizer, build_model
 from nexrl_async.train.packing import (
     Mechanism,
     PackedRows,
@@ -32,23 +31,7 @@ VARLEN_NAME = "test_flash_varlen"
 
 
 def _tiny(architecture: str = "qwen2", attn: str = "sdpa", **config: Any) -> PreTrainedModel:
-    tok = build_char_tokenizer(CharTokenizer())
-    model = build_model(
-        BuiltModel(
-            architecture=architecture,  # type: ignore[arg-type]
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            attn_implementation=attn,  # type: ignore[arg-type]
-        ),
-        vocab_size=len(tok),
-        seed=0,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    model = tiny_policy(architecture, attn)
     for key, value in config.items():
         setattr(model.config, key, value)
     return model

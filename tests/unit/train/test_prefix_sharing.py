@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
+from tiny_train import tiny_policy
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from nexrl_async.config.model import BuiltModel, CharTokenizer
-from nexrl_async.train.build import build_char_tokenizer, build_model
 from nexrl_async.train.logprobs import forward_logprobs
 from nexrl_async.train.microbatch import MicroBatch, collate
 from nexrl_async.train.prefix_sharing import (
@@ -21,26 +18,6 @@ from nexrl_async.train.prefix_sharing import (
 from nexrl_async.train.tensors import SequenceBatch
 
 CPU = torch.device("cpu")
-
-
-def _tiny(architecture: str = "qwen2", **extra: Any) -> PreTrainedModel:
-    tok = build_char_tokenizer(CharTokenizer())
-    return build_model(
-        BuiltModel(
-            architecture=architecture,  # type: ignore[arg-type]
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            **extra,
-        ),
-        vocab_size=len(tok),
-        seed=0,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
 
 
 def _batch(prompts: list[list[int]], group_size: int, seed: int = 0) -> SequenceBatch:
@@ -92,7 +69,7 @@ PROMPTS = {
 @pytest.mark.parametrize("architecture", ["qwen2", "llama"])
 @pytest.mark.parametrize("case", sorted(PROMPTS))
 def test_shared_forward_matches_padded(architecture: str, case: str) -> None:
-    model = _tiny(architecture)
+    model = tiny_policy(architecture)
     seq = _batch(PROMPTS[case], group_size=5)
     rows = list(range(seq.size))
     padded = collate(seq, rows, CPU, packing=False)
@@ -140,7 +117,7 @@ def test_packed_micro_batches_are_never_shared() -> None:
 
 
 def test_activation_checkpointing_turns_sharing_off() -> None:
-    model = _tiny()
+    model = tiny_policy()
     assert shares_prefixes(model)
     enable = getattr(model, "activation_checkpointing_enable", None)
     (enable or model.gradient_checkpointing_enable)()
