@@ -18,7 +18,7 @@ rows of one group (``group_index``), cut so every row keeps at least one token o
 On the CPU demo (32 prompts of 4 tokens, 8 samples of 3 tokens each) it computes 896 token
 positions instead of 1,792; the saving grows with the prompt's share of a row. Used where
 :func:`plan_shared_prefix` finds it saves at least :data:`MIN_SAVING` of the token slots, for
-models whose KV cache is the plain per-layer one (no sliding window) and without activation
+models with full attention in every layer (a plain per-layer KV cache) and without activation
 checkpointing (transformers turns the cache off there).
 """
 
@@ -131,16 +131,17 @@ def plan_shared_prefix(
 
 
 def shares_prefixes(model: PreTrainedModel) -> bool:
-    """Whether :func:`shared_prefix_logits` runs ``model`` exactly: a plain KV cache (no
-    sliding-window layers) and no activation checkpointing."""
+    """Whether :func:`shared_prefix_logits` runs ``model`` exactly: full attention in every
+    layer (a plain KV cache) and no activation checkpointing."""
     config = model.config
-    layer_types = list(getattr(config, "layer_types", None) or [])
-    sliding = "sliding_attention" in layer_types or bool(getattr(config, "use_sliding_window", 0))
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    # sliding windows and linear / state-space layers keep caches this forward does not expect
+    other = layer_types != {"full_attention"} or bool(getattr(config, "use_sliding_window", 0))
     # transformers 5 renamed is_gradient_checkpointing (kept as a deprecated alias)
     name = "is_activation_checkpointing"
     if not hasattr(type(model), name):
         name = "is_gradient_checkpointing"
-    return not sliding and not getattr(model, name, False)
+    return not other and not getattr(model, name, False)
 
 
 def _cache_name(model: PreTrainedModel) -> str:

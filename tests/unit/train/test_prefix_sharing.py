@@ -122,3 +122,14 @@ def test_activation_checkpointing_turns_sharing_off() -> None:
     enable = getattr(model, "activation_checkpointing_enable", None)
     (enable or model.gradient_checkpointing_enable)()
     assert not shares_prefixes(model)
+
+
+@pytest.mark.parametrize(
+    "layer_types", [["full_attention", "sliding_attention"], ["linear_attention", "full_attention"]]
+)
+def test_layers_other_than_full_attention_turn_sharing_off(layer_types: list[str]) -> None:
+    model = tiny_policy()
+    model.config.layer_types = layer_types
+    assert not shares_prefixes(model)
+    model.config.layer_types = ["full_attention", "full_attention"]
+    assert shares_prefixes(model)
