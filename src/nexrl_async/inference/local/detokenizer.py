@@ -93,13 +93,12 @@ def final_texts(codec: TokenCodec, endings: Sequence[Ending]) -> list[str]:
     """The response ``text`` of each finished (or aborted) sequence, decoded in one call per
     ``skip_special_tokens`` value."""
     texts = [""] * len(endings)
+    ids = [e.ids() for e in endings]
     for skip in (True, False):
-        picked = [i for i, e in enumerate(endings) if e.skip_special_tokens is skip and e.ids()]
+        picked = [i for i, e in enumerate(endings) if e.skip_special_tokens is skip and ids[i]]
         if picked:
-            rows = [endings[i].ids() for i in picked]
-            for i, text in zip(
-                picked, codec.decode_batch(rows, skip_special_tokens=skip), strict=True
-            ):
+            decoded = codec.decode_batch([ids[i] for i in picked], skip_special_tokens=skip)
+            for i, text in zip(picked, decoded, strict=True):
                 texts[i] = text
     return [e.trimmed(t) for e, t in zip(endings, texts, strict=True)]
 
