@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from nexrl_async.config.data import data_problems
 from nexrl_async.config.inference import (
     AttachInference,
+    LocalInference,
     NoInference,
     SGLangInference,
     VLLMInference,
@@ -30,6 +31,7 @@ def cross_check(cfg: RecipeConfig) -> Iterator[Problem]:
     yield from _check_algorithm(cfg)
     yield from _check_inference(cfg)
     yield from _check_vllm(cfg)
+    yield from _check_shared(cfg)
     yield from _check_validation(cfg)
     yield from _check_rollout(cfg)
 
@@ -197,6 +199,17 @@ def _check_inference(cfg: RecipeConfig) -> Iterator[Problem]:
                 "inference.model_path is unset: SGLang serves a local HF folder; set it or use "
                 'model.kind = "pretrained"',
             )
+
+
+def _check_shared(cfg: RecipeConfig) -> Iterator[Problem]:
+    """Shared-memory publication reaches only servers the fleet launches on this host."""
+    if cfg.weights.transport == "shared" and not isinstance(cfg.inference, LocalInference):
+        yield (
+            "weights.transport",
+            'weights.transport = "shared" needs inference.backend = "local": only our local '
+            'servers (launched on this host) load weights from shared memory; use "disk", '
+            '"distributed" (SGLang) or "auto"',
+        )
 
 
 def _check_vllm(cfg: RecipeConfig) -> Iterator[Problem]:

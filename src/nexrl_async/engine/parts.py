@@ -70,7 +70,14 @@ from nexrl_async.rollout.loading import load_worker
 from nexrl_async.train.ranks.remote import RemoteTrainer
 from nexrl_async.train.spec import TrainerSpec
 from nexrl_async.train.trainer import Trainer
-from nexrl_async.weights import DiskTransport, DistributedTransport, Publisher, Transport
+from nexrl_async.weights import (
+    DiskTransport,
+    DistributedTransport,
+    Publisher,
+    SharedTransport,
+    Transport,
+    staging_of,
+)
 from nexrl_async.weights.sender import WeightSender
 
 TrainerFactory = Callable[[TrainerSpec], PolicyTrainer]
@@ -98,10 +105,13 @@ class Parts:
     torch_limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(1))
 
     async def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One trainer step in a worker thread (the loop keeps serving rollouts)."""
-        result = await anyio.to_thread.run_sync(
-            self.trainer.step, batch, limiter=self.torch_limiter
-        )
+        """One trainer step; the loop keeps serving rollouts meanwhile. A trainer process is
+        driven from the loop itself (its reply wakes the loop); others run in a worker thread."""
+        trainer = self.trainer
+        if isinstance(trainer, RemoteTrainer):
+            async with self.torch_limiter:
+                return await trainer.step_async(batch)
+        result = await anyio.to_thread.run_sync(trainer.step, batch, limiter=self.torch_limiter)
         return dict(result)
 
     def pipeline_metrics(self, clock: StepClock) -> dict[str, float]:
@@ -158,9 +168,11 @@ async def _open_trainer(
     trainer: PolicyTrainer
     if factory is None and spec.trainer.process:
         # spawned from the loop thread: the parent-death signal follows the spawning thread
+        shared = resolve_weights(ctx.cfg.weights, ctx.cfg.inference).transport == "shared"
         remote = RemoteTrainer.start(
-            spec, log_level=ctx.cfg.logging.level, log_file=ctx.run_dir.logs_dir / "trainer.log"
-        )
+            spec, log_level=ctx.cfg.logging.level, log_file=ctx.run_dir.logs_dir / "trainer.log",
+            stage_after_step=shared,  # each publication reads what its step staged
+        )  # fmt: skip
         try:
             await anyio.to_thread.run_sync(remote.wait_ready)
         except BaseException:
@@ -271,9 +283,16 @@ def _transport(
     sglang = {url: c for url, c in clients.items() if isinstance(c, ServerControl)}
     if len(sglang) < len(clients):  # config.checks refuses this first
         raise ConfigError(
-            'weights.transport = "distributed": only SGLang-API servers (local, sglang) take a '
-            'broadcast; use "disk"'
+            f'weights.transport = "{weights.transport}": only SGLang-API servers (local, sglang) '
+            'take it; use "disk"'
         )
+    if weights.transport == "shared":
+        close = None
+        if isinstance(trainer, RemoteTrainer):  # the trainer process fills its staging file
+            stage = trainer.stage_weights
+        else:
+            stage, close = staging_of(trainer.named_parameters_for_sync)
+        return SharedTransport(weights, clients=sglang, stage=stage, limiter=limiter, close=close)
     return DistributedTransport(
         weights, clients=sglang, params=trainer.named_parameters_for_sync,
         sender_factory=WeightSender, limiter=limiter,

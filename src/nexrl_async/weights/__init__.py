@@ -1,9 +1,10 @@
-"""Weight publication from the trainer to the inference fleet (disk and distributed transports).
+"""Weight publication from the trainer to the inference fleet (disk, distributed and shared).
 
 Owns: the publication state machine (prepare → hold → transfer → verify → flush → continue,
-``publisher``) and its transports: ``disk`` (safetensors + ``/update_weights_from_disk``) and
+``publisher``) and its transports: ``disk`` (safetensors + ``/update_weights_from_disk``),
 ``distributed`` (``/update_weights_from_distributed`` with the trainer's broadcast, ``group``),
-and the trainer side of that broadcast (``sender``).
+the trainer side of that broadcast (``sender``) and ``shared`` (local servers copy a
+shared-memory file, ``/update_weights_from_shared_memory``).
 Must not import: ``rollout``, ``train``, ``engine`` (the trainer's parameters are injected).
 """
 
@@ -17,6 +18,7 @@ from nexrl_async.weights.publisher import (
     Transport,
     WeightPublisher,
 )
+from nexrl_async.weights.shared import SharedTransport, Stage, staging_of
 from nexrl_async.weights.steps import Targets
 
 __all__ = [
@@ -30,7 +32,10 @@ __all__ = [
     "Routing",
     "Sender",
     "SenderFactory",
+    "SharedTransport",
+    "Stage",
     "Targets",
     "Transport",
     "WeightPublisher",
+    "staging_of",
 ]

@@ -31,6 +31,7 @@ class DiskTransport:
     """``weights.transport = "disk"``."""
 
     name = "disk"
+    atomic = False
 
     def __init__(
         self,

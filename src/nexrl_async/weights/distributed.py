@@ -59,6 +59,7 @@ class DistributedTransport(Generic[BucketT]):
     """``weights.transport = "distributed"`` (see the module docstring)."""
 
     name = "distributed"
+    atomic = False
 
     def __init__(
         self,

@@ -21,9 +21,11 @@ One publication of version ``v`` is a state machine; every step runs under
     continue the paused servers: continue_generation; routing resumes (always, in a finally)
 
 The transport is the seam (:class:`Transport`): :class:`~nexrl_async.weights.disk.DiskTransport`
-(``/update_weights_from_disk``) or
+(``/update_weights_from_disk``),
 :class:`~nexrl_async.weights.distributed.DistributedTransport` (``/update_weights_from_distributed``
-with the trainer's broadcast).
+with the trainer's broadcast) or :class:`~nexrl_async.weights.shared.SharedTransport` (local
+servers copy a shared-memory file; its swap is atomic and labelled, so ``in_place`` skips the
+hold, the verify and the continue: a publication is the transfer alone).
 
 Crashes: a publication addresses the servers the fleet routes (``ServerHandle.available``). A
 server that is down, or goes down during a step, is dropped from the publication, which
@@ -73,7 +75,8 @@ class PublishStats(Struct, frozen=True, kw_only=True):
     export_s: float
     """Transport preparation before the hold (disk export, group set-up)."""
     pause_s: float
-    """Routing held: hold, transfer, verify, flush, continue."""
+    """Routing held: hold, transfer, verify, flush, continue (0 when nothing is held: an atomic
+    transport in place)."""
     transfer_s: float
     total_s: float
     hold_s: float = 0.0
@@ -86,6 +89,10 @@ class Transport(Protocol):
     """How weights travel to the servers; the :class:`Publisher` owns the state machine."""
 
     name: str
+    atomic: bool
+    """Each server swaps and labels a whole version between two of its decode steps by itself
+    (shared memory): ``in_place`` then needs no hold (no routing pause, no pause/continue
+    calls) and no separate verify (a successful transfer is the label)."""
 
     async def prepare(self, version: int, targets: Targets) -> None:
         """Work that needs no pause (runs before the hold, outside the lock)."""
@@ -205,7 +212,7 @@ class Publisher:
         async with self._lock:
             pause_start = time.perf_counter()
             nbytes, hold_s, transfer_s = await self._held(version, targets)
-            pause_s = time.perf_counter() - pause_start
+            pause_s = time.perf_counter() - pause_start if self._holds else 0.0
             await self.versions.advance(version)
             self.transport.committed(version)
             for url in targets.live():
@@ -247,6 +254,8 @@ class Publisher:
     async def _held(self, version: int, targets: Targets) -> tuple[int, float, float]:
         """hold → transfer → verify → flush → continue; routing resumes whatever happens.
         Returns the bytes, the hold's and the transfer's seconds."""
+        if not self._holds:
+            return await self._unheld(version, targets)
         hold_start = time.perf_counter()
         self.fleet.pause_routing()
         paused = targets.subset(self._busy(targets)) if self.inflight != "drain" else None
@@ -276,6 +285,20 @@ class Publisher:
                 )
             self.fleet.resume_routing()
         return nbytes, hold_s, transfer_s
+
+    @property
+    def _holds(self) -> bool:
+        """Whether publications hold routing (all but an atomic transport in place)."""
+        return not (self.inflight == "in_place" and self.transport.atomic)
+
+    async def _unheld(self, version: int, targets: Targets) -> tuple[int, float, float]:
+        """An atomic transport in place: the transfer alone, with routing and requests going on
+        (a request routed meanwhile runs on whichever weights its server holds per step). Its
+        transfer is its verification: a server answers success only once it serves the whole
+        of ``version``, labelled so in the same step of its loop."""
+        start = time.perf_counter()
+        nbytes = await self.transport.transfer(version, targets)
+        return nbytes, 0.0, time.perf_counter() - start
 
     async def _each(
         self, targets: Targets, step: str, call: Callable[[ServerControl], Awaitable[object]]

@@ -98,7 +98,14 @@ def assert_in_glossary(rows: list[dict[str, Any]]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("transport", "process"), [("distributed", False), ("distributed", True), ("disk", True)]
+    ("transport", "process"),
+    [
+        ("distributed", False),
+        ("distributed", True),
+        ("disk", True),
+        ("shared", False),
+        ("shared", True),
+    ],
 )
 def test_weight_sync_serves_the_trainers_weights(run_small, transport: str, process: bool) -> None:
     run = run_small(

@@ -7,6 +7,7 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 import torch
 from tiny_train import TINY
@@ -15,6 +16,7 @@ from nexrl_async.config.model import CharTokenizer, PretrainedModel
 from nexrl_async.config.training import AlgorithmConfig, OptimConfig, TrainerConfig
 from nexrl_async.core.children import TRAINER_MODULE, early_child
 from nexrl_async.core.errors import TrainError
+from nexrl_async.inference.staging import StagingReader
 from nexrl_async.train.ranks.remote import RemoteTrainer
 from nexrl_async.train.spec import TrainerSpec
 from nexrl_async.train.trainer import Trainer
@@ -62,13 +64,17 @@ def batches(make_batch, make_traj):
     return first, second
 
 
-def test_steps_match_a_trainer_in_this_process(remote, make_batch, make_traj) -> None:
+@pytest.mark.parametrize("from_loop", [False, True])
+def test_steps_match_a_trainer_in_this_process(
+    remote, make_batch, make_traj, from_loop: bool
+) -> None:
     local = Trainer.from_spec(SPEC)
     first, second = batches(make_batch, make_traj)
     assert remote.context_length == local.context_length
     assert remote.tokenizer.encode("123") == local.tokenizer.encode("123")
     for batch in (first, second):
-        theirs, ours = remote.step(batch), local.step(batch)
+        theirs = anyio.run(remote.step_async, batch) if from_loop else remote.step(batch)
+        ours = local.step(batch)
         assert theirs.keys() == ours.keys()
         for key in ("train/loss", "train/grad_norm", "train/entropy"):
             assert theirs[key] == pytest.approx(ours[key], rel=1e-5, abs=1e-7), key
@@ -91,6 +97,31 @@ def test_synced_weights_follow_the_steps(shared, make_batch, make_traj) -> None:
     shared.step(first)
     after = dict(shared.named_parameters_for_sync())
     assert any(not torch.equal(before[name], after[name]) for name in before)
+
+
+def test_a_step_that_stages_its_weights_spares_the_sync_round_trip(
+    make_batch, make_traj, tmp_path: Path
+) -> None:
+    first, second = batches(make_batch, make_traj)
+    trainer = RemoteTrainer.start(SPEC, stage_after_step=True)
+    try:
+        trainer.wait_ready()
+        trainer.step(first)
+        commands: list[object] = []
+        run = trainer._run
+        trainer._run = lambda command: commands.append(command) or run(command)  # type: ignore[method-assign]
+        layout = trainer.stage_weights()
+        assert commands == []  # the step's reply carried the layout
+        staged = dict(StagingReader().views(layout))  # as a server reads it
+        trainer.save_checkpoint(tmp_path / "ckpt")  # any other command: the next sync is real
+        synced = {n: t.clone() for n, t in trainer.named_parameters_for_sync()}
+        assert [type(c).__name__ for c in commands] == ["SaveCheckpoint", "SyncWeights"]
+        for name, tensor in synced.items():
+            torch.testing.assert_close(staged[name], tensor, msg=name)
+        trainer.step(second)
+        assert any(not torch.equal(staged[n], t) for n, t in synced.items())  # same file, new step
+    finally:
+        trainer.shutdown()
 
 
 def test_an_error_in_the_process_is_raised_here_and_it_keeps_serving(
@@ -119,6 +150,46 @@ def test_a_killed_process_fails_this_call_and_every_later_one(
     with pytest.raises(TrainError, match="stopped earlier"):
         remote.compute_logprobs(first)
     remote.shutdown()  # still fine
+
+
+def test_a_killed_process_fails_a_step_from_the_loop(remote, make_batch, make_traj) -> None:
+    first, _ = batches(make_batch, make_traj)
+    os.kill(remote.pid, signal.SIGKILL)
+    with pytest.raises(TrainError, match=r"trainer process exited \(code -9\) during train_step"):
+        anyio.run(remote.step_async, first)
+    with pytest.raises(TrainError, match="stopped earlier"):
+        anyio.run(remote.step_async, first)
+
+
+def test_a_cancelled_step_from_the_loop_still_takes_its_reply(
+    shared, make_batch, make_traj
+) -> None:
+    first, second = batches(make_batch, make_traj)
+    done = shared.steps_done
+
+    async def cancelled_then_next() -> dict[str, float]:
+        with anyio.move_on_after(0.001) as scope:
+            await shared.step_async(first)  # cancelled at once, waits for its reply anyway
+        assert scope.cancelled_caught
+        assert shared.steps_done == done + 1
+        return await shared.step_async(second)  # not answered by the first step's reply
+
+    metrics = anyio.run(cancelled_then_next)
+    assert shared.steps_done == done + 2
+    assert "train/loss" in metrics
+
+
+def test_a_step_from_the_loop_past_its_timeout_kills_the_process(make_batch, make_traj) -> None:
+    first, _ = batches(make_batch, make_traj)
+    trainer = RemoteTrainer.start(SPEC)
+    try:
+        trainer.wait_ready()
+        trainer._timeout_s = 0.001  # no step is that fast
+        with pytest.raises(TrainError, match="did not answer train_step within"):
+            anyio.run(trainer.step_async, first)
+        assert trainer._process.poll() is not None
+    finally:
+        trainer.shutdown()
 
 
 def test_a_failed_build_is_raised_by_wait_ready(tmp_path: Path) -> None:

@@ -25,7 +25,14 @@ from nexrl_async.inference.client.sglang import SGLangClient
 from nexrl_async.inference.fleet.router import ServerHandle
 from nexrl_async.inference.fleet.supervisor import Fleet, open_fleet
 from nexrl_async.train.trainer import Trainer
-from nexrl_async.weights import DiskTransport, DistributedTransport, Publisher, Transport
+from nexrl_async.weights import (
+    DiskTransport,
+    DistributedTransport,
+    Publisher,
+    SharedTransport,
+    Transport,
+    staging_of,
+)
 from nexrl_async.weights.sender import WeightSender
 from nexrl_async.weights.steps import Targets
 
@@ -42,6 +49,7 @@ class KillAtTransfer:
         self.inner = inner
         self.victim = victim
         self.name = inner.name
+        self.atomic = inner.atomic
         self.killed_pid: int | None = None
 
     async def prepare(self, version: int, targets: Targets) -> None:
@@ -71,6 +79,9 @@ def make_transport(
         return DiskTransport(
             cfg, clients=clients, weights_dir=run / "weights", export=trainer.save_hf
         )
+    if kind == "shared":
+        stage, close = staging_of(trainer.named_parameters_for_sync)
+        return SharedTransport(cfg, clients=clients, stage=stage, close=close)
     return DistributedTransport(
         cfg, clients=clients, params=trainer.named_parameters_for_sync, sender_factory=WeightSender
     )
@@ -91,7 +102,9 @@ async def assert_serves(http: httpx.AsyncClient, url: str, trainer: Trainer, ver
     assert torch.allclose(lps, trainer_logprobs(trainer, ids), atol=1e-4, rtol=0), url
 
 
-@pytest.mark.parametrize(("kind", "inflight"), [("distributed", "in_place"), ("disk", "drain")])
+@pytest.mark.parametrize(
+    ("kind", "inflight"), [("distributed", "in_place"), ("disk", "drain"), ("shared", "in_place")]
+)
 async def test_a_server_killed_mid_publication_is_restored_after_its_restart(
     model_dir: Path, tmp_path: Path, kind: str, inflight: Any
 ) -> None:

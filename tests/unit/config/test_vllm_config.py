@@ -88,6 +88,19 @@ def test_the_distributed_transport_is_refused_for_vllm(write) -> None:
     assert err.value.path == "weights.transport"
 
 
+@pytest.mark.parametrize(
+    "inference", ['backend = "vllm"', 'backend = "attach"\nurls = ["http://h:1"]']
+)
+def test_the_shared_transport_is_refused_beyond_local_servers(write, inference: str) -> None:
+    path = write(
+        f'extends = "base.toml"\n{UNTIED}[inference]\n{inference}\n'
+        '[weights]\ntransport = "shared"\n'
+    )
+    with pytest.raises(ConfigError, match=r'needs inference\.backend = "local"') as err:
+        load_recipe(path)
+    assert err.value.path == "weights.transport"
+
+
 def test_a_pretrained_folder_with_tied_embeddings_is_refused_by_preflight(
     write, recipe_dir: Path
 ) -> None:

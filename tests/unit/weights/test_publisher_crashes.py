@@ -195,6 +195,7 @@ class _Forgetful:
     """A transport whose restore loads nothing: the restarted server keeps version 0."""
 
     name = "forgetful"
+    atomic = False
 
     async def prepare(self, version: int, targets: Targets) -> None:
         return None

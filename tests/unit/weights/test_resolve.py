@@ -18,7 +18,7 @@ from nexrl_async.config.inference import (
 @pytest.mark.parametrize(
     ("inference", "transport", "inflight"),
     [
-        (LocalInference(), "distributed", "in_place"),
+        (LocalInference(), "shared", "in_place"),
         (SGLangInference(), "disk", "drain"),
         (AttachInference(urls=["http://h:1"]), "disk", "drain"),
         (NoInference(), "disk", "drain"),

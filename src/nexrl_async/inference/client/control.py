@@ -38,15 +38,7 @@ from nexrl_async.inference.client.transport import Transport
 T = TypeVar("T")
 R = TypeVar("R", ControlResult, WeightUpdateResult)
 
-_SERVER_INFO_FIELDS = (
-    "version",
-    "model_path",
-    "context_length",
-    "max_total_num_tokens",
-    "max_req_input_len",
-    "tp_size",
-    "dp_size",
-)
+_SERVER_INFO_FIELDS = tuple(f for f in ServerInfo.__struct_fields__ if f != "raw")
 
 
 class ServerControl:
@@ -228,6 +220,19 @@ class ServerControl:
         }
         response = await self._post("/update_weights_from_disk", body, timeout_s, retries=0)
         return _checked(response, WeightUpdateResult, "/update_weights_from_disk")
+
+    async def update_weights_from_shared_memory(
+        self,
+        layout: msgspec.Struct,
+        *,
+        weight_version: str | int | None = None,
+        in_place: bool = True,
+        timeout_s: float | None = None,
+    ) -> ControlResult:
+        """Our local server only: swap in every weight of a staging file of this host
+        (``inference/staging.py``'s ``Layout``), in place between two decode steps. Not retried."""
+        body = {"layout": layout, "in_place": in_place, "weight_version": _label(weight_version)}
+        return await self._control("/update_weights_from_shared_memory", body, timeout_s)
 
     async def update_weight_version(
         self,

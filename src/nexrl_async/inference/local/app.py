@@ -74,6 +74,9 @@ def _info(build: Callable[[ServerContext], dict[str, Any]]) -> Handler:
     return handler
 
 
+_POST = ("POST",)
+
+
 def _table() -> dict[str, _Route]:
     rows: list[tuple[str, Handler, tuple[str, ...]]] = [
         ("/generate", handle_generate, ("POST", "PUT")),
@@ -92,6 +95,7 @@ def _table() -> dict[str, _Route]:
         ("/continue_generation", control.continue_generation, ("POST",)),
         ("/abort_request", control.abort_request, ("POST",)),
         ("/update_weights_from_disk", control.update_weights_from_disk, ("POST",)),
+        ("/update_weights_from_shared_memory", control.update_weights_from_shared_memory, _POST),
         *[(f"/{name}", getattr(distributed_api, name), ("POST",)) for name in _DISTRIBUTED],
     ]
     table = {}

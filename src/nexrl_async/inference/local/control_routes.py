@@ -19,6 +19,7 @@ from nexrl_async.inference.local.protocol import (
     ContinueRequest,
     PauseRequest,
     UpdateWeightsFromDiskRequest,
+    UpdateWeightsFromSharedMemoryRequest,
     new_rid,
 )
 from nexrl_async.inference.local.request import Request
@@ -83,6 +84,15 @@ async def update_weights_from_disk(http: HttpRequest, ctx: ServerContext) -> Res
     )
     content = {"success": ok, "message": message, "num_paused_requests": 0}
     return json_response(content, 200 if ok else 400)
+
+
+async def update_weights_from_shared_memory(http: HttpRequest, ctx: ServerContext) -> Response:
+    """Our server only: the whole weights from a shared-memory staging file of this host."""
+    body = await decode_body(http, UpdateWeightsFromSharedMemoryRequest)
+    ok, message = await ctx.scheduler.update_from_staging(
+        body.layout, body.weight_version, in_place=body.in_place
+    )
+    return json_response({"success": ok, "message": message}, 200 if ok else 400)
 
 
 async def flush_cache(http: HttpRequest, ctx: ServerContext) -> Response:

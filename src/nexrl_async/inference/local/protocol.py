@@ -25,6 +25,7 @@ from nexrl_async.inference.local.sglang_schema import (
     range_error,
 )
 from nexrl_async.inference.local.step_plan import LogprobRequest
+from nexrl_async.inference.staging import Layout
 
 
 class GenerateRequest(Struct, kw_only=True):
@@ -53,6 +54,15 @@ class UpdateWeightsFromDiskRequest(Struct, kw_only=True):
     weight_version: str | None = None
     flush_cache: bool = True
     torch_empty_cache: bool = False
+
+
+class UpdateWeightsFromSharedMemoryRequest(Struct, kw_only=True):
+    """Our local server only: every weight from a staging file (inference/staging.py)."""
+
+    layout: Layout
+    weight_version: str | None = None
+    in_place: bool = True
+    """Swap between two decode steps with requests running (else wait until idle or paused)."""
 
 
 class InitWeightsUpdateGroupRequest(Struct, kw_only=True):

@@ -102,6 +102,13 @@ class ModelRunner:
             self.weight_version = version
         return count
 
+    def swap_tensors(self, tensors: dict[str, torch.Tensor], version: str | None) -> int:
+        """Swap in a whole set of weights (a staging file's views) between steps."""
+        count = swap_weights(self.model, tensors)
+        if version is not None:
+            self.weight_version = version
+        return count
+
     def load_tensors(self, tensors: dict[str, torch.Tensor], version: str | None) -> int:
         """Copy some weights (one received bucket) in between steps; returns tensors loaded."""
         count = load_tensors(self.model, tensors)

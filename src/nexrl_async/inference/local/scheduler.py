@@ -32,8 +32,13 @@ from nexrl_async.core.errors import EngineUnavailable, RequestRejected, WeightSy
 from nexrl_async.inference.local.request import Notifier, Phase, Request
 from nexrl_async.inference.local.runner import ModelRunner
 from nexrl_async.inference.local.step_plan import Admission, StepPlan, StepResult, finish_abort
+from nexrl_async.inference.staging import Layout, StagingReader
 
 PauseMode = Literal["abort", "retract", "in_place"]
+
+INLINE_LOAD_BYTES = 64 << 20
+"""Shared-memory loads up to this size copy in the event loop (a few ms at most), larger ones
+in a worker thread (the loop keeps answering meanwhile)."""
 
 
 @dataclass
@@ -79,6 +84,7 @@ class Scheduler:
         self.model_path = model_path
         self.weight_version = weight_version
         self.stats = Stats()
+        self._staging = StagingReader()
 
     # ---- loop -------------------------------------------------------------------------------
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -287,6 +293,28 @@ class Scheduler:
             success="Succeeded to update parameter online.",
         )
 
+    async def update_from_staging(
+        self, layout: Layout, version: str | None, *, in_place: bool
+    ) -> tuple[bool, str]:
+        """Swap in every weight of a shared-memory staging file (inference/staging.py) between
+        two steps. In place, running requests go on with the new weights (nothing paused or
+        waited for: the copy is one step of the loop); otherwise as the other updates."""
+
+        def load() -> int:
+            try:
+                views = self._staging.views(layout)
+            except (OSError, ValueError) as err:
+                self._staging.close()
+                raise WeightSyncError(f"cannot read staging file {layout.path}: {err}") from err
+            return self._runner.swap_tensors(dict(views), version)
+
+        return await self._swap(
+            load, version, abort_all=False, flush_cache=False, wait_idle=not in_place,
+            inline=layout.size <= INLINE_LOAD_BYTES,
+            failure="Failed to update weights from shared memory: {}",
+            success="Succeeded to update model weights.",
+        )  # fmt: skip
+
     async def _swap(
         self,
         load: Callable[[], int],
@@ -297,19 +325,27 @@ class Scheduler:
         failure: str,
         success: str,
         loaded: Callable[[], None] | None = None,
+        wait_idle: bool = True,
+        inline: bool = False,
     ) -> tuple[bool, str]:
-        """Run ``load`` under the step limiter once the running requests are gone (or paused),
-        then ``loaded``; SGLang's (success, message). New requests wait at the gate meanwhile."""
+        """Run ``load`` under the step limiter once the running requests are gone (or paused;
+        at once without ``wait_idle``), then ``loaded``; SGLang's (success, message). New
+        requests wait at the gate meanwhile. ``inline``: in the event loop, not a worker thread
+        (a small copy: the answer leaves before the next step's thread competes for the GIL)."""
         async with self._update_lock:
             self._updating = True
             self._changed.notify()
             try:
                 if abort_all:
                     self.abort(None)
-                while self.paused is None and not self.idle:
+                while wait_idle and self.paused is None and not self.idle:
                     await self._changed.wait_past(self._changed.version)
                 try:
-                    count = await anyio.to_thread.run_sync(load, limiter=self._limiter)
+                    if inline:
+                        async with self._limiter:
+                            count = load()
+                    else:
+                        count = await anyio.to_thread.run_sync(load, limiter=self._limiter)
                 except WeightSyncError as err:
                     return False, failure.format(err)
                 if loaded is not None:

@@ -18,7 +18,7 @@ or a copy of the engine forked before its event loop started (:mod:`~nexrl_async
 either dying with the thread that made it, so start it from a thread that lives as long as the
 run (the engine's loop thread). Commands are the rank protocol's
 (:mod:`~nexrl_async.train.ranks.commands`); weights come back through a shared-memory file
-(:mod:`~nexrl_async.train.ranks.staging`). An error raised in the process is raised here (its
+(:mod:`~nexrl_async.inference.staging`). An error raised in the process is raised here (its
 own type when it unpickles, with the process's traceback as a note) and the process keeps
 serving; a process that dies or does not answer within ``trainer.step_timeout_s`` fails this
 call and every later one with :class:`~nexrl_async.core.errors.TrainError`.
@@ -33,20 +33,26 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, NoReturn
 
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
 from loguru import logger
 
 from nexrl_async.core.children import TRAINER_MODULE, ChildProcess, spawn_child, take_child
 from nexrl_async.core.errors import TrainError
+from nexrl_async.core.records import TrainBatch
+from nexrl_async.inference.staging import Layout, StagingReader
 from nexrl_async.train.ranks.commands import (
     Command,
     CommandCalls,
     Shutdown,
     SyncWeights,
+    TrainStep,
     describe,
+    encode_batch,
     encode_command,
 )
 from nexrl_async.train.ranks.remote_protocol import Boot, Ready, Reply, raise_failure
-from nexrl_async.train.ranks.staging import Layout, StagingReader
 from nexrl_async.train.spec import TrainerSpec
 
 _BOOT_TIMEOUT_S = 600.0
@@ -66,20 +72,30 @@ class RemoteTrainer(CommandCalls):
         self._failure: TrainError | None = None
         self._closed = False
         self._staging = StagingReader()
+        self._staged: Layout | None = None
+        """The last train step's staging layout while no other command ran since."""
 
     @classmethod
     def start(
-        cls, spec: TrainerSpec, *, log_level: str = "INFO", log_file: Path | None = None
+        cls,
+        spec: TrainerSpec,
+        *,
+        log_level: str = "INFO",
+        log_file: Path | None = None,
+        stage_after_step: bool = False,
     ) -> RemoteTrainer:
         """Spawn the trainer process and send it ``spec`` (returns at once; see
-        :meth:`wait_ready`). Call it from a thread that outlives the run."""
+        :meth:`wait_ready`). Call it from a thread that outlives the run. With
+        ``stage_after_step`` every step also fills the staging file, so the
+        :meth:`stage_weights` that follows costs no round trip."""
         child = take_child(TRAINER_MODULE)
         forked = child is not None
         child = child or spawn_child(TRAINER_MODULE)
         process = child.process
         conn = Connection(child.sock.detach())
         handle = cls(process, conn, timeout_s=spec.trainer.step_timeout_s)
-        boot = Boot(spec, log_level, str(log_file) if log_file is not None else None)
+        log = str(log_file) if log_file is not None else None
+        boot = Boot(spec, log_level, log, stage_after_step=stage_after_step)
         try:
             conn.send(boot)
         except OSError as err:
@@ -122,9 +138,17 @@ class RemoteTrainer(CommandCalls):
     def named_parameters_for_sync(self) -> Iterator[tuple[str, Any]]:
         """``(HF name, tensor)`` per parameter: views of the shared staging file, valid until
         the next sync (read them first)."""
+        return iter(self._staging.views(self.stage_weights()))
+
+    def stage_weights(self) -> Layout:
+        """Copy the parameters into the shared staging file; its layout, which any process of
+        this host can read until the next sync (the ``shared`` weight transport). Free right
+        after a step that staged them (``stage_after_step``)."""
+        if self._staged is not None:
+            return self._staged
         layout = self._run(SyncWeights())
         assert isinstance(layout, Layout)
-        return iter(self._staging.views(layout))
+        return layout
 
     def shutdown(self) -> None:
         """Ask the process to exit and wait for it (killed after a grace period); idempotent."""
@@ -155,21 +179,57 @@ class RemoteTrainer(CommandCalls):
         assert self._ready is not None
         return self._ready
 
+    async def step_async(self, batch: TrainBatch) -> dict[str, float]:
+        """:meth:`step` from the event loop, with no worker thread: the batch is sent from the
+        loop and the reply awaited on the socket, so the loop resumes the caller as soon as the
+        reply arrives (no thread to schedule, no interpreter-lock hand-over). Like a call in a
+        worker thread it is not cancelled midway: a cancellation waits for the reply."""
+        command = TrainStep(batch=encode_batch(batch))
+        self._built()
+        if not self._lock.acquire(blocking=False):  # a call from another thread is running
+            result = await anyio.to_thread.run_sync(self._run, command)
+        else:
+            try:
+                with anyio.CancelScope(shield=True):
+                    result = await self._exchange_async(command)
+            finally:
+                self._lock.release()
+            await anyio.lowlevel.checkpoint_if_cancelled()  # then the cancellation, if any
+        assert isinstance(result, dict)
+        return result
+
+    async def _exchange_async(self, command: Command) -> object:
+        what = self._send(command)
+        with anyio.move_on_after(self._timeout_s) as waited:
+            await anyio.wait_readable(self._conn.fileno())  # a reply, or the end of the socket
+        if waited.cancelled_caught:
+            self._kill()
+            self._fail(f"the trainer process did not answer {what} within {self._timeout_s:.0f} s")
+        return self._finish(self._receive(0.0, what=what), what)
+
     def _run(self, command: Command) -> object:
         self._built()
-        what = describe(command)
         with self._lock:
-            if self._failure is not None:
-                raise TrainError(f"the trainer process stopped earlier: {self._failure}")
-            if self._closed:
-                raise TrainError("the trainer process was shut down")
-            try:
-                self._conn.send_bytes(encode_command(command))
-            except OSError as err:
-                self._fail(f"could not send {what} to the trainer process: {err}")
-            reply = self._receive(self._timeout_s, what=what)
+            what = self._send(command)
+            return self._finish(self._receive(self._timeout_s, what=what), what)
+
+    def _send(self, command: Command) -> str:
+        """Send ``command`` (holding the lock); its short name."""
+        what = describe(command)
+        if self._failure is not None:
+            raise TrainError(f"the trainer process stopped earlier: {self._failure}")
+        if self._closed:
+            raise TrainError("the trainer process was shut down")
+        try:
+            self._conn.send_bytes(encode_command(command))
+        except OSError as err:
+            self._fail(f"could not send {what} to the trainer process: {err}")
+        return what
+
+    def _finish(self, reply: object, what: str) -> object:
         assert isinstance(reply, Reply)
         self._steps_done = reply.steps_done
+        self._staged = reply.staged  # any other command may change the parameters
         if reply.error is not None:
             raise_failure(reply.error, where=what)
         return reply.value

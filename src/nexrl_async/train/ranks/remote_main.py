@@ -12,7 +12,8 @@ parent ── Boot(spec, log_level, log_file) ──▶  build Trainer.from_spec
 ```
 
 Replies are pickled. A ``SyncWeights`` command copies the parameters into the shared staging
-file (:mod:`~nexrl_async.train.ranks.staging`) and replies with its layout. A failing command
+file (:mod:`~nexrl_async.inference.staging`) and replies with its layout; with
+``Boot.stage_after_step`` every train step does too (``Reply.staged``). A failing command
 replies with the error (pickled when it can be, always with its type, text and traceback) and
 the process keeps serving. It ignores SIGINT and SIGTERM and runs in a session of its own: the
 parent decides when it stops (``Shutdown``, or closing the socket); the parent-death shim ends
@@ -34,17 +35,18 @@ from loguru import logger
 from transformers.utils import logging as hf_logging
 
 from nexrl_async.core.process import exit_process_now
+from nexrl_async.inference.staging import StagingWriter
 from nexrl_async.obs.logs import setup_logging
 from nexrl_async.train.ranks.commands import (
     RankHooks,
     Shutdown,
     SyncWeights,
+    TrainStep,
     decode_command,
     describe,
     execute,
 )
 from nexrl_async.train.ranks.remote_protocol import Boot, Ready, Reply, failure_of
-from nexrl_async.train.ranks.staging import StagingWriter
 from nexrl_async.train.trainer import Trainer
 
 
@@ -52,6 +54,7 @@ from nexrl_async.train.trainer import Trainer
 class _Server:
     trainer: Trainer
     conn: Connection
+    stage_after_step: bool = False
     staging: StagingWriter = field(default_factory=StagingWriter)
 
     def serve(self) -> int:
@@ -62,6 +65,7 @@ class _Server:
             except (EOFError, OSError):
                 logger.info("trainer process: the engine closed the channel; exiting")
                 return 0
+
             command = decode_command(data)
             if isinstance(command, Shutdown):
                 self.conn.send(Reply(steps_done=self.trainer.steps_done))
@@ -71,7 +75,10 @@ class _Server:
                     value: Any = self.staging.fill(self.trainer.named_parameters_for_sync())
                 else:
                     value = execute(self.trainer, command, hooks)
-                reply = Reply(value=value, steps_done=self.trainer.steps_done)
+                staged = None
+                if self.stage_after_step and isinstance(command, TrainStep):
+                    staged = self.staging.fill(self.trainer.named_parameters_for_sync())
+                reply = Reply(value=value, steps_done=self.trainer.steps_done, staged=staged)
             except Exception as err:  # noqa: BLE001 - sent to the engine, which raises it
                 logger.debug("trainer process: {} failed: {!r}", describe(command), err)
                 reply = Reply(steps_done=self.trainer.steps_done, error=failure_of(err))
@@ -103,7 +110,7 @@ def serve_socket(fd: int) -> int:
         conn.send(Reply(error=failure_of(err)))
         return 1
     conn.send(Ready(trainer.tokenizer, trainer.context_length, trainer.steps_done))
-    server = _Server(trainer, conn)
+    server = _Server(trainer, conn, stage_after_step=boot.stage_after_step)
     try:
         return server.serve()
     finally:

@@ -20,6 +20,9 @@ class Boot:
     spec: TrainerSpec
     log_level: str = "INFO"
     log_file: str | None = None
+    stage_after_step: bool = False
+    """Fill the staging file after every train step (its layout rides on the step's reply:
+    the ``shared`` weight transport then publishes without a second round trip)."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class Reply:
     value: Any = None
     steps_done: int = 0
     error: Failure | None = None
+    staged: Any = None
+    """A train step's staging layout (``Boot.stage_after_step``)."""
 
 
 def failure_of(err: BaseException) -> Failure:

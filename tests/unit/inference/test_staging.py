@@ -1,13 +1,17 @@
-"""The shared-memory file that carries weights from the trainer process to the engine."""
+"""The shared-memory file that carries weights from the trainer process to the engine and the
+local servers."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 
-from nexrl_async.train.ranks.staging import StagingReader, StagingWriter
+from nexrl_async.inference.staging import StagingReader, StagingWriter
 
 
 def tensors(scale: float = 1.0) -> list[tuple[str, torch.Tensor]]:
@@ -52,23 +56,53 @@ def test_a_changed_layout_gets_a_new_file(writer: StagingWriter) -> None:
     first = writer.fill(tensors())
     reader.views(first)
     changed = writer.fill([("embed.weight", torch.ones(2, 2))])
-    assert changed.path != first.path
+    assert changed.token != first.token  # the path's descriptor number may be reused
     ((name, view),) = reader.views(changed)
     assert name == "embed.weight"
     assert torch.equal(view, torch.ones(2, 2))
 
 
-def test_the_reader_removes_the_files_name_once_mapped(writer: StagingWriter) -> None:
+def test_the_file_has_no_name_and_other_processes_still_map_it(writer: StagingWriter) -> None:
     layout = writer.fill(tensors())
-    assert Path(layout.path).exists()
-    views = StagingReader().views(layout)
-    assert not Path(layout.path).exists()  # nothing left behind if either side crashes now
+    assert not list(Path("/dev/shm").glob("nexrl-test-weights-*"))  # nothing left on a crash
+    code = (
+        "import sys, msgspec, torch\n"
+        "from nexrl_async.inference.staging import Layout, StagingReader\n"
+        "layout = msgspec.json.decode(sys.argv[1].encode(), type=Layout)\n"
+        "views = dict(StagingReader().views(layout))\n"
+        "print(views['embed.weight'].sum().item(), views['count'].item())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, msgspec.json.encode(layout).decode()],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert out.stdout.split() == ["66.0", "7"]
+
+
+def test_two_readers_share_the_writers_next_fill(writer: StagingWriter) -> None:
+    layout = writer.fill(tensors())
+    first, second = StagingReader().views(layout), StagingReader().views(layout)
     writer.fill(tensors(scale=2.0))
-    assert torch.equal(views[0][1], tensors(scale=2.0)[0][1])  # still shared
+    for views in (first, second):
+        assert torch.equal(views[0][1], tensors(scale=2.0)[0][1])
 
 
-def test_closing_the_writer_removes_an_untaken_file() -> None:
+def test_a_reader_of_a_closed_writer_fails_with_os_error() -> None:
     writer = StagingWriter(prefix="nexrl-test-weights")
     layout = writer.fill(tensors())
     writer.close()
-    assert not Path(layout.path).exists()
+    with pytest.raises(OSError):
+        StagingReader().views(layout)
+
+
+def test_a_reader_refuses_a_layout_larger_than_the_file(writer: StagingWriter) -> None:
+    layout = writer.fill(tensors())
+    bigger = msgspec.structs.replace(layout, size=layout.size * 4, token="other")
+    with pytest.raises(ValueError, match="smaller than its layout"):
+        StagingReader().views(bigger)
+
+
+def test_nbytes_counts_the_tensors_without_padding(writer: StagingWriter) -> None:
+    layout = writer.fill(tensors())
+    assert layout.nbytes == 12 * 4 + 5 * 2 + 0 + 8
+    assert layout.size > layout.nbytes
