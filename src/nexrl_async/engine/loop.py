@@ -4,8 +4,13 @@ What each task waits on:
 - rollout workers (``rollout.workers`` tasks): a lease at the staleness gate, then the
   inference fleet (per-server concurrency caps), then pool capacity;
 - the trainer coroutine: the batch of its step (and stragglers the staleness bound needs), then
-  the train step in a worker thread (rollouts keep streaming), then the weight publication
-  (servers held, weights loaded and verified), then validation when due;
+  the train step (a trainer process: its socket; else a worker thread; rollouts keep
+  streaming), then the weight publication (servers held, weights loaded and verified), then
+  validation when due. Where the publisher can fix the step's weights at once
+  (``Publisher.capture``: shared memory, in place, a trainer process that stages after each
+  step) and no validation, checkpoint, stop or end falls on that boundary, the publication
+  runs beside the next step instead (its metrics land in that step's row, with
+  ``weights/beside``); the next boundary waits for it;
 - the fleet's supervisors: server processes and health probes (inside ``open_fleet``);
 - the watchdog (``engine.watchdog``): samples finishing while requests are pending.
 
@@ -158,8 +163,23 @@ async def _run_rollout_worker(flow: Flow, parts: Parts) -> None:
 async def _train(
     ctx: RunContext, parts: Parts, pending: dict[str, float], stop: StopRequest
 ) -> str:
+    """The trainer loop; a publication that runs beside the next step lives in ``beside``'s
+    task group, so every way out of the loop waits for it (and fails with it)."""
+    async with anyio.create_task_group() as beside:
+        reason = await _train_loop(ctx, parts, pending, stop, beside)
+    return reason
+
+
+async def _train_loop(
+    ctx: RunContext,
+    parts: Parts,
+    pending: dict[str, float],
+    stop: StopRequest,
+    beside: TaskGroup,
+) -> str:
     cfg, clock = ctx.cfg, StepClock()
     step = parts.flow.gate.next_step
+    running: _Beside | None = None
     while cfg.run.total_steps is None or step < cfg.run.total_steps:
         wait_start = anyio.current_time()
         batch: TrainBatch | None = None
@@ -170,8 +190,17 @@ async def _train(
         if batch is None:
             return stop.reason or "stopped"
         metrics = {"pipeline/batch_wait_s": anyio.current_time() - wait_start, **pending}
-        metrics.update(await _train_and_publish(ctx, parts, batch, clock))
+        metrics.update(await parts.train_step(batch))
+        if running is not None:  # the previous version, published beside this step
+            metrics.update(await running.wait())
         step += 1
+        metrics.update(batch_metrics(batch), **parts.pipeline_metrics(clock))
+        running = None
+        if _may_publish_beside(parts, stop, step) and parts.publisher.capture(step):
+            running = _Beside(step)
+            beside.start_soon(running.run, ctx, parts, name=f"publish v{step}")
+        else:
+            metrics.update(await _publish(ctx, parts, step))
         pending = {}
         with stop.interruptible():
             pending = await _validate(ctx, parts, step=step, final=False)
@@ -191,13 +220,41 @@ async def _train(
     return "completed"
 
 
-async def _train_and_publish(
-    ctx: RunContext, parts: Parts, batch: TrainBatch, clock: StepClock
-) -> dict[str, float]:
-    """Step ``batch.step``, publish version ``step + 1`` (the publisher advances the gate to it
-    once every live server verified it, and the gate admits on it)."""
-    version = parts.flow.gate.version_after(batch.step)
-    metrics = await parts.train_step(batch)
+def _may_publish_beside(parts: Parts, stop: StopRequest, step: int) -> bool:
+    """Whether version ``step`` may publish beside the next step: not when anything at this
+    step boundary needs the servers on it (validation, a checkpoint, the end, a stop)."""
+    cfg = parts.cfg
+    last = cfg.run.total_steps is not None and step >= cfg.run.total_steps
+    return not (
+        last or stop.reason is not None or parts.checkpointer.due(step)
+        or due(cfg.validation, step, final=False)
+    )  # fmt: skip
+
+
+class _Beside:
+    """A publication running beside the next train step (``Publisher.capture`` fixed its
+    weights): the gate advances when it completes; the next boundary waits for it."""
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        self.metrics: dict[str, float] = {}
+        self._done = anyio.Event()
+
+    async def run(self, ctx: RunContext, parts: Parts) -> None:
+        try:
+            self.metrics = await _publish(ctx, parts, self.version)
+            self.metrics["weights/beside"] = 1.0
+        finally:
+            self._done.set()
+
+    async def wait(self) -> dict[str, float]:
+        await self._done.wait()
+        return self.metrics
+
+
+async def _publish(ctx: RunContext, parts: Parts, version: int) -> dict[str, float]:
+    """Publish ``version`` (the publisher advances the gate to it once every live server has
+    it, and the gate admits on it); its metrics."""
     published = await parts.publisher.publish(version)
     ctx.ledger.emit(
         Published(
@@ -206,12 +263,14 @@ async def _train_and_publish(
             servers=list(parts.fleet.urls),
         )
     )  # fmt: skip
-    metrics.update(batch_metrics(batch), **parts.pipeline_metrics(clock))
-    metrics.update({"weights/publish_s": published.total_s, "weights/pause_s": published.pause_s})
-    metrics["weights/hold_s"] = published.hold_s
-    metrics["weights/skipped"] = float(published.skipped)
-    metrics["weights/bytes"] = float(published.bytes)
-    return metrics
+    return {
+        "weights/publish_s": published.total_s,
+        "weights/pause_s": published.pause_s,
+        "weights/hold_s": published.hold_s,
+        "weights/skipped": float(published.skipped),
+        "weights/bytes": float(published.bytes),
+        "weights/beside": 0.0,
+    }
 
 
 async def _validate(ctx: RunContext, parts: Parts, *, step: int, final: bool) -> dict[str, float]:

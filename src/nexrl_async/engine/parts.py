@@ -287,11 +287,12 @@ def _transport(
             'take it; use "disk"'
         )
     if weights.transport == "shared":
-        close = None
-        if isinstance(trainer, RemoteTrainer):  # the trainer process fills its staging file
-            stage = trainer.stage_weights
-        else:
-            stage, close = staging_of(trainer.named_parameters_for_sync)
+        if isinstance(trainer, RemoteTrainer):  # the trainer process fills its staging files
+            return SharedTransport(
+                weights, clients=sglang, stage=trainer.stage_weights, limiter=limiter,
+                staged=lambda: trainer.staged,
+            )  # fmt: skip
+        stage, close = staging_of(trainer.named_parameters_for_sync)
         return SharedTransport(weights, clients=sglang, stage=stage, limiter=limiter, close=close)
     return DistributedTransport(
         weights, clients=sglang, params=trainer.named_parameters_for_sync,

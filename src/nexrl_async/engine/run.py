@@ -120,13 +120,15 @@ def _run_rank0(
     if point is not None:
         abandon_newer(ctx.run_dir.checkpoints_dir, point.step)
     outcome = {"reason": "error"}
+    steps = 0
     try:
         anyio.run(_main, ctx, outcome, trainer_factory, point, observer)
     finally:
-        ctx.ledger.emit(RunFinished(reason=outcome["reason"], step=_steps_done(ctx)))
+        steps = _steps_done(ctx)  # reads the whole event log: once
+        ctx.ledger.emit(RunFinished(reason=outcome["reason"], step=steps))
         ctx.close()
         _let_go_of_stuck_user_code(ignore=threads_before)
-    logger.info("run {} ({}) in {}", outcome["reason"], _steps_done(ctx), ctx.run_dir.root)
+    logger.info("run {} ({}) in {}", outcome["reason"], steps, ctx.run_dir.root)
     return outcome["reason"]
 
 

@@ -11,7 +11,7 @@ On every fill the writer copies each ``(name, tensor)`` into one file in ``/dev/
 system's temporary folder where there is none), at 64-byte aligned offsets; a reader maps the
 same file once and reads the tensors in place, with no copy and no pickling. A file is reused
 while the names, shapes and dtypes stay the same; otherwise the writer makes a new one (a new
-``token``: readers map it again).
+``token``: readers map it again). A writer with two buffers alternates between two files.
 
 The file has no name: the writer removes it as soon as it is created and keeps it open, and the
 layout's path is ``/proc/<writer pid>/fd/<fd>``, which any process of the same user opens while
@@ -19,8 +19,8 @@ the writer lives. So a crashed run leaves nothing behind in ``/dev/shm``, and an
 readers (every local server, a server relaunched mid-run) can map it. Where ``/proc`` has no
 file descriptors (not Linux) the name stays until the writer closes.
 
-The views stay valid until the next fill writes over them: read them before asking for the next
-one (the engine's publisher does; every trainer call goes through one limiter).
+The views stay valid until the next fill writes over them (with two buffers: the fill after
+next): read them before asking for more (the engine's publisher does).
 """
 
 from __future__ import annotations
@@ -115,16 +115,50 @@ def _map(path: str, size: int) -> mmap.mmap:
         os.close(fd)
 
 
-class StagingWriter:
-    """The writing side: copies each fill's tensors into the shared file."""
+class _File:
+    """One staging file: its layout, mapping and descriptor (and name, where it keeps one)."""
 
-    def __init__(self, prefix: str = "nexrl-weights") -> None:
+    def __init__(self, path: Path, entries: tuple[Entry, ...], size: int, token: str) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            self.buffer = mmap.mmap(fd, size)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        self.fd: int | None = fd
+        self.named: Path | None = None
+        shared = f"/proc/{os.getpid()}/fd/{fd}"
+        if os.path.exists(shared):
+            path.unlink()
+        else:
+            shared, self.named = str(path), path
+        self.layout = Layout(path=shared, size=size, entries=entries, token=token)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self.named is not None:
+            self.named.unlink(missing_ok=True)
+
+
+class StagingWriter:
+    """The writing side: copies each fill's tensors into the shared file.
+
+    With ``buffers = 2`` fills alternate between two files, so a fill's views stay valid until
+    the fill after next: readers may still be copying one version while the next is written.
+    """
+
+    def __init__(self, prefix: str = "nexrl-weights", *, buffers: int = 1) -> None:
+        if buffers not in (1, 2):
+            raise ValueError(f"buffers must be 1 or 2, not {buffers}")
         self._prefix = f"{prefix}-{os.getpid()}"
-        self._layout: Layout | None = None
-        self._buffer: mmap.mmap | None = None
-        self._fd: int | None = None
-        self._named: Path | None = None
+        self._files: list[_File | None] = [None] * buffers
+        self._turn = 0
         self._count = 0
+        self._layout: Layout | None = None
 
     @property
     def layout(self) -> Layout | None:
@@ -135,51 +169,36 @@ class StagingWriter:
         """Copy every ``(name, tensor)`` of ``named`` into the file; its layout."""
         tensors = [(name, tensor.detach()) for name, tensor in named]
         entries, size = _plan(tensors)
-        if self._layout is None or not self._layout.same_tensors(entries):
-            self._open(entries, size)
-        assert self._buffer is not None
-        assert self._layout is not None
+        file = self._files[self._turn]
+        if file is None or not file.layout.same_tensors(entries):
+            if file is not None:
+                file.close()
+            self._count += 1
+            path = _folder() / f"{self._prefix}-{self._count}"
+            file = _File(path, entries, size, token=f"{self._prefix}-{self._count}")
+            self._files[self._turn] = file
         for entry, (_, tensor) in zip(entries, tensors, strict=True):
             if tensor.numel():
-                _view(self._buffer, entry).copy_(tensor)
-        return self._layout
+                _view(file.buffer, entry).copy_(tensor)
+        self._turn = (self._turn + 1) % len(self._files)
+        self._layout = file.layout
+        return file.layout
 
     def close(self) -> None:
-        """Close the file (and remove its name where it still has one)."""
-        if self._fd is not None:
-            os.close(self._fd)
-        if self._named is not None:
-            self._named.unlink(missing_ok=True)
-        self._layout, self._buffer, self._fd, self._named = None, None, None, None
-
-    def _open(self, entries: tuple[Entry, ...], size: int) -> None:
-        self.close()
-        self._count += 1
-        path = _folder() / f"{self._prefix}-{self._count}"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            self._buffer = mmap.mmap(fd, size)
-        except BaseException:
-            os.close(fd)
-            path.unlink(missing_ok=True)
-            raise
-        self._fd = fd
-        shared = f"/proc/{os.getpid()}/fd/{fd}"
-        if os.path.exists(shared):
-            path.unlink()
-        else:
-            shared, self._named = str(path), path
-        token = f"{self._prefix}-{self._count}"
-        self._layout = Layout(path=shared, size=size, entries=entries, token=token)
+        """Close the files (and remove their names where they still have one)."""
+        for file in self._files:
+            if file is not None:
+                file.close()
+        self._files = [None] * len(self._files)
+        self._layout = None
 
 
 class StagingReader:
-    """A reading side: maps the file a layout names (once per file) and views its tensors."""
+    """A reading side: maps the files layouts name (once per file, the last two kept) and
+    views their tensors."""
 
     def __init__(self) -> None:
-        self._token: str | None = None
-        self._buffer: mmap.mmap | None = None
+        self._maps: dict[str, mmap.mmap] = {}
 
     def views(self, layout: Layout) -> list[tuple[str, Tensor]]:
         """``(name, tensor)`` per entry, reading the shared file in place.
@@ -188,11 +207,13 @@ class StagingReader:
             OSError: the file cannot be opened (its writer exited).
             ValueError: the file is smaller than the layout says, or a dtype is unknown.
         """
-        if layout.token != self._token or self._buffer is None:
-            self._buffer = _map(layout.path, layout.size)
-            self._token = layout.token
-        buffer = self._buffer
+        buffer = self._maps.get(layout.token)
+        if buffer is None:
+            buffer = _map(layout.path, layout.size)
+            if len(self._maps) >= 2:
+                del self._maps[next(iter(self._maps))]
+            self._maps[layout.token] = buffer
         return [(entry.name, _view(buffer, entry)) for entry in layout.entries]
 
     def close(self) -> None:
-        self._token, self._buffer = None, None
+        self._maps = {}

@@ -33,6 +33,9 @@ class DiskTransport:
     name = "disk"
     atomic = False
 
+    def capture(self, version: int) -> bool:
+        return False
+
     def __init__(
         self,
         cfg: WeightsConfig,

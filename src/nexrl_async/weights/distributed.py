@@ -61,6 +61,9 @@ class DistributedTransport(Generic[BucketT]):
     name = "distributed"
     atomic = False
 
+    def capture(self, version: int) -> bool:
+        return False
+
     def __init__(
         self,
         cfg: WeightsConfig,

@@ -94,6 +94,11 @@ class Transport(Protocol):
     (shared memory): ``in_place`` then needs no hold (no routing pause, no pause/continue
     calls) and no separate verify (a successful transfer is the label)."""
 
+    def capture(self, version: int) -> bool:
+        """Fix, now, the weights a later :meth:`transfer` of ``version`` sends, in a form no
+        training step changes before the step after next; False when the transport cannot
+        (its transfer reads the trainer's parameters then)."""
+
     async def prepare(self, version: int, targets: Targets) -> None:
         """Work that needs no pause (runs before the hold, outside the lock)."""
 
@@ -230,6 +235,12 @@ class Publisher:
         )
         _log(stats, self.transport.name, self.inflight, targets)
         return stats
+
+    def capture(self, version: int) -> bool:
+        """Fix the weights :meth:`publish` of ``version`` will send, before the trainer's next
+        step; True when that publication may run beside the next step (an atomic transport in
+        place that captured them: nothing is held, nothing reads the live parameters)."""
+        return bool(self.clients) and not self._holds and self.transport.capture(version)
 
     async def on_restart(self, server: ServerHandle) -> None:
         """Fleet restart hook: load the current weights into a relaunched server and verify

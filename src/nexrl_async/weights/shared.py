@@ -56,27 +56,47 @@ class SharedTransport:
         stage: Stage,
         limiter: anyio.CapacityLimiter | None = None,
         close: Callable[[], None] | None = None,
+        staged: Callable[[], Layout | None] | None = None,
     ) -> None:
+        """``staged``: the layout the trainer already staged for its current parameters, if
+        any, without blocking, in a file no step writes before the step after next (a trainer
+        process with ``stage_after_step``); it makes :meth:`capture` possible."""
         self.cfg = cfg
         self.clients = clients
         self.stage = stage
         self.limiter = limiter or anyio.CapacityLimiter(1)
         self._close = close
+        self._staged = staged
+        self._captured: tuple[int, Layout] | None = None
+
+    def capture(self, version: int) -> bool:
+        """Take the trainer's staged layout as ``version`` now (before its next step starts);
+        True when there is one: the publication may then run beside the next step."""
+        layout = self._staged() if self._staged is not None else None
+        self._captured = (version, layout) if layout is not None else None
+        return layout is not None
 
     async def prepare(self, version: int, targets: Targets) -> None:
         return None
 
     async def transfer(self, version: int, targets: Targets) -> int:
-        deadline = self.cfg.step_timeout_s
+        captured, self._captured = self._captured, None
+        if captured is not None and captured[0] == version:  # its file outlives the next step
+            await self._load(captured[1], version, targets)
+            return captured[1].nbytes
         async with self.limiter:  # no training step writes the file while servers read it
             layout = await anyio.to_thread.run_sync(self.stage)
-            await each_server(
-                self.cfg, targets, "load",
-                lambda c: c.update_weights_from_shared_memory(
-                    layout, weight_version=version, in_place=targets.in_place, timeout_s=deadline
-                ),
-            )  # fmt: skip
+            await self._load(layout, version, targets)
         return layout.nbytes
+
+    async def _load(self, layout: Layout, version: int, targets: Targets) -> None:
+        deadline = self.cfg.step_timeout_s
+        await each_server(
+            self.cfg, targets, "load",
+            lambda c: c.update_weights_from_shared_memory(
+                layout, weight_version=version, in_place=targets.in_place, timeout_s=deadline
+            ),
+        )  # fmt: skip
 
     def committed(self, version: int) -> None:
         return None

@@ -120,6 +120,10 @@ def test_weight_sync_serves_the_trainers_weights(run_small, transport: str, proc
     published = [e for e in read_events(run / "events.jsonl") if isinstance(e, Published)]
     assert [e.transport for e in published] == [transport] * 3
     assert all(e.bytes > 0 and e.transfer_s > 0 for e in published)
+    # a trainer process staging after each step publishes v1 and v2 beside steps 1 and 2 (each
+    # in that step's row), and v3, the last, at once; the mismatch above holds for all of them
+    beside = [row.get("weights/beside") for row in rows if "train/loss" in row]
+    assert beside == ([None, 1.0, 0.0] if (transport, process) == ("shared", True) else [0.0] * 3)
 
 
 def test_sft_recipe_lowers_validation_loss(run_small) -> None:

@@ -52,6 +52,9 @@ class KillAtTransfer:
         self.atomic = inner.atomic
         self.killed_pid: int | None = None
 
+    def capture(self, version: int) -> bool:
+        return self.inner.capture(version)
+
     async def prepare(self, version: int, targets: Targets) -> None:
         await self.inner.prepare(version, targets)
 

@@ -106,3 +106,25 @@ def test_nbytes_counts_the_tensors_without_padding(writer: StagingWriter) -> Non
     layout = writer.fill(tensors())
     assert layout.nbytes == 12 * 4 + 5 * 2 + 0 + 8
     assert layout.size > layout.nbytes
+
+
+def test_two_buffers_keep_a_fill_until_the_fill_after_next() -> None:
+    writer = StagingWriter(prefix="nexrl-test-weights", buffers=2)
+    try:
+        reader = StagingReader()
+        first = writer.fill(tensors(scale=1.0))
+        views = reader.views(first)
+        second = writer.fill(tensors(scale=2.0))
+        assert second.token != first.token
+        assert torch.equal(views[0][1], tensors(scale=1.0)[0][1])  # still the first fill
+        assert torch.equal(reader.views(second)[0][1], tensors(scale=2.0)[0][1])
+        third = writer.fill(tensors(scale=3.0))
+        assert third.token == first.token  # the first file again, now holding the third fill
+        assert torch.equal(views[0][1], tensors(scale=3.0)[0][1])
+    finally:
+        writer.close()
+
+
+def test_a_writer_takes_one_or_two_buffers() -> None:
+    with pytest.raises(ValueError, match="buffers must be 1 or 2"):
+        StagingWriter(buffers=3)

@@ -197,6 +197,9 @@ class _Forgetful:
     name = "forgetful"
     atomic = False
 
+    def capture(self, version: int) -> bool:
+        return False
+
     async def prepare(self, version: int, targets: Targets) -> None:
         return None
 

@@ -140,6 +140,12 @@ class RemoteTrainer(CommandCalls):
         the next sync (read them first)."""
         return iter(self._staging.views(self.stage_weights()))
 
+    @property
+    def staged(self) -> Layout | None:
+        """The layout the last train step staged (``stage_after_step``) while no other command
+        ran since; it stays readable until the step after next (two staging files)."""
+        return self._staged
+
     def stage_weights(self) -> Layout:
         """Copy the parameters into the shared staging file; its layout, which any process of
         this host can read until the next sync (the ``shared`` weight transport). Free right

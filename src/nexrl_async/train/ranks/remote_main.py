@@ -110,7 +110,10 @@ def serve_socket(fd: int) -> int:
         conn.send(Reply(error=failure_of(err)))
         return 1
     conn.send(Ready(trainer.tokenizer, trainer.context_length, trainer.steps_done))
-    server = _Server(trainer, conn, stage_after_step=boot.stage_after_step)
+    # staged after each step: two files, so servers may still copy one version while the
+    # next step writes the other
+    staging = StagingWriter(buffers=2 if boot.stage_after_step else 1)
+    server = _Server(trainer, conn, stage_after_step=boot.stage_after_step, staging=staging)
     try:
         return server.serve()
     finally:
