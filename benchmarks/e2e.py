@@ -8,9 +8,13 @@ Run::
     python benchmarks/e2e.py --skip-loop --set rollout.workers=8 --set inference.max_batch=128
 
 Writes ``benchmarks/results/e2e.json`` and ``benchmarks/results/e2e.png`` (val/reward_mean
-against wall seconds for both; seconds per step over the steps). The two runs go one after the
-other (the engine first), never concurrently: the machine has 2 cores and each run uses both
-(the engine: trainer + server process, one torch thread each) or one (the loop).
+against wall seconds for both; seconds per step over the steps). The runs go one after the
+other, never concurrently: the machine has 2 cores and each run uses both (the engine: trainer
++ server process, one torch thread each) or one (the loop). The loop runs twice, before and
+after the engine, and the loop's figures are the means of both (``loop_runs`` in the JSON has
+each): a shared machine's speed drifts by 10-20% within minutes, and a loop measured on one
+side of the engine only turned the same code's ratio from 0.8 to 1.2 between seeds
+(``--loop-once`` runs it after the engine only).
 
 The task is ``recipes/reverse_digits/recipe.toml`` with ``recipes/reverse_digits/task.py``.
 
@@ -786,20 +790,43 @@ def summarize(run: dict[str, Any], *, target: float = TARGET, skip: int = SKIP_S
             run.setdefault("median_parts_s", {})[key] = statistics.median(values)
 
 
+MEANS = (
+    "s_per_step_median",
+    "time_to_target_s",
+    "time_to_target_from_launch_s",
+    "time_to_target_after_first_val_s",
+    "wall_s",
+    "cpu_s_per_step",
+)
+"""The loop's figures averaged over its runs (and compared with the engine's)."""
+
+
+def _loop_run(args: argparse.Namespace, recipe: Recipe, when: str) -> dict[str, Any]:
+    cfg = loop_config(recipe, steps=args.steps, seed=args.seed)
+    where = f" ({when})" if when else ""
+    print(f"loop{where}: {args.steps} steps, {cfg.groups} x {cfg.group_size} samples", flush=True)
+    start_s = loop_start_s()
+    loop = run_loop(cfg)
+    loop["start_s"] = start_s
+    summarize(loop, target=args.target)
+    return loop
+
+
+def mean_loop(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The last run, with the :data:`MEANS` figures averaged over ``runs`` (NaN if any is)."""
+    merged = {k: v for k, v in runs[-1].items() if k != "initial_state"}
+    for key in MEANS:
+        values = [run.get(key, math.nan) for run in runs]
+        merged[key] = statistics.fmean(values) if all(map(math.isfinite, values)) else math.nan
+    return merged
+
+
 def ratios(engine: dict[str, Any], loop: dict[str, Any]) -> dict[str, float]:
     def ratio(key: str) -> float:
         a, b = engine.get(key, math.nan), loop.get(key, math.nan)
         return a / b if b and math.isfinite(a) and math.isfinite(b) else math.nan
 
-    keys = (
-        "s_per_step_median",
-        "time_to_target_s",
-        "time_to_target_from_launch_s",
-        "time_to_target_after_first_val_s",
-        "wall_s",
-        "cpu_s_per_step",
-    )
-    return {key: ratio(key) for key in keys}
+    return {key: ratio(key) for key in MEANS}
 
 
 # ---- main -------------------------------------------------------------------------------------
@@ -828,6 +855,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--engine-timeout", type=float, default=3600.0, help="seconds before the engine is killed")
     add("--keep-run", action="store_true", help="keep the engine's run folder (printed)")
     add("--out-dir", type=Path, default=RESULTS_DIR, help="where JSON and PNG go")
+    add("--loop-once", action="store_true", help="the loop after the engine only (no bracket)")
     args = parser.parse_args(argv)
     recipe = load_recipe(args.recipe, args.set)
     if args.steps is None:
@@ -846,22 +874,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "skip_steps": SKIP_STEPS, "git": git_state(),
     }  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="e2e_engine_"))
+    loops: list[dict[str, Any]] = []
     try:
+        if not (args.skip_loop or args.skip_engine or args.loop_once):
+            loops.append(_loop_run(args, recipe, "before the engine"))
         if not args.skip_engine:
             results["engine"] = run_engine(args, work)
             summarize(results["engine"], target=args.target)
         if not args.skip_loop:
-            cfg = loop_config(recipe, steps=args.steps, seed=args.seed)
-            print(f"loop: {args.steps} steps, {cfg.groups} x {cfg.group_size} samples", flush=True)
-            start_s = loop_start_s()
-            loop = run_loop(cfg)
-            loop["start_s"] = start_s
-            initial = loop.pop("initial_state")
+            loops.append(_loop_run(args, recipe, "after the engine" if loops else ""))
             if "engine" in results:
-                gap = initial_weights_gap(work / "run", initial)
+                gap = initial_weights_gap(work / "run", loops[-1].pop("initial_state"))
                 results["initial_weights_max_abs_diff"] = gap
-            summarize(loop, target=args.target)
-            results["loop"] = loop
+            results["loop"] = mean_loop(loops)
+            results["loop_runs"] = [{k: run.get(k) for k in MEANS} for run in loops]
     finally:
         if args.keep_run:
             print(f"engine run folder kept: {work / 'run'}")

@@ -48,6 +48,10 @@ def print_summary(results: dict[str, Any]) -> None:
         if parts:
             shown = ", ".join(f"{k} {v:.3f}" for k, v in parts.items())
             print(f"engine per-step medians (s): {shown}")
+    runs = results.get("loop_runs") or []
+    if len(runs) > 1:
+        shown = ", ".join(f"{run['s_per_step_median']:.3f}" for run in runs)
+        print(f"loop s/step, before and after the engine: {shown} (the table has their mean)")
     loop = results.get("loop")
     if loop and loop.get("median_parts_s"):
         shown = ", ".join(f"{k} {v:.3f}" for k, v in loop["median_parts_s"].items())

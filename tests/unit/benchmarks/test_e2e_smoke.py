@@ -199,3 +199,14 @@ def test_ratios_argv_and_the_report(bench, tmp_path, capsys):
     assert path.stat().st_size > 0
     bench.print_summary(results)
     assert "s/step" in capsys.readouterr().out
+
+
+def test_the_loops_figures_are_the_mean_of_its_runs_before_and_after_the_engine(bench):
+    before = {key: 1.0 for key in bench.MEANS} | {"steps": ["before"]}
+    after = {key: 3.0 for key in bench.MEANS} | {"steps": ["after"], "initial_state": {}}
+    after["time_to_target_s"] = float("nan")  # the target missed once: no mean
+    merged = bench.mean_loop([before, after])
+    assert merged["s_per_step_median"] == 2.0
+    assert math.isnan(merged["time_to_target_s"])
+    assert merged["steps"] == ["after"]  # the curves are the last run's
+    assert "initial_state" not in merged
