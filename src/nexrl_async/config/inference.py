@@ -157,7 +157,8 @@ class WeightsConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     gloo broadcast, and no pause), ``disk`` for the others (a broadcast to SGLang needs NCCL on
     the trainer; vLLM 0.32 has no transfer engine that runs on CPU)."""
     inflight: Literal["auto", "drain", "interrupt", "in_place"] = "auto"
-    """Running requests during a publication (routing is held in every mode).
+    """Running requests during a publication (routing is held in every mode but ``in_place``
+    with the ``shared`` transport).
 
     - ``drain``: wait until every running request has finished, then swap.
     - ``interrupt``: abort running requests (``pause_generation`` abort); workers resume them
@@ -167,7 +168,10 @@ class WeightsConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     - ``in_place``: no drain. Servers are paused in place (``pause_generation`` in_place),
       the weights are swapped between two decode steps, then generation continues; a request
       that straddles the swap keeps its tokens and its KV from the older weights, and the
-      server labels each token with the weights that decoded it.
+      server labels each token with the weights that decoded it. With the ``shared``
+      transport each server swaps and labels the whole version inside one step of its own
+      loop, so nothing is paused or held at all, and a publication whose weights the trainer
+      process already staged runs beside the next train step.
 
     ``interrupt`` and ``in_place`` pause only the servers with requests of this engine running;
     an idle server is loaded as in ``drain``.
