@@ -362,16 +362,9 @@ def _log(stats: PublishStats, transport: str, inflight: str, targets: Targets) -
     logger.info(
         "published v{} by {}: {:.2f} MB in {:.1f} ms; paused {:.1f} ms ({} hold {:.1f} ms), "
         "total {:.1f} ms{}",
-        stats.version,
-        transport,
-        stats.bytes / 1e6,
-        1e3 * stats.transfer_s,
-        1e3 * stats.pause_s,
-        inflight,
-        1e3 * stats.hold_s,
-        1e3 * stats.total_s,
-        skipped,
-    )
+        stats.version, transport, stats.bytes / 1e6, 1e3 * stats.transfer_s,
+        1e3 * stats.pause_s, inflight, 1e3 * stats.hold_s, 1e3 * stats.total_s, skipped,
+    )  # fmt: skip
 
 
 async def _verify(client: ServerControl, version: int, timeout_s: float) -> None:
