@@ -12,7 +12,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,10 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+from nexrl_async.config.inference import AttachInference
 from nexrl_async.config.model import BuiltModel, CharTokenizer
+from nexrl_async.inference.client.sglang import SGLangClient
+from nexrl_async.inference.fleet.supervisor import Fleet, open_fleet
 from nexrl_async.train.build import build_char_tokenizer, build_model_for, save_model_dir
 
 API_KEY = "weights-key"
@@ -124,3 +128,16 @@ def pair(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield servers
     finally:
         stop_all(servers)
+
+
+@asynccontextmanager
+async def attached(
+    servers: Sequence[Server], log_dir: Path
+) -> AsyncIterator[tuple[Fleet, dict[str, SGLangClient], httpx.AsyncClient]]:
+    """A fleet attached to ``servers``, a client per server, and a plain HTTP client."""
+    fleet_cfg = AttachInference(urls=[s.url for s in servers], api_key=API_KEY, retries=0)
+    async with (
+        httpx.AsyncClient(timeout=None) as http,
+        open_fleet(fleet_cfg, model_dir=log_dir, log_dir=log_dir, http=http) as fleet,
+    ):
+        yield fleet, {u: SGLangClient(u, http=http, api_key=API_KEY) for u in fleet.urls}, http

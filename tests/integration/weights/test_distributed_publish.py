@@ -19,16 +19,14 @@ import httpx
 import pytest
 import torch
 
-from nexrl_async.config.inference import AttachInference, WeightsConfig
+from nexrl_async.config.inference import WeightsConfig
 from nexrl_async.config.training import AlgorithmConfig, OptimConfig, TrainerConfig
 from nexrl_async.core.errors import WeightSyncError
-from nexrl_async.inference.client.sglang import SGLangClient
-from nexrl_async.inference.fleet.supervisor import open_fleet
 from nexrl_async.train.trainer import Trainer
 from nexrl_async.weights import DistributedTransport, Publisher
 from nexrl_async.weights.sender import Bucket, LoadFormat, WeightSender
 
-from .conftest import API_KEY, Server, tiny
+from .conftest import API_KEY, Server, attached, tiny
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(360)]  # server start-ups on busy cores
 
@@ -83,12 +81,7 @@ async def publishing(
     factory: Callable[..., WeightSender],
     log_dir: Path,
 ) -> AsyncIterator[tuple[Publisher, httpx.AsyncClient]]:
-    fleet_cfg = AttachInference(urls=[s.url for s in servers], api_key=API_KEY, retries=0)
-    async with (
-        httpx.AsyncClient(timeout=None) as http,
-        open_fleet(fleet_cfg, model_dir=log_dir, log_dir=log_dir, http=http) as fleet,
-    ):
-        clients = {url: SGLangClient(url, http=http, api_key=API_KEY) for url in fleet.urls}
+    async with attached(servers, log_dir) as (fleet, clients, http):
         transport = DistributedTransport(
             cfg, clients=clients, params=trainer.named_parameters_for_sync, sender_factory=factory
         )

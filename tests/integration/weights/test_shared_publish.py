@@ -18,15 +18,13 @@ import httpx
 import pytest
 import torch
 
-from nexrl_async.config.inference import AttachInference, WeightsConfig
+from nexrl_async.config.inference import WeightsConfig
 from nexrl_async.core.errors import WeightSyncError
-from nexrl_async.inference.client.sglang import SGLangClient
-from nexrl_async.inference.fleet.supervisor import open_fleet
 from nexrl_async.inference.staging import StagingWriter
 from nexrl_async.train.trainer import Trainer
 from nexrl_async.weights import Publisher, SharedTransport, staging_of
 
-from .conftest import API_KEY, Server
+from .conftest import Server, attached
 from .test_distributed_publish import HEADERS, PROMPT, make_trainer, nudge, server_sample
 from .test_distributed_publish import trainer_logprobs as expected_logprobs
 
@@ -37,12 +35,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.timeout(360)]
 async def publishing(
     servers: Sequence[Server], trainer: Trainer, cfg: WeightsConfig, log_dir: Path
 ) -> AsyncIterator[tuple[Publisher, httpx.AsyncClient]]:
-    fleet_cfg = AttachInference(urls=[s.url for s in servers], api_key=API_KEY, retries=0)
-    async with (
-        httpx.AsyncClient(timeout=None) as http,
-        open_fleet(fleet_cfg, model_dir=log_dir, log_dir=log_dir, http=http) as fleet,
-    ):
-        clients = {url: SGLangClient(url, http=http, api_key=API_KEY) for url in fleet.urls}
+    async with attached(servers, log_dir) as (fleet, clients, http):
         stage, close = staging_of(trainer.named_parameters_for_sync)
         transport = SharedTransport(cfg, clients=clients, stage=stage, close=close)
         publisher = Publisher(cfg, fleet=fleet, clients=clients, transport=transport)
@@ -126,13 +119,8 @@ async def test_a_staging_file_the_server_cannot_open_fails_the_publication(
     layout = writer.fill(trainer.named_parameters_for_sync())
     writer.close()  # the file is gone before any server maps it
     cfg = WeightsConfig(transport="shared", step_timeout_s=10.0, retries=0, retry_window_s=0.0)
-    fleet_cfg = AttachInference(urls=[pair[0].url], api_key=API_KEY, retries=0)
     with anyio.fail_after(60):
-        async with (
-            httpx.AsyncClient(timeout=None) as http,
-            open_fleet(fleet_cfg, model_dir=tmp_path, log_dir=tmp_path, http=http) as fleet,
-        ):
-            clients = {url: SGLangClient(url, http=http, api_key=API_KEY) for url in fleet.urls}
+        async with attached(pair[:1], tmp_path) as (fleet, clients, http):
             transport = SharedTransport(cfg, clients=clients, stage=lambda: layout)
             publisher = Publisher(cfg, fleet=fleet, clients=clients, transport=transport)
             before = (await server_sample(http, pair[0].url))[2]
