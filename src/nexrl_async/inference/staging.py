@@ -198,7 +198,7 @@ class StagingReader:
     views their tensors."""
 
     def __init__(self) -> None:
-        self._maps: dict[str, mmap.mmap] = {}
+        self._maps: dict[str, tuple[mmap.mmap, list[tuple[str, Tensor]]]] = {}
 
     def views(self, layout: Layout) -> list[tuple[str, Tensor]]:
         """``(name, tensor)`` per entry, reading the shared file in place.
@@ -207,13 +207,14 @@ class StagingReader:
             OSError: the file cannot be opened (its writer exited).
             ValueError: the file is smaller than the layout says, or a dtype is unknown.
         """
-        buffer = self._maps.get(layout.token)
-        if buffer is None:
+        known = self._maps.get(layout.token)
+        if known is None:  # a file's views alias it: they are made once and show every fill
             buffer = _map(layout.path, layout.size)
+            known = (buffer, [(entry.name, _view(buffer, entry)) for entry in layout.entries])
             if len(self._maps) >= 2:
                 del self._maps[next(iter(self._maps))]
-            self._maps[layout.token] = buffer
-        return [(entry.name, _view(buffer, entry)) for entry in layout.entries]
+            self._maps[layout.token] = known
+        return list(known[1])
 
     def close(self) -> None:
         self._maps = {}

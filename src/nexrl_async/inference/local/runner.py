@@ -61,6 +61,7 @@ class ModelRunner:
         self, model: PreTrainedModel, tokenizer: Tokenizer, *, eos_ids: frozenset[int], version: str
     ) -> None:
         self.model = model
+        self._live: dict[str, torch.Tensor] | None = None
         self.tokenizer = tokenizer
         self.codec = TokenCodec(tokenizer)
         self.eos_ids = eos_ids
@@ -104,7 +105,9 @@ class ModelRunner:
 
     def swap_tensors(self, tensors: dict[str, torch.Tensor], version: str | None) -> int:
         """Swap in a whole set of weights (a staging file's views) between steps."""
-        count = swap_weights(self.model, tensors)
+        if self._live is None:  # the parameters' tensors stay the same objects: built once
+            self._live = self.model.state_dict()
+        count = swap_weights(self.model, tensors, self._live)
         if version is not None:
             self.weight_version = version
         return count

@@ -120,13 +120,17 @@ def read_safetensors(model_dir: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def swap_weights(model: PreTrainedModel, tensors: dict[str, torch.Tensor]) -> int:
+def swap_weights(
+    model: PreTrainedModel,
+    tensors: dict[str, torch.Tensor],
+    live: dict[str, torch.Tensor] | None = None,
+) -> int:
     """Copy ``tensors`` into ``model`` after checking all of them; returns tensors copied.
 
     A parameter may be absent from ``tensors`` only if it shares storage with one present
-    (tied embeddings).
+    (tied embeddings). ``live``: the model's ``state_dict()``, when the caller keeps one.
     """
-    live = model.state_dict()
+    live = model.state_dict() if live is None else live
     _check_known(live, tensors)
     loaded_ptrs = {live[n].data_ptr() for n in tensors}
     missing = [n for n in live if n not in tensors and live[n].data_ptr() not in loaded_ptrs]
