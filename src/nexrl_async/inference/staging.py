@@ -25,6 +25,7 @@ next): read them before asking for more (the engine's publisher does).
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import tempfile
@@ -61,13 +62,7 @@ class Layout(msgspec.Struct, frozen=True):
     @property
     def nbytes(self) -> int:
         """The tensors' bytes (without alignment padding)."""
-        total = 0
-        for entry in self.entries:
-            count = 1
-            for dim in entry.shape:
-                count *= dim
-            total += count * _dtype(entry.dtype).itemsize
-        return total
+        return sum(math.prod(e.shape) * _dtype(e.dtype).itemsize for e in self.entries)
 
     def same_tensors(self, entries: tuple[Entry, ...]) -> bool:
         return self.entries == entries
@@ -86,9 +81,7 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def _view(buffer: mmap.mmap, entry: Entry) -> Tensor:
-    count = 1
-    for dim in entry.shape:
-        count *= dim
+    count = math.prod(entry.shape)
     if count == 0:
         return torch.empty(entry.shape, dtype=_dtype(entry.dtype))
     flat = torch.frombuffer(buffer, dtype=_dtype(entry.dtype), count=count, offset=entry.offset)
@@ -158,12 +151,6 @@ class StagingWriter:
         self._files: list[_File | None] = [None] * buffers
         self._turn = 0
         self._count = 0
-        self._layout: Layout | None = None
-
-    @property
-    def layout(self) -> Layout | None:
-        """The last fill's layout."""
-        return self._layout
 
     def fill(self, named: Iterable[tuple[str, Tensor]]) -> Layout:
         """Copy every ``(name, tensor)`` of ``named`` into the file; its layout."""
@@ -181,7 +168,6 @@ class StagingWriter:
             if tensor.numel():
                 _view(file.buffer, entry).copy_(tensor)
         self._turn = (self._turn + 1) % len(self._files)
-        self._layout = file.layout
         return file.layout
 
     def close(self) -> None:
@@ -190,7 +176,6 @@ class StagingWriter:
             if file is not None:
                 file.close()
         self._files = [None] * len(self._files)
-        self._layout = None
 
 
 class StagingReader:

@@ -82,19 +82,28 @@ class SharedTransport:
     async def transfer(self, version: int, targets: Targets) -> int:
         captured, self._captured = self._captured, None
         if captured is not None and captured[0] == version:  # its file outlives the next step
-            await self._load(captured[1], version, targets)
+            await self._load(captured[1], version, targets, "load", in_place=targets.in_place)
             return captured[1].nbytes
+        return await self._stage_and_load(version, targets, "load", in_place=targets.in_place)
+
+    async def _stage_and_load(
+        self, version: int, servers: Targets | Mapping[str, ServerControl], step: str, *,
+        in_place: bool,
+    ) -> int:  # fmt: skip
         async with self.limiter:  # no training step writes the file while servers read it
             layout = await anyio.to_thread.run_sync(self.stage)
-            await self._load(layout, version, targets)
+            await self._load(layout, version, servers, step, in_place=in_place)
         return layout.nbytes
 
-    async def _load(self, layout: Layout, version: int, targets: Targets) -> None:
+    async def _load(
+        self, layout: Layout, version: int, servers: Targets | Mapping[str, ServerControl],
+        step: str, *, in_place: bool,
+    ) -> None:  # fmt: skip
         deadline = self.cfg.step_timeout_s
         await each_server(
-            self.cfg, targets, "load",
+            self.cfg, servers, step,
             lambda c: c.update_weights_from_shared_memory(
-                layout, weight_version=version, in_place=targets.in_place, timeout_s=deadline
+                layout, weight_version=version, in_place=in_place, timeout_s=deadline
             ),
         )  # fmt: skip
 
@@ -106,15 +115,7 @@ class SharedTransport:
         if version == 0:
             return
         client = {server.url: self.clients[server.url]}
-        deadline = self.cfg.step_timeout_s
-        async with self.limiter:
-            layout = await anyio.to_thread.run_sync(self.stage)
-            await each_server(
-                self.cfg, client, "restore",
-                lambda c: c.update_weights_from_shared_memory(
-                    layout, weight_version=version, in_place=False, timeout_s=deadline
-                ),
-            )  # fmt: skip
+        await self._stage_and_load(version, client, "restore", in_place=False)
         logger.info("restored weights v{} into {}", version, server.url)
 
     async def aclose(self) -> None:
