@@ -7,6 +7,10 @@ within a few milliseconds. :class:`FirstTurnBatcher` gathers the group requests 
 within ``window_s`` of the first one (same sampling parameters) and sends them as one request
 per available server (SGLang's batch form, one rid per sample). On the demo, 32 group requests
 a step become a handful: client and server CPU per request saved (``benchmarks/e2e.py``).
+Where a server's batch size is known (``server_batch``: the local server's ``max_batch``), a
+window that fills every available server's batch is sent at once: waiting longer could only
+queue more samples behind a full batch (on the demo the 32 groups of a step fill it ~5 ms
+before the window ends).
 
 - A caller that is cancelled aborts its own samples on the server (by rid); the others run on
   and its answers are dropped.
@@ -89,14 +93,31 @@ Send = Callable[[Batch], Awaitable[tuple[list[Answer], str]]]
 returns every sample's answer in order and the server's URL."""
 
 
-class FirstTurnBatcher:
-    """Gathers group first turns for ``window_s`` and sends them in ``servers()`` requests."""
+class _Window:
+    """The turns gathered for one request set (same sampling parameters)."""
 
-    def __init__(self, send: Send, *, window_s: float, servers: Callable[[], int]) -> None:
+    def __init__(self) -> None:
+        self.turns: list[FirstTurn] = []
+        self.samples = 0
+        self.full = anyio.Event()
+
+
+class FirstTurnBatcher:
+    """Gathers group first turns for ``window_s`` (or until they fill every available server's
+    ``server_batch`` samples) and sends them in ``servers()`` requests."""
+
+    def __init__(
+        self, send: Send, *, window_s: float, servers: Callable[[], int],
+        server_batch: int | None = None,
+    ) -> None:  # fmt: skip
         self._send = send
         self.window_s = window_s
         self._servers = servers
-        self._pending: dict[bytes, list[FirstTurn]] = {}
+        self.server_batch = server_batch
+        self._pending: dict[bytes, _Window] = {}
+        """The open window of each sampling-parameter set."""
+        self._closing: set[_Window] = set()
+        """Windows closed as full whose requests are not out yet."""
         self._tg: TaskGroup | None = None
         self.requests = 0
         """Batched requests sent (each retry of a rejection per group counts too)."""
@@ -114,10 +135,11 @@ class FirstTurnBatcher:
         finally:
             self._tg = None
             stopped = EngineUnavailable("the first-turn batcher stopped")
-            for turns in self._pending.values():
-                for turn in turns:
+            for window in [*self._pending.values(), *self._closing]:
+                for turn in window.turns:
                     turn.finish(None, "", stopped)
             self._pending.clear()
+            self._closing.clear()
 
     async def submit(
         self, prompt: Sequence[int], keys: Sequence[str], params: SamplingParams
@@ -128,11 +150,18 @@ class FirstTurnBatcher:
             raise RuntimeError("FirstTurnBatcher.submit() needs serve() running")
         turn = FirstTurn(prompt, keys)
         slot = msgspec.json.encode(params)
-        waiting = self._pending.get(slot)
-        if waiting is None:
-            waiting = self._pending[slot] = []
-            self._spawn(self._flush, slot, params)
-        waiting.append(turn)
+        window = self._pending.get(slot)
+        if window is None:
+            window = self._pending[slot] = _Window()
+            self._spawn(self._flush, slot, window, params)
+        window.turns.append(turn)
+        window.samples += len(keys)
+        if self.server_batch is not None and window.samples >= self.server_batch * max(
+            1, self._servers()
+        ):
+            del self._pending[slot]  # later turns open a new window
+            self._closing.add(window)
+            window.full.set()
         try:
             await turn.done.wait()
         except anyio.get_cancelled_exc_class():
@@ -143,9 +172,13 @@ class FirstTurnBatcher:
             raise turn.error
         return turn.answers, turn.url
 
-    async def _flush(self, slot: bytes, params: SamplingParams) -> None:
-        await anyio.sleep(self.window_s)
-        turns = [t for t in self._pending.pop(slot, []) if not t.cancelled]
+    async def _flush(self, slot: bytes, window: _Window, params: SamplingParams) -> None:
+        with anyio.move_on_after(self.window_s):
+            await window.full.wait()
+        if self._pending.get(slot) is window:
+            del self._pending[slot]
+        self._closing.discard(window)
+        turns = [t for t in window.turns if not t.cancelled]
         servers = max(1, min(self._servers(), len(turns)))
         for index in range(servers):
             if share := turns[index::servers]:

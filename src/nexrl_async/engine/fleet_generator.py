@@ -63,6 +63,7 @@ class FleetGenerator:
         retries: int,
         seed: int = 0,
         batch_window_s: float = 0.002,
+        server_batch: int | None = None,
     ) -> None:
         self.fleet = fleet
         self.clients = clients
@@ -73,8 +74,9 @@ class FleetGenerator:
         self._group_requests = 0
         self._batches_prompts = all(isinstance(c, PromptBatching) for c in clients.values())
         self.batcher = FirstTurnBatcher(
-            self._send_batch, window_s=batch_window_s, servers=self._available_servers
-        )
+            self._send_batch, window_s=batch_window_s, servers=self._available_servers,
+            server_batch=server_batch,
+        )  # fmt: skip
         """Sends the first turns of groups that start together as one request per server
         while :meth:`serve` runs (``inference.batch_first_turns``)."""
 

@@ -32,6 +32,7 @@ import msgspec
 from nexrl_async.config.data import source_evaluators
 from nexrl_async.config.inference import (
     AttachInference,
+    LocalInference,
     NoInference,
     SGLangInference,
     resolve_weights,
@@ -317,6 +318,7 @@ def _assemble(
         fleet, clients, current_version=lambda: flow.gate.version,
         retries=cfg.inference.retries, seed=cfg.run.seed,
         batch_window_s=cfg.inference.batch_window_ms / 1000,
+        server_batch=cfg.inference.max_batch if isinstance(cfg.inference, LocalInference) else None,
     )  # fmt: skip
     events = CountingEvents(ctx.ledger)
     worker, val_worker = _workers(ctx, trainer, generator, events)

@@ -85,6 +85,7 @@ async def test_an_overdue_lease_in_flight_is_aborted_under_drop(tmp_path: Path) 
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(work)
+        await anyio.wait_all_tasks_blocked()  # the straggler's work is in flight
         await flow.put(group(first[0], first[1].key, [0.0, 1.0]))
         assert await flow.take(0) is not None
         await flow.advance(1)
@@ -144,3 +145,45 @@ async def test_a_partial_group_trains_is_logged_and_not_replayed(tmp_path: Path)
     (pooled,) = [e for e in read_events(tmp_path / "events.jsonl") if isinstance(e, Pooled)]
     assert pooled.samples == 2
     assert pooled.dropped == [FailureReason.EVALUATOR_ERROR]
+
+
+async def test_workers_at_a_closed_gate_wake_only_when_it_opens(tmp_path: Path) -> None:
+    gate = StalenessGate(StalenessConfig(max_staleness=0), batch_groups=2)
+    pool = TrajectoryPool(PoolConfig(batch_groups=2), gate=gate)
+    data = RowSource([{"x": i} for i in range(16)], shuffle=False)
+    flow = Flow(gate=gate, pool=pool, data=data, ledger=_ledger(tmp_path))
+    leases = [await flow.admit(), await flow.admit()]
+    assert not gate.can_lease()
+    checks = 0
+    can_lease = gate.can_lease
+
+    def counted() -> bool:
+        nonlocal checks
+        checks += 1
+        return can_lease()
+
+    gate.can_lease = counted  # type: ignore[method-assign]
+    admitted: list[int] = []
+
+    async def worker() -> None:
+        got = await flow.admit()
+        assert got is not None
+        admitted.append(got[0].lease_id)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(worker)
+        await anyio.wait_all_tasks_blocked()
+        parked = checks
+        for lease in leases:  # two puts: the batch is ready, the gate still closed
+            assert lease is not None
+            await flow.put(group(lease[0], lease[1].key, [0.0, 1.0]))
+            await anyio.wait_all_tasks_blocked()
+        assert checks - parked == 2  # the flow asked once a put; no parked worker re-checked
+        assert admitted == []
+        batch = await flow.take(0)
+        assert batch is not None
+        await flow.advance(1)  # the trained step's version is served: two more leases
+        await anyio.wait_all_tasks_blocked()
+        assert len(admitted) == 2
+        tg.cancel_scope.cancel()
