@@ -27,7 +27,6 @@ validation), saves a checkpoint, then ends the run the same way.
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -98,10 +97,6 @@ async def run_engine(
     stop = stop or StopRequest()
     parts_cm = open_parts(ctx, trainer_factory=trainer_factory, resume=resume)
     async with parts_cm as parts, anyio.create_task_group() as tg:
-        # torch + transformers leave ~400k tracked objects; full collections over them froze
-        # the loop for 0.5-1 s mid-run (benchmarks/pipeline.py), so they leave the GC's view
-        gc.collect()
-        gc.freeze()
         pending: dict[str, float] = {}
         stop.listening = True
         tg.start_soon(run_watchdog, parts.fleet, parts.events, ctx.cfg.faults, name="watchdog")

@@ -7,8 +7,9 @@ applies its own share of a :class:`~nexrl_async.engine.resume.Resume` (the order
     trainer      build it, load the checkpoint's state              (worker thread)
     model_dir    the HF folder the servers start from: the recipe's model, the built one saved,
                  or the restored policy exported                     (worker thread)
+    fleet        servers launched (on the checkpoint's version) or attached; while they start:
     flow         data source, staleness gate, pool; restored state   (worker thread for data)
-    fleet        servers launched (on the checkpoint's version) or attached
+                 and the validation items; then the start-up heap leaves the GC's view
     publisher    weight transport + state machine, at the checkpoint's version; the fleet's
                  restart hook is bound to it once it exists
     workers      the rollout and validation workers with their user code
@@ -20,14 +21,13 @@ the HTTP pool, each in a shielded scope.
 from __future__ import annotations
 
 import copy
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import anyio
-import msgspec
 
 from nexrl_async.config.data import source_evaluators
 from nexrl_async.config.inference import (
@@ -43,16 +43,14 @@ from nexrl_async.config.schema import RecipeConfig
 from nexrl_async.core.errors import ConfigError
 from nexrl_async.core.protocols import GroupWorker, PolicyTrainer
 from nexrl_async.core.records import DataItem, TrainBatch
-from nexrl_async.data import iterate_once, open_source
-from nexrl_async.engine.breaker import FailureBreaker
 from nexrl_async.engine.checkpointer import Checkpointer
 from nexrl_async.engine.context import RunContext
+from nexrl_async.engine.early_parts import WhileServersStart
 from nexrl_async.engine.fleet_generator import FleetGenerator
 from nexrl_async.engine.flow import Flow
 from nexrl_async.engine.reporting import Reporting
 from nexrl_async.engine.resume import (
     Resume,
-    restore_flow,
     restore_trainer,
     resumed_inference,
     serving_folder,
@@ -65,8 +63,6 @@ from nexrl_async.inference.client.http import Http, open_http_pool
 from nexrl_async.inference.fleet.backends import open_client
 from nexrl_async.inference.fleet.supervisor import Fleet, open_fleet
 from nexrl_async.obs.ledger import RunResumed
-from nexrl_async.pipeline.pool import TrajectoryPool
-from nexrl_async.pipeline.staleness import StalenessGate
 from nexrl_async.rollout.loading import load_worker
 from nexrl_async.train.ranks.remote import RemoteTrainer
 from nexrl_async.train.spec import TrainerSpec
@@ -143,9 +139,12 @@ async def open_parts(
     trainer = await _open_trainer(ctx, trainer_factory, resume)
     try:
         model_dir = await anyio.to_thread.run_sync(_serving_model, ctx, trainer, resume)
-        flow = await _open_flow(ctx, resume)
-        val_items = await anyio.to_thread.run_sync(_validation_items, ctx)
-        async with open_http_pool() as http, _open_fleet(ctx, model_dir, http, resume) as fleet:
+        early = WhileServersStart(ctx, resume)
+        async with (
+            open_http_pool() as http,
+            _open_fleet(ctx, model_dir, http, resume, while_starting=early) as fleet,
+        ):
+            flow, val_items = early.flow, early.val_items
             clients = {url: open_client(url, ctx.cfg.inference, http=http) for url in fleet.urls}
             publisher = await _open_publisher(
                 ctx, trainer, fleet, clients, flow=flow, model_dir=model_dir, limiter=limiter,
@@ -200,40 +199,18 @@ def _serving_model(ctx: RunContext, trainer: PolicyTrainer, resume: Resume | Non
     return path
 
 
-async def _open_flow(ctx: RunContext, resume: Resume | None) -> Flow:
-    """Data source, gate and pool behind one condition; on resume, their saved state."""
-    cfg = ctx.cfg
-    data = await anyio.to_thread.run_sync(lambda: open_source(cfg.data, base_dir=ctx.base_dir))
-    gate = StalenessGate(cfg.staleness, batch_groups=cfg.pool.batch_groups)
-    # DAPO's dynamic sampling is the pool's zero-variance filter
-    zero_var = cfg.pool.filter_zero_variance or cfg.algorithm.dynamic_sampling
-    pool = TrajectoryPool(
-        msgspec.structs.replace(cfg.pool, filter_zero_variance=zero_var), gate=gate
-    )
-    flow = Flow(
-        gate=gate, pool=pool, data=data, ledger=ctx.ledger, max_replays=cfg.data.max_replays,
-        breaker=FailureBreaker(cfg.faults),
-    )  # fmt: skip
-    if resume is not None:
-        restore_flow(flow, resume)
-    return flow
-
-
-def _validation_items(ctx: RunContext) -> list[DataItem]:
-    val = ctx.cfg.validation
-    if val.data is None:
-        return []
-    return iterate_once(val.data, ctx.base_dir, val.max_items)
-
-
 def _open_fleet(
-    ctx: RunContext, model_dir: Path, http: Http, resume: Resume | None
-) -> AbstractAsyncContextManager[Fleet]:
+    ctx: RunContext, model_dir: Path, http: Http, resume: Resume | None, *,
+    while_starting: Callable[[], Awaitable[None]],
+) -> AbstractAsyncContextManager[Fleet]:  # fmt: skip
     """The servers; on resume, launched on the checkpoint's weights and version."""
     inference = ctx.cfg.inference
     if resume is not None:
         inference = resumed_inference(inference, model_dir, resume.version)
-    return open_fleet(inference, model_dir=model_dir, log_dir=ctx.run_dir.logs_dir, http=http)
+    return open_fleet(
+        inference, model_dir=model_dir, log_dir=ctx.run_dir.logs_dir, http=http,
+        while_starting=while_starting,
+    )  # fmt: skip
 
 
 async def _open_publisher(

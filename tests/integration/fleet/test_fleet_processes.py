@@ -95,6 +95,28 @@ async def test_launches_routes_logs_and_stops(tmp_path: Path, http: httpx.AsyncC
     assert "GET /health" in log  # and so did its stderr
 
 
+async def test_the_callers_start_up_work_runs_while_the_servers_start(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    started: list[list[str]] = []
+
+    def read_logs() -> list[str]:
+        return [log.read_text() for log in sorted(tmp_path.glob("server*.log"))]
+
+    async def while_starting() -> None:
+        started.append(read_logs())
+
+    cfg = stub_cfg("--no-health-generate", "--startup-delay", "0.5", servers=2)
+    async with open_fleet(
+        cfg, model_dir=tmp_path, log_dir=tmp_path, http=http, while_starting=while_starting
+    ) as fleet:
+        assert all(server.available for server in fleet.servers)
+    [logs] = started  # once, with both processes launched and neither listening yet
+    assert len(logs) == 2
+    assert all("launch 0 of server" in log for log in logs)
+    assert not any("stub server on" in log for log in logs)
+
+
 async def test_sigkilled_server_is_restarted(tmp_path: Path, http: httpx.AsyncClient) -> None:
     calls: list[tuple[int, bool]] = []
 

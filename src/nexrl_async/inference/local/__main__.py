@@ -12,6 +12,7 @@ without a line (the run that started it ended).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -66,6 +67,10 @@ def wait_for_args() -> list[str] | None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv == [WAIT_FLAG]:
+        # the imports' objects leave the collector's view now, while the run that started this
+        # process still imports: the freeze after the model loads then has little left to walk
+        gc.collect()
+        gc.freeze()
         handed = wait_for_args()
         if handed is None:
             return 0
