@@ -28,7 +28,7 @@ order their checks need (see ``engine.resume``).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -167,8 +167,11 @@ class Flow:
                 self.data.replay(item)
             self._notify()
 
-    async def take(self, step: int) -> TrainBatch | None:
-        """The batch for ``step``; ``None`` when no batch can ever be formed (data exhausted)."""
+    async def take(
+        self, step: int, *, on_wait: Callable[[], None] | None = None
+    ) -> TrainBatch | None:
+        """The batch for ``step``; ``None`` when no batch can ever be formed (data exhausted).
+        ``on_wait`` is called once if the batch is not ready yet, before waiting for it."""
         async with self._changed:
             while True:
                 handout = self.pool.take_batch(step)
@@ -179,6 +182,9 @@ class Flow:
                     return handout.batch
                 if self._exhausted():
                     return None
+                if on_wait is not None:
+                    call, on_wait = on_wait, None
+                    call()
                 await self._changed.wait()
 
     @property

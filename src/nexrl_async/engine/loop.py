@@ -10,7 +10,8 @@ What each task waits on:
   (``Publisher.capture``: shared memory, in place, a trainer process that stages after each
   step) and no validation, checkpoint, stop or end falls on that boundary, the publication
   runs beside the next step instead (its metrics land in that step's row, with
-  ``weights/beside``); the next boundary waits for it;
+  ``weights/beside``); the next boundary waits for it. There the step's row, progress line
+  and sample dump are written once the next step is sent (:class:`_Books`);
 - the fleet's supervisors: server processes and health probes (inside ``open_fleet``);
 - the watchdog (``engine.watchdog``): samples finishing while requests are pending.
 
@@ -27,7 +28,7 @@ validation), saves a checkpoint, then ends the run the same way.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 
 import anyio
@@ -175,40 +176,44 @@ async def _train_loop(
     cfg, clock = ctx.cfg, StepClock()
     step = parts.flow.gate.next_step
     running: _Beside | None = None
-    while cfg.run.total_steps is None or step < cfg.run.total_steps:
-        wait_start = anyio.current_time()
-        batch: TrainBatch | None = None
-        with stop.interruptible():
-            batch = await parts.flow.take(step)
+    books = _Books(None, None)  # the last step's row, written once this step's batch is sent
+    try:
+        while cfg.run.total_steps is None or step < cfg.run.total_steps:
+            wait_start = anyio.current_time()
+            batch: TrainBatch | None = None
+            with stop.interruptible():
+                batch = await parts.flow.take(step, on_wait=books.start)
+                if batch is None:
+                    return "data_exhausted"
             if batch is None:
-                return "data_exhausted"
-        if batch is None:
-            return stop.reason or "stopped"
-        metrics = {"pipeline/batch_wait_s": anyio.current_time() - wait_start, **pending}
-        metrics.update(await parts.train_step(batch))
-        if running is not None:  # the previous version, published beside this step
-            metrics.update(await running.wait())
-        step += 1
-        metrics.update(batch_metrics(batch), **parts.pipeline_metrics(clock))
-        running = None
-        if _may_publish_beside(parts, stop, step) and parts.publisher.capture(step):
-            running = _Beside(step)
-            beside.start_soon(running.run, ctx, parts, name=f"publish v{step}")
-        else:
-            metrics.update(await _publish(ctx, parts, step))
-        pending = {}
-        with stop.interruptible():
-            pending = await _validate(ctx, parts, step=step, final=False)
-        elapsed = clock.lap()
-        metrics["timing/step_s"] = elapsed
-        metrics["throughput/tokens_per_s"] = metrics.pop("rollout/generated_tokens") / elapsed
-        ctx.metrics.log(batch.step, metrics)
-        parts.reporting.progress(step, metrics)
-        await parts.reporting.dump_samples(batch)
-        if parts.checkpointer.due(step):
-            await parts.checkpointer.save(step)
-        if stop.reason is not None:
-            return stop.reason
+                return stop.reason or "stopped"
+            metrics = {"pipeline/batch_wait_s": anyio.current_time() - wait_start, **pending}
+            metrics.update(await parts.train_step(batch, on_sent=books.start))
+            await books.wait()
+            if running is not None:  # the previous version, published beside this step
+                metrics.update(await running.wait())
+            step += 1
+            metrics.update(parts.pipeline_metrics(clock))
+            running = None
+            if _may_publish_beside(parts, stop, step) and parts.publisher.capture(step):
+                running = _Beside(step)
+                beside.start_soon(running.run, ctx, parts, name=f"publish v{step}")
+            else:
+                metrics.update(await _publish(ctx, parts, step))
+            pending = {}
+            with stop.interruptible():
+                pending = await _validate(ctx, parts, step=step, final=False)
+            metrics["timing/step_s"] = clock.lap()
+            books = _books(ctx, parts, batch, metrics, beside)
+            if running is None:  # a boundary that waits: validation, checkpoint, stop, the end
+                await books.wait()
+            if parts.checkpointer.due(step):
+                await parts.checkpointer.save(step)
+            if stop.reason is not None:
+                return stop.reason
+    finally:
+        with anyio.CancelScope(shield=True):
+            await books.wait()
     final = pending or await _validate(ctx, parts, step=step, final=True)
     if final:
         ctx.metrics.log(step, final)
@@ -245,6 +250,54 @@ class _Beside:
     async def wait(self) -> dict[str, float]:
         await self._done.wait()
         return self.metrics
+
+
+class _Books:
+    """A step's metric row, progress line and sample dump (:func:`_books`). Where the next step
+    may be sent at once (the publication runs beside it), they are written in the background
+    from the moment the next batch is on its way (or the loop has to wait for it), off the
+    trainer's critical path; the loop waits for them after the next step's reply, so rows stay
+    in step order."""
+
+    def __init__(self, write: Callable[[], Awaitable[None]] | None, tg: TaskGroup | None) -> None:
+        self._write = write
+        self._tg = tg
+        self._done = anyio.Event()
+        if write is None:
+            self._done.set()
+
+    def start(self) -> None:
+        """Write them now, in the background (once)."""
+        if self._write is not None and self._tg is not None:
+            write, self._write = self._write, None
+            self._tg.start_soon(self._run, write, name="step books")
+
+    async def wait(self) -> None:
+        """Write them here if they have not started, and wait until they are written."""
+        if self._write is not None:
+            write, self._write = self._write, None
+            await self._run(write)
+        await self._done.wait()
+
+    async def _run(self, write: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await write()
+        finally:
+            self._done.set()
+
+
+def _books(
+    ctx: RunContext, parts: Parts, batch: TrainBatch, metrics: dict[str, float], tg: TaskGroup
+) -> _Books:
+    async def write() -> None:
+        metrics.update(batch_metrics(batch))
+        tokens = metrics.pop("rollout/generated_tokens")
+        metrics["throughput/tokens_per_s"] = tokens / metrics["timing/step_s"]
+        ctx.metrics.log(batch.step, metrics)
+        parts.reporting.progress(batch.step + 1, metrics)
+        await parts.reporting.dump_samples(batch)
+
+    return _Books(write, tg)
 
 
 async def _publish(ctx: RunContext, parts: Parts, version: int) -> dict[str, float]:

@@ -101,13 +101,19 @@ class Parts:
     checkpointer: Checkpointer
     torch_limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(1))
 
-    async def train_step(self, batch: TrainBatch) -> dict[str, float]:
+    async def train_step(
+        self, batch: TrainBatch, *, on_sent: Callable[[], None] | None = None
+    ) -> dict[str, float]:
         """One trainer step; the loop keeps serving rollouts meanwhile. A trainer process is
-        driven from the loop itself (its reply wakes the loop); others run in a worker thread."""
+        driven from the loop itself (its reply wakes the loop); others run in a worker thread.
+        ``on_sent`` is called once the step is under way (the batch sent, or the thread
+        about to start)."""
         trainer = self.trainer
         if isinstance(trainer, RemoteTrainer):
             async with self.torch_limiter:
-                return await trainer.step_async(batch)
+                return await trainer.step_async(batch, on_sent=on_sent)
+        if on_sent is not None:
+            on_sent()
         result = await anyio.to_thread.run_sync(trainer.step, batch, limiter=self.torch_limiter)
         return dict(result)
 

@@ -124,6 +124,11 @@ def test_weight_sync_serves_the_trainers_weights(run_small, transport: str, proc
     # in that step's row), and v3, the last, at once; the mismatch above holds for all of them
     beside = [row.get("weights/beside") for row in rows if "train/loss" in row]
     assert beside == ([None, 1.0, 0.0] if (transport, process) == ("shared", True) else [0.0] * 3)
+    # the rows of steps whose next step was sent at once are written beside it: still whole,
+    # once each, in step order
+    trained = [row for row in rows if "train/loss" in row]
+    assert [row["step"] for row in trained] == [0, 1, 2]
+    assert all("rollout/reward_mean" in row and "throughput/tokens_per_s" in row for row in trained)
 
 
 def test_sft_recipe_lowers_validation_loss(run_small) -> None:

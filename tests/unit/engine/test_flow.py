@@ -187,3 +187,26 @@ async def test_workers_at_a_closed_gate_wake_only_when_it_opens(tmp_path: Path) 
         await anyio.wait_all_tasks_blocked()
         assert len(admitted) == 2
         tg.cancel_scope.cancel()
+
+
+async def test_take_calls_on_wait_once_and_only_when_it_has_to_wait(tmp_path: Path) -> None:
+    flow = flow_of(tmp_path, rows=8)
+    calls: list[int] = []
+    first = await flow.admit()
+    assert first is not None
+    await flow.put(group(first[0], first[1].key, [0.0, 1.0]))
+    assert await flow.take(0, on_wait=lambda: calls.append(0)) is not None
+    assert calls == []  # ready: no wait
+    await flow.advance(1)
+    nxt = await flow.admit()
+    assert nxt is not None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: flow.take(1, on_wait=lambda: calls.append(1)))
+        await anyio.wait_all_tasks_blocked()
+        assert calls == [1]
+        await flow.put(group(nxt[0], nxt[1].key, [1.0, 1.0]))  # filtered: the take waits on
+        await anyio.wait_all_tasks_blocked()
+        again = await flow.admit()
+        assert again is not None
+        await flow.put(group(again[0], again[1].key, [0.0, 1.0]))
+    assert calls == [1]  # once, however often it waited

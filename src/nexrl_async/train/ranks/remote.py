@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, NoReturn
@@ -185,27 +185,36 @@ class RemoteTrainer(CommandCalls):
         assert self._ready is not None
         return self._ready
 
-    async def step_async(self, batch: TrainBatch) -> dict[str, float]:
+    async def step_async(
+        self, batch: TrainBatch, *, on_sent: Callable[[], None] | None = None
+    ) -> dict[str, float]:
         """:meth:`step` from the event loop, with no worker thread: the batch is sent from the
         loop and the reply awaited on the socket, so the loop resumes the caller as soon as the
         reply arrives (no thread to schedule, no interpreter-lock hand-over). Like a call in a
-        worker thread it is not cancelled midway: a cancellation waits for the reply."""
+        worker thread it is not cancelled midway: a cancellation waits for the reply.
+        ``on_sent`` is called once the batch is sent (before the reply)."""
         command = TrainStep(batch=encode_batch(batch))
         self._built()
         if not self._lock.acquire(blocking=False):  # a call from another thread is running
+            if on_sent is not None:
+                on_sent()
             result = await anyio.to_thread.run_sync(self._run, command)
         else:
             try:
                 with anyio.CancelScope(shield=True):
-                    result = await self._exchange_async(command)
+                    result = await self._exchange_async(command, on_sent)
             finally:
                 self._lock.release()
             await anyio.lowlevel.checkpoint_if_cancelled()  # then the cancellation, if any
         assert isinstance(result, dict)
         return result
 
-    async def _exchange_async(self, command: Command) -> object:
+    async def _exchange_async(
+        self, command: Command, on_sent: Callable[[], None] | None = None
+    ) -> object:
         what = self._send(command)
+        if on_sent is not None:
+            on_sent()
         with anyio.move_on_after(self._timeout_s) as waited:
             await anyio.wait_readable(self._conn.fileno())  # a reply, or the end of the socket
         if waited.cancelled_caught:
