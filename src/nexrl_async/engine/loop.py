@@ -43,7 +43,7 @@ from nexrl_async.engine.flow import Flow
 from nexrl_async.engine.parts import Parts, TrainerFactory, open_parts
 from nexrl_async.engine.resume import Resume
 from nexrl_async.engine.stats import StepClock, batch_metrics
-from nexrl_async.engine.validator import due, validate
+from nexrl_async.engine.validator import due, validate, validation_concurrency
 from nexrl_async.engine.watchdog import run_watchdog
 from nexrl_async.obs.ledger import Published, Validated
 
@@ -327,7 +327,7 @@ async def _validate(ctx: RunContext, parts: Parts, *, step: int, final: bool) ->
         return {}
     metrics = await validate(
         parts.val_worker, parts.val_items, version=parts.flow.gate.version,
-        concurrency=ctx.cfg.rollout.workers, loss=parts.reporting.validation_loss,
+        concurrency=validation_concurrency(ctx.cfg), loss=parts.reporting.validation_loss,
         failed_samples=val.failed_samples,
     )  # fmt: skip
     ctx.ledger.emit(Validated(step=step, metrics=dict(metrics)))

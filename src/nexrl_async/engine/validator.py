@@ -39,6 +39,13 @@ def validation_rollout(cfg: RecipeConfig) -> RecipeConfig:
     return msgspec.structs.replace(cfg, rollout=rollout)
 
 
+def validation_concurrency(cfg: RecipeConfig) -> int:
+    """Validation groups in flight: as many samples as training keeps in flight
+    (``rollout.workers`` x ``rollout.group_size``), in groups of ``validation.group_size``. The
+    demo's 64 one-sample items then go out as one request, not two waves of 32."""
+    return max(1, cfg.rollout.workers * cfg.rollout.group_size // cfg.validation.group_size)
+
+
 async def validate(
     worker: GroupWorker,
     items: list[DataItem],
