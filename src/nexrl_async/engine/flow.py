@@ -330,13 +330,14 @@ class Flow:
     def _trained(self, batch: TrainBatch) -> None:
         for group in batch.groups:
             self.items.pop(group.token.lease_id, None)
+        heads = [g.head_version for g in batch.groups]
         self.ledger.emit(
             Trained(
                 step=batch.step,
                 group_ids=[g.group_id for g in batch.groups],
                 item_keys=[g.item_key for g in batch.groups],
-                head_versions=[g.head_version for g in batch.groups],
-                staleness=batch.staleness,
+                head_versions=heads,
+                staleness=[batch.step - head for head in heads],  # TrainBatch.staleness
                 policy_version=self.gate.version_after(batch.step),
             )
         )

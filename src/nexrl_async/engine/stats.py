@@ -61,18 +61,31 @@ class StepClock:
 
 def batch_metrics(batch: TrainBatch) -> dict[str, float]:
     """Rollout metrics of the trained batch: rewards, lengths, turns and tools, staleness, and
-    the evaluator's own metrics (:func:`evaluator_metrics`)."""
-    trajs = batch.trajectories
-    rewards = [t.reward for t in trajs]
-    lengths = [t.num_generated for t in trajs]
+    the evaluator's own metrics (:func:`evaluator_metrics`). One pass over the turns (it runs
+    every step on the event loop): the same values as :func:`agent_metrics` and
+    :func:`staleness_metrics`."""
+    rewards: list[float] = []
+    generated = turns = calls = failures = 0
+    for group in batch.groups:
+        for traj in group.trajectories:
+            rewards.append(traj.reward)
+            for turn in traj.turns:
+                generated += sum(turn.loss_mask)
+                turns += turn.role == "assistant"
+                calls += turn.tool_calls
+                failures += turn.tool_failures
+    n = len(rewards)
     out = evaluator_metrics(batch)
     out |= {
-        "rollout/reward_mean": sum(rewards) / len(rewards),
+        "rollout/reward_mean": sum(rewards) / n,
         "rollout/reward_max": max(rewards),
-        "rollout/response_len_mean": sum(lengths) / len(lengths),
-        "rollout/samples": float(len(trajs)),
+        "rollout/response_len_mean": generated / n,
+        "rollout/samples": float(n),
+        "rollout/turns_mean": turns / n,
     }
-    out.update(agent_metrics(trajs, "rollout/"))
+    if calls:
+        out["rollout/tool_calls_mean"] = calls / n
+        out["rollout/tool_success_rate"] = (calls - failures) / calls
     out.update(staleness_metrics(batch))
     out.update(source_metrics(batch))
     return out
