@@ -28,7 +28,8 @@ class _InferenceCommon(
     request per available server (SGLang-API servers: local, sglang, attach; vLLM gets one
     request per group, with ``n``). Fewer, larger requests: less CPU per sample on both sides."""
     batch_window_ms: NonNegFloat = 2.0
-    """How long the first group request of a burst waits for others (``batch_first_turns``)."""
+    """How long the first group request of a burst waits for others (``batch_first_turns``);
+    with the local backend a burst that fills every server's ``max_batch`` goes at once."""
     health_timeout_s: PosFloat = 300.0
     """Deadline for a server to become healthy after launch or restart."""
     health_interval_s: PosFloat = 2.0
