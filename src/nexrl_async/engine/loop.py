@@ -11,7 +11,7 @@ What each task waits on:
   step) and no validation, checkpoint, stop or end falls on that boundary, the publication
   runs beside the next step instead (its metrics land in that step's row, with
   ``weights/beside``); the next boundary waits for it. There the step's row, progress line
-  and sample dump are written once the next step is sent (:class:`_Books`);
+  and sample dump are written once the next step is sent (:class:`_StepReport`);
 - the fleet's supervisors: server processes and health probes (inside ``open_fleet``);
 - the watchdog (``engine.watchdog``): samples finishing while requests are pending.
 
@@ -176,20 +176,20 @@ async def _train_loop(
     cfg, clock = ctx.cfg, StepClock()
     step = parts.flow.gate.next_step
     running: _Beside | None = None
-    books = _Books(None, None)  # the last step's row, written once this step's batch is sent
+    report = _StepReport(None, None)  # the last step's, written once this step's batch is sent
     try:
         while cfg.run.total_steps is None or step < cfg.run.total_steps:
             wait_start = anyio.current_time()
             batch: TrainBatch | None = None
             with stop.interruptible():
-                batch = await parts.flow.take(step, on_wait=books.start)
+                batch = await parts.flow.take(step, on_wait=report.start)
                 if batch is None:
                     return "data_exhausted"
             if batch is None:
                 return stop.reason or "stopped"
             metrics = {"pipeline/batch_wait_s": anyio.current_time() - wait_start, **pending}
-            metrics.update(await parts.train_step(batch, on_sent=books.start))
-            await books.wait()
+            metrics.update(await parts.train_step(batch, on_sent=report.start))
+            await report.wait()
             if running is not None:  # the previous version, published beside this step
                 metrics.update(await running.wait())
             step += 1
@@ -204,16 +204,16 @@ async def _train_loop(
             with stop.interruptible():
                 pending = await _validate(ctx, parts, step=step, final=False)
             metrics["timing/step_s"] = clock.lap()
-            books = _books(ctx, parts, batch, metrics, beside)
+            report = _step_report(ctx, parts, batch, metrics, beside)
             if running is None:  # a boundary that waits: validation, checkpoint, stop, the end
-                await books.wait()
+                await report.wait()
             if parts.checkpointer.due(step):
                 await parts.checkpointer.save(step)
             if stop.reason is not None:
                 return stop.reason
     finally:
         with anyio.CancelScope(shield=True):
-            await books.wait()
+            await report.wait()
     final = pending or await _validate(ctx, parts, step=step, final=True)
     if final:
         ctx.metrics.log(step, final)
@@ -252,12 +252,12 @@ class _Beside:
         return self.metrics
 
 
-class _Books:
-    """A step's metric row, progress line and sample dump (:func:`_books`). Where the next step
-    may be sent at once (the publication runs beside it), they are written in the background
-    from the moment the next batch is on its way (or the loop has to wait for it), off the
-    trainer's critical path; the loop waits for them after the next step's reply, so rows stay
-    in step order."""
+class _StepReport:
+    """A step's metric row, progress line and sample dump (:func:`_step_report`). Where the
+    next step may be sent at once (the publication runs beside it), they are written in the
+    background from the moment the next batch is on its way (or the loop has to wait for it),
+    off the trainer's critical path; the loop waits for them after the next step's reply, so
+    rows stay in step order."""
 
     def __init__(self, write: Callable[[], Awaitable[None]] | None, tg: TaskGroup | None) -> None:
         self._write = write
@@ -270,7 +270,7 @@ class _Books:
         """Write them now, in the background (once)."""
         if self._write is not None and self._tg is not None:
             write, self._write = self._write, None
-            self._tg.start_soon(self._run, write, name="step books")
+            self._tg.start_soon(self._run, write, name="step report")
 
     async def wait(self) -> None:
         """Write them here if they have not started, and wait until they are written."""
@@ -286,9 +286,9 @@ class _Books:
             self._done.set()
 
 
-def _books(
+def _step_report(
     ctx: RunContext, parts: Parts, batch: TrainBatch, metrics: dict[str, float], tg: TaskGroup
-) -> _Books:
+) -> _StepReport:
     async def write() -> None:
         metrics.update(batch_metrics(batch))
         tokens = metrics.pop("rollout/generated_tokens")
@@ -297,7 +297,7 @@ def _books(
         parts.reporting.progress(batch.step + 1, metrics)
         await parts.reporting.dump_samples(batch)
 
-    return _Books(write, tg)
+    return _StepReport(write, tg)
 
 
 async def _publish(ctx: RunContext, parts: Parts, version: int) -> dict[str, float]:
