@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from nexrl_async.core.records import FailureReason, Status, TrainBatch, Trajectory
 from nexrl_async.data import source_of
@@ -61,31 +62,18 @@ class StepClock:
 
 def batch_metrics(batch: TrainBatch) -> dict[str, float]:
     """Rollout metrics of the trained batch: rewards, lengths, turns and tools, staleness, and
-    the evaluator's own metrics (:func:`evaluator_metrics`). One pass over the turns (it runs
-    every step on the event loop): the same values as :func:`agent_metrics` and
-    :func:`staleness_metrics`."""
-    rewards: list[float] = []
-    generated = turns = calls = failures = 0
-    for group in batch.groups:
-        for traj in group.trajectories:
-            rewards.append(traj.reward)
-            for turn in traj.turns:
-                generated += sum(turn.loss_mask)
-                turns += turn.role == "assistant"
-                calls += turn.tool_calls
-                failures += turn.tool_failures
-    n = len(rewards)
+    the evaluator's own metrics (:func:`evaluator_metrics`)."""
+    trajs = batch.trajectories
+    rewards = [t.reward for t in trajs]
+    totals = _TurnTotals.of(trajs)  # one pass over the turns: this runs every step on the loop
     out = evaluator_metrics(batch)
     out |= {
-        "rollout/reward_mean": sum(rewards) / n,
+        "rollout/reward_mean": sum(rewards) / len(rewards),
         "rollout/reward_max": max(rewards),
-        "rollout/response_len_mean": generated / n,
-        "rollout/samples": float(n),
-        "rollout/turns_mean": turns / n,
+        "rollout/response_len_mean": totals.generated / len(trajs),
+        "rollout/samples": float(len(trajs)),
     }
-    if calls:
-        out["rollout/tool_calls_mean"] = calls / n
-        out["rollout/tool_success_rate"] = (calls - failures) / calls
+    out.update(totals.agent_metrics(len(trajs), "rollout/"))
     out.update(staleness_metrics(batch))
     out.update(source_metrics(batch))
     return out
@@ -126,16 +114,39 @@ def agent_metrics(trajs: Sequence[Trajectory], prefix: str) -> dict[str, float]:
     """``<prefix>turns_mean`` (assistant turns per sample) and, when the agent loop ran tool
     calls, ``<prefix>tool_calls_mean`` (per sample) and ``<prefix>tool_success_rate`` (the
     share of calls that ran without error); ``prefix`` is ``"rollout/"`` or ``"val/"``."""
-    if not trajs:
-        return {}
-    turns = sum(t.num_assistant_turns for t in trajs)
-    out = {f"{prefix}turns_mean": turns / len(trajs)}
-    calls = sum(turn.tool_calls for t in trajs for turn in t.turns)
-    if calls:
-        failures = sum(turn.tool_failures for t in trajs for turn in t.turns)
-        out[f"{prefix}tool_calls_mean"] = calls / len(trajs)
-        out[f"{prefix}tool_success_rate"] = (calls - failures) / calls
-    return out
+    return _TurnTotals.of(trajs).agent_metrics(len(trajs), prefix)
+
+
+@dataclass
+class _TurnTotals:
+    """Sums over every turn of some trajectories, taken in one pass."""
+
+    generated: int = 0
+    """Loss-masked (model) tokens: the sum of ``Trajectory.num_generated``."""
+    assistant_turns: int = 0
+    tool_calls: int = 0
+    tool_failures: int = 0
+
+    @classmethod
+    def of(cls, trajs: Sequence[Trajectory]) -> _TurnTotals:
+        generated = turns = calls = failures = 0
+        for traj in trajs:
+            for turn in traj.turns:
+                generated += sum(turn.loss_mask)
+                turns += turn.role == "assistant"
+                calls += turn.tool_calls
+                failures += turn.tool_failures
+        return cls(generated, turns, calls, failures)
+
+    def agent_metrics(self, samples: int, prefix: str) -> dict[str, float]:
+        if not samples:
+            return {}
+        out = {f"{prefix}turns_mean": self.assistant_turns / samples}
+        calls = self.tool_calls
+        if calls:
+            out[f"{prefix}tool_calls_mean"] = calls / samples
+            out[f"{prefix}tool_success_rate"] = (calls - self.tool_failures) / calls
+        return out
 
 
 def staleness_metrics(batch: TrainBatch) -> dict[str, float]:
